@@ -1,1 +1,112 @@
-fn main() {}
+//! `tern`: the command-line entry point. Each subcommand is a thin wrapper over a library
+//! crate; this file only parses arguments, prints, and maps errors to exit codes.
+//!
+//! Exit codes scripts can rely on: 0 success; 1 the operation ran and failed (a migration that
+//! did not complete, integrity violated); 2 bad input (clap's own usage errors are 2 too);
+//! 3 the environment is not ready (QEMU missing or too old, not root).
+
+mod demo;
+mod guest;
+mod lab;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+/// tern: live migration of QEMU/KVM guests that finishes when it must and never loses a VM.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about, propagate_version = true)]
+struct Cli {
+    /// More logging (repeat for more); also honours RUST_LOG.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a live migration end to end on two lab hosts with a real guest, and judge it.
+    Demo(demo::DemoArgs),
+    /// Build the guest image (kernel + initramfs with tern-load).
+    #[command(subcommand)]
+    Guest(guest::GuestCommand),
+    /// Lab hosts: network namespaces joined by a shaped link.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
+    /// Check that this machine can run tern (QEMU version, accelerator, root).
+    Check(output::OutputArgs),
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    /// Process exit code.
+    pub code: i32,
+    /// What went wrong.
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    /// Bad input (exit code 2).
+    pub fn input(e: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: 2,
+            error: e.into(),
+        }
+    }
+    /// Environment not ready (exit code 3).
+    pub fn environment(e: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: 3,
+            error: e.into(),
+        }
+    }
+    /// The operation failed (exit code 1).
+    pub fn failed(e: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: 1,
+            error: e.into(),
+        }
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Self::failed(e)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(3);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo(a) => demo::run(a).await,
+            Command::Guest(c) => guest::run(c),
+            Command::Lab(c) => lab::run(c),
+            Command::Check(o) => output::check(o),
+        }
+    });
+    if let Err(f) = result {
+        eprintln!("error: {:#}", f.error);
+        std::process::exit(f.code);
+    }
+}

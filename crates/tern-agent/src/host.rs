@@ -1,0 +1,399 @@
+//! The VMs of one host: the part of an agent that owns QEMU processes.
+//!
+//! A [`HostRuntime`] starts guests from a [`VmSpec`], starts receiving QEMUs for incoming
+//! migrations, hands out QMP clients, and stops guests. It refuses what would fail half-way
+//! (a VM larger than the host's free memory, a duplicate name) before starting anything.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tern_qemu::{LaunchMode, QemuBinary, VmLaunch, VmProcess, VmSpec};
+use tern_qmp::QmpClient;
+
+use crate::AgentError;
+use crate::config::HostMigrationConfig;
+
+/// Who a host is: its name, where its QEMUs run, and where migration streams reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostIdentity {
+    /// Operator-facing host name (`h1`).
+    pub name: String,
+    /// Network namespace QEMU runs in (a lab host), or `None` for the agent's own.
+    pub netns: Option<String>,
+    /// Address incoming migration streams are received on.
+    pub migration_address: IpAddr,
+    /// Memory this host offers to guests, in MiB.
+    pub memory_mib: u64,
+}
+
+/// What role a QEMU process plays on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmRole {
+    /// A guest that runs here.
+    Running,
+    /// A paused QEMU waiting for an incoming migration stream.
+    Incoming,
+}
+
+/// A guest as reported to operators.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The spec it was started from.
+    pub spec: VmSpec,
+    /// Its role on this host.
+    pub role: VmRole,
+    /// QEMU's PID.
+    pub pid: u32,
+    /// QEMU's run state (`running`, `paused`, `postmigrate`, `inmigrate`, …).
+    pub run_state: String,
+    /// The host-timestamped serial log.
+    pub serial_log: PathBuf,
+}
+
+struct ManagedVm {
+    spec: VmSpec,
+    role: VmRole,
+    process: VmProcess,
+    qmp: QmpClient,
+}
+
+/// The QEMU processes of one host.
+#[derive(Clone)]
+pub struct HostRuntime {
+    identity: HostIdentity,
+    settings: HostMigrationConfig,
+    qemu: QemuBinary,
+    migrating: Arc<Mutex<BTreeMap<String, u16>>>,
+    runtime_root: PathBuf,
+    vms: Arc<Mutex<BTreeMap<String, ManagedVm>>>,
+}
+
+/// How long a fresh QEMU may take to answer on QMP.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl HostRuntime {
+    /// A host with no VMs yet; runtime files go under `runtime_root/<vm>`.
+    pub fn new(
+        identity: HostIdentity,
+        settings: HostMigrationConfig,
+        qemu: QemuBinary,
+        runtime_root: PathBuf,
+    ) -> Self {
+        Self {
+            identity,
+            settings,
+            qemu,
+            migrating: Arc::new(Mutex::new(BTreeMap::new())),
+            runtime_root,
+            vms: Arc::new(Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    /// This host's identity.
+    pub fn identity(&self) -> &HostIdentity {
+        &self.identity
+    }
+
+    /// This host's migration settings.
+    pub fn settings(&self) -> &HostMigrationConfig {
+        &self.settings
+    }
+
+    /// Marks `vm` as migrating out of this host and reserves nothing else; fails if it is
+    /// already migrating or the host's outbound limit is reached.
+    pub fn begin_outbound(&self, vm: &str) -> Result<(), AgentError> {
+        let mut m = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
+        if m.contains_key(vm) {
+            return Err(AgentError::Conflict(format!(
+                "VM {vm:?} is already migrating from host {}",
+                self.identity.name
+            )));
+        }
+        let outbound = m.values().filter(|p| **p == 0).count() as u32;
+        if outbound >= self.settings.max_outbound {
+            return Err(AgentError::Conflict(format!(
+                "host {} already runs {outbound} outgoing migrations (max_outbound = {})",
+                self.identity.name, self.settings.max_outbound
+            )));
+        }
+        m.insert(vm.to_string(), 0);
+        Ok(())
+    }
+
+    /// Reserves a port for an incoming migration of `vm`; fails when the inbound limit is
+    /// reached or the port range is exhausted.
+    pub fn begin_inbound(&self, vm: &str) -> Result<u16, AgentError> {
+        let mut m = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
+        let inbound: Vec<u16> = m.values().copied().filter(|p| *p != 0).collect();
+        if inbound.len() as u32 >= self.settings.max_inbound {
+            return Err(AgentError::Conflict(format!(
+                "host {} already receives {} migrations (max_inbound = {})",
+                self.identity.name,
+                inbound.len(),
+                self.settings.max_inbound
+            )));
+        }
+        let port = (self.settings.port_min..=self.settings.port_max)
+            .find(|p| !inbound.contains(p))
+            .ok_or_else(|| {
+                AgentError::Conflict(format!(
+                    "no free migration port in {}..={} on host {}",
+                    self.settings.port_min, self.settings.port_max, self.identity.name
+                ))
+            })?;
+        m.insert(format!("in:{vm}"), port);
+        Ok(port)
+    }
+
+    /// Releases what `begin_outbound`/`begin_inbound` reserved for `vm`.
+    pub fn end_migration(&self, vm: &str) {
+        let mut m = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(vm);
+        m.remove(&format!("in:{vm}"));
+    }
+
+    /// Whether `vm` is migrating out of this host.
+    pub fn is_migrating(&self, vm: &str) -> bool {
+        self.migrating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(vm)
+    }
+
+    /// The QEMU binary this host runs.
+    pub fn qemu(&self) -> &QemuBinary {
+        &self.qemu
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ManagedVm>> {
+        // A panic while holding the lock leaves the map itself consistent (entries are
+        // inserted and removed whole), so a poisoned lock is still usable.
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Memory promised to the guests on this host, in MiB.
+    pub fn committed_memory_mib(&self) -> u64 {
+        self.lock().values().map(|v| v.spec.memory_mib).sum()
+    }
+
+    /// Memory still free for guests, in MiB.
+    pub fn free_memory_mib(&self) -> u64 {
+        self.identity
+            .memory_mib
+            .saturating_sub(self.committed_memory_mib())
+    }
+
+    fn check_admission(&self, spec: &VmSpec) -> Result<(), AgentError> {
+        spec.validate()?;
+        if self.lock().contains_key(&spec.name) {
+            return Err(AgentError::Conflict(format!(
+                "a VM named {:?} already exists on host {}",
+                spec.name, self.identity.name
+            )));
+        }
+        let free = self.free_memory_mib();
+        if spec.memory_mib > free {
+            return Err(AgentError::InsufficientMemory(format!(
+                "VM {:?} needs {} MiB but host {} has {} MiB free (of {} MiB)",
+                spec.name, spec.memory_mib, self.identity.name, free, self.identity.memory_mib
+            )));
+        }
+        Ok(())
+    }
+
+    /// Boots a guest on this host.
+    pub async fn create_vm(&self, spec: VmSpec) -> Result<VmInfo, AgentError> {
+        self.start(spec, VmRole::Running).await
+    }
+
+    /// Starts a paused QEMU that will receive `spec`'s guest by migration. The caller sets
+    /// capabilities over the returned QMP client and then calls `migrate-incoming`.
+    pub async fn prepare_incoming(&self, spec: VmSpec) -> Result<QmpClient, AgentError> {
+        let name = spec.name.clone();
+        self.start(spec, VmRole::Incoming).await?;
+        self.qmp(&name)
+    }
+
+    async fn start(&self, spec: VmSpec, role: VmRole) -> Result<VmInfo, AgentError> {
+        self.check_admission(&spec)?;
+        let runtime_dir = self.runtime_root.join(&spec.name);
+        // A leftover directory from an earlier run only holds stale sockets and logs.
+        let _ = std::fs::remove_dir_all(&runtime_dir);
+        let launch = VmLaunch {
+            spec: spec.clone(),
+            mode: match role {
+                VmRole::Running => LaunchMode::Boot,
+                VmRole::Incoming => LaunchMode::Incoming,
+            },
+            runtime_dir,
+            netns: self.identity.netns.clone(),
+        };
+        let qemu = self.qemu.clone();
+        let process = tokio::task::spawn_blocking(move || VmProcess::spawn(&qemu, &launch))
+            .await
+            .map_err(|e| AgentError::Internal(format!("QEMU start task failed: {e}")))??;
+        let (qmp, _events) =
+            QmpClient::connect_with_retry(process.qmp_socket(), QMP_CONNECT_TIMEOUT).await?;
+        let info = VmInfo {
+            spec: spec.clone(),
+            role,
+            pid: process.pid(),
+            run_state: String::new(),
+            serial_log: process.serial_log().to_path_buf(),
+        };
+        let mut vms = self.lock();
+        if vms.contains_key(&spec.name) {
+            // Lost a race with a concurrent create of the same name; ours is dropped (killed).
+            return Err(AgentError::Conflict(format!(
+                "a VM named {:?} already exists on host {}",
+                spec.name, self.identity.name
+            )));
+        }
+        vms.insert(
+            spec.name.clone(),
+            ManagedVm {
+                spec,
+                role,
+                process,
+                qmp,
+            },
+        );
+        Ok(info)
+    }
+
+    /// The QMP client of a VM on this host.
+    pub fn qmp(&self, name: &str) -> Result<QmpClient, AgentError> {
+        self.with_vm(name, |v| v.qmp.clone())
+    }
+
+    /// The spec a VM on this host was started from.
+    pub fn spec(&self, name: &str) -> Result<VmSpec, AgentError> {
+        self.with_vm(name, |v| v.spec.clone())
+    }
+
+    /// Marks an incoming VM as the running guest (after its migration completed).
+    pub fn promote_incoming(&self, name: &str) -> Result<(), AgentError> {
+        self.with_vm(name, |v| v.role = VmRole::Running)
+    }
+
+    /// Runs `f` on a VM under the lock, or says which VMs exist when `name` does not.
+    fn with_vm<T>(&self, name: &str, f: impl FnOnce(&mut ManagedVm) -> T) -> Result<T, AgentError> {
+        let mut vms = self.lock();
+        match vms.get_mut(name) {
+            Some(vm) => Ok(f(vm)),
+            None => Err(self.unknown_vm(name, vms.keys())),
+        }
+    }
+
+    fn take_vm(&self, name: &str) -> Result<ManagedVm, AgentError> {
+        let mut vms = self.lock();
+        match vms.remove(name) {
+            Some(vm) => Ok(vm),
+            None => Err(self.unknown_vm(name, vms.keys())),
+        }
+    }
+
+    fn unknown_vm<'a>(&self, name: &str, known: impl Iterator<Item = &'a String>) -> AgentError {
+        let known: Vec<&str> = known.map(String::as_str).collect();
+        AgentError::NotFound(format!(
+            "no VM named {name:?} on host {} (VMs here: {})",
+            self.identity.name,
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    }
+
+    /// Whether a VM with this name exists here.
+    pub fn has_vm(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
+    /// Describes one VM, asking QEMU for its run state.
+    pub async fn show(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let (mut info, qmp) = self.with_vm(name, |vm| {
+            (
+                VmInfo {
+                    spec: vm.spec.clone(),
+                    role: vm.role,
+                    pid: vm.process.pid(),
+                    run_state: if vm.process.is_running() {
+                        String::new()
+                    } else {
+                        "exited".to_string()
+                    },
+                    serial_log: vm.process.serial_log().to_path_buf(),
+                },
+                vm.qmp.clone(),
+            )
+        })?;
+        if info.run_state.is_empty() {
+            info.run_state = match qmp.query_status().await {
+                Ok(s) => s.status.as_str().to_string(),
+                Err(_) => "unreachable".to_string(),
+            };
+        }
+        Ok(info)
+    }
+
+    /// Describes every VM on this host.
+    pub async fn list(&self) -> Vec<VmInfo> {
+        let names: Vec<String> = self.lock().keys().cloned().collect();
+        let mut out = Vec::new();
+        for n in names {
+            if let Ok(i) = self.show(&n).await {
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    /// Stops a VM: asks QEMU to quit, then kills it if it does not exit within 5 s.
+    pub async fn stop_vm(&self, name: &str) -> Result<(), AgentError> {
+        let vm = self.take_vm(name)?;
+        let ManagedVm {
+            qmp, mut process, ..
+        } = vm;
+        let _ = tokio::time::timeout(Duration::from_secs(2), qmp.quit()).await;
+        tokio::task::spawn_blocking(move || {
+            if process.wait_exit(Duration::from_secs(5)).is_none() {
+                process.kill();
+            }
+            // The runtime directory (serial log, QEMU's stderr) is kept for post-mortems and
+            // for measuring a finished migration; the next VM of that name replaces it.
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("stop task failed: {e}")))?;
+        Ok(())
+    }
+
+    /// Kills a VM's QEMU at once (a failed incoming side, or tests).
+    pub async fn kill_vm(&self, name: &str) -> Result<(), AgentError> {
+        let vm = self.take_vm(name)?;
+        let mut process = vm.process;
+        tokio::task::spawn_blocking(move || process.kill())
+            .await
+            .map_err(|e| AgentError::Internal(format!("kill task failed: {e}")))?;
+        Ok(())
+    }
+
+    /// The PID of a VM's QEMU (for fault injection and re-attachment).
+    pub fn pid(&self, name: &str) -> Result<u32, AgentError> {
+        self.with_vm(name, |v| v.process.pid())
+    }
+
+    /// Stops every VM (agent shutdown, tests).
+    pub async fn stop_all(&self) {
+        let names: Vec<String> = self.lock().keys().cloned().collect();
+        for n in names {
+            let _ = self.kill_vm(&n).await;
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! One migration between two hosts: admission checks, destination preparation, the engine
+//! run, and cleanup that leaves the guest in exactly one place.
+//!
+//! Invariant: when this returns, the guest runs on exactly one host — the destination after
+//! `completed`, the source after `failed`/`aborted` — or, for `lost`, the report says why
+//! and what is left. Nothing is started before every admission check passed.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tern_engine::{
+    DEFAULT_POLL_INTERVAL, MigrationProgress, MigrationReport, MigrationRunner, MigrationSetup,
+    MigrationState, OperatorRequest,
+};
+use tern_policy::{
+    HostLimits, MigrationContext, PlanInput, PostCopyPermission as PolicyPostCopy, QemuFeatures,
+    SlaCatalog, VmLimits,
+};
+use tern_qemu::PostCopyPermission;
+use tokio::sync::{mpsc, watch};
+
+use crate::AgentError;
+use crate::host::HostRuntime;
+
+/// What an operator (or a controller) asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationOrder {
+    /// The VM to move.
+    pub vm: String,
+    /// Why it moves; decides how hard tern tries to finish.
+    pub context: MigrationContext,
+    /// Policy name (`tern` or a baseline).
+    pub policy: String,
+    /// Link rate between the hosts in bytes/s, when known (lab links are shaped).
+    pub link_bytes_per_s: Option<u64>,
+    /// Deadline for `maintenance`/`evacuate`, in ms from the start.
+    pub deadline_ms: Option<u64>,
+    /// Seconds of `calc-dirty-rate` probing before starting (0 = none).
+    pub probe_seconds: u64,
+}
+
+/// The result of a migration, with where to find each side's serial log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationOutcome {
+    /// The engine's report (state, actions, bytes, events).
+    pub report: MigrationReport,
+    /// Source host name.
+    pub source_host: String,
+    /// Destination host name.
+    pub destination_host: String,
+    /// Where the guest runs now (`None` when lost).
+    pub guest_location: Option<String>,
+    /// Whether the source QEMU still runs the guest.
+    pub source_running: bool,
+    /// The source's serial log.
+    pub source_serial_log: PathBuf,
+    /// The destination's serial log (exists only if the destination was started).
+    pub destination_serial_log: Option<PathBuf>,
+}
+
+/// Checks an order against both hosts without changing anything.
+pub fn check_order(
+    source: &HostRuntime,
+    destination: &HostRuntime,
+    order: &MigrationOrder,
+    catalog: &SlaCatalog,
+) -> Result<(), AgentError> {
+    if source.identity().name == destination.identity().name {
+        return Err(AgentError::Invalid(format!(
+            "VM {:?} already runs on host {}: choose a different destination host",
+            order.vm,
+            source.identity().name
+        )));
+    }
+    let spec = source.spec(&order.vm)?;
+    if source.is_migrating(&order.vm) {
+        return Err(AgentError::Conflict(format!(
+            "VM {:?} is already migrating",
+            order.vm
+        )));
+    }
+    if destination.has_vm(&order.vm) {
+        return Err(AgentError::Conflict(format!(
+            "host {} already has a VM named {:?}",
+            destination.identity().name,
+            order.vm
+        )));
+    }
+    let free = destination.free_memory_mib();
+    if spec.memory_mib > free {
+        return Err(AgentError::InsufficientMemory(format!(
+            "VM {:?} needs {} MiB but destination host {} has {} MiB free",
+            order.vm,
+            spec.memory_mib,
+            destination.identity().name,
+            free
+        )));
+    }
+    catalog
+        .get(&spec.migration.sla_class)
+        .map_err(|e| AgentError::Invalid(e.to_string()))?;
+    tern_policy::policy_by_name(&order.policy).map_err(|e| AgentError::Invalid(e.to_string()))?;
+    Ok(())
+}
+
+/// Builds the policy's input from the hosts' settings and the VM's spec.
+pub fn plan_input(
+    source: &HostRuntime,
+    destination: &HostRuntime,
+    order: &MigrationOrder,
+    catalog: &SlaCatalog,
+) -> Result<PlanInput, AgentError> {
+    let spec = source.spec(&order.vm)?;
+    let sla = catalog
+        .get(&spec.migration.sla_class)
+        .map_err(|e| AgentError::Invalid(e.to_string()))?
+        .clone();
+    let host_limits = |h: &HostRuntime| HostLimits {
+        permit_post_copy: h.settings().permit_post_copy,
+        bandwidth_cap_bytes_per_s: h.settings().bandwidth_cap_bytes_per_s(),
+        ..HostLimits::default()
+    };
+    let vm = VmLimits {
+        post_copy: match spec.migration.post_copy {
+            PostCopyPermission::Allowed => PolicyPostCopy::Allowed,
+            PostCopyPermission::Forbidden => PolicyPostCopy::Forbidden,
+        },
+        max_downtime_ms: spec.migration.max_downtime_ms,
+        ram_bytes: spec.memory_mib * 1024 * 1024,
+        vcpus: spec.vcpus,
+    };
+    // Features are detected from the running QEMUs by the engine; start from "none".
+    let mut input = PlanInput::new(
+        order.context,
+        sla,
+        vm,
+        QemuFeatures {
+            postcopy_ram: false,
+            postcopy_preempt: false,
+            postcopy_recovery: false,
+            auto_converge: false,
+            dirty_limit: false,
+            multifd: false,
+            multifd_with_postcopy: false,
+            xbzrle: false,
+            calc_dirty_rate: false,
+        },
+    );
+    input.source = host_limits(source);
+    input.destination = host_limits(destination);
+    input.link_bytes_per_s = order.link_bytes_per_s;
+    input.deadline_ms = order.deadline_ms;
+    Ok(input)
+}
+
+/// Migrates `order.vm` from `source` to `destination`.
+///
+/// `progress` receives the engine's live progress receiver once the migration started, and
+/// `control` carries operator commands (force-complete, abort, bandwidth).
+pub async fn migrate(
+    source: &HostRuntime,
+    destination: &HostRuntime,
+    order: MigrationOrder,
+    catalog: &SlaCatalog,
+    control: mpsc::Receiver<OperatorRequest>,
+    progress: Option<tokio::sync::oneshot::Sender<watch::Receiver<MigrationProgress>>>,
+    event_sink: Option<mpsc::UnboundedSender<tern_engine::MigrationEvent>>,
+) -> Result<MigrationOutcome, AgentError> {
+    check_order(source, destination, &order, catalog)?;
+    let input = plan_input(source, destination, &order, catalog)?;
+    let policy = tern_policy::policy_by_name(&order.policy)
+        .map_err(|e| AgentError::Invalid(e.to_string()))?;
+    let spec = source.spec(&order.vm)?;
+    source.begin_outbound(&order.vm)?;
+    let port = match destination.begin_inbound(&order.vm) {
+        Ok(p) => p,
+        Err(e) => {
+            source.end_migration(&order.vm);
+            return Err(e);
+        }
+    };
+    let release = || {
+        source.end_migration(&order.vm);
+        destination.end_migration(&order.vm);
+    };
+    let source_log = source.show(&order.vm).await.map(|i| i.serial_log)?;
+    let dest_qmp = match destination.prepare_incoming(spec.clone()).await {
+        Ok(q) => q,
+        Err(e) => {
+            release();
+            return Err(e);
+        }
+    };
+    let dest_log = destination.show(&order.vm).await.ok().map(|i| i.serial_log);
+    let source_qmp = source.qmp(&order.vm)?;
+    let setup = MigrationSetup {
+        id: format!(
+            "{}-{}-to-{}",
+            order.vm,
+            source.identity().name,
+            destination.identity().name
+        ),
+        uri: format!("tcp:{}:{}", destination.identity().migration_address, port),
+        plan_input: input,
+        poll_interval: DEFAULT_POLL_INTERVAL,
+        probe_seconds: order.probe_seconds,
+    };
+    let mut runner = MigrationRunner::new(source_qmp, dest_qmp, policy, setup);
+    if let Some(sink) = event_sink {
+        runner = runner.with_event_sink(sink);
+    }
+    if let Some(tx) = progress {
+        let _ = tx.send(runner.progress());
+    }
+    let report = runner.run(control).await;
+
+    let (guest_location, source_running) = match report.state {
+        MigrationState::Completed => {
+            // The guest runs on the destination: the source QEMU (in `postmigrate`) goes.
+            let _ = source.stop_vm(&order.vm).await;
+            let _ = destination.promote_incoming(&order.vm);
+            (Some(destination.identity().name.clone()), false)
+        }
+        MigrationState::Lost => {
+            // Keep both QEMUs for the operator: the report says what is left where.
+            (None, source.has_vm(&order.vm))
+        }
+        _ => {
+            // Before the switch: the source keeps the guest; the destination QEMU goes.
+            let _ = destination.kill_vm(&order.vm).await;
+            let running = match source.qmp(&order.vm) {
+                Ok(q) => q.query_status().await.map(|s| s.running).unwrap_or(false),
+                Err(_) => false,
+            };
+            (Some(source.identity().name.clone()), running)
+        }
+    };
+    release();
+    Ok(MigrationOutcome {
+        report,
+        source_host: source.identity().name.clone(),
+        destination_host: destination.identity().name.clone(),
+        guest_location,
+        source_running,
+        source_serial_log: source_log,
+        destination_serial_log: dest_log,
+    })
+}

@@ -1,0 +1,153 @@
+//! `tern lab up|down|status|fault`: lab hosts for trying migrations on one machine.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use tern_lab::{FaultMode, Lab, LabSpec, LinkRate};
+
+use crate::Failure;
+use crate::output::{OutputArgs, OutputFormat, print_json, require_root};
+
+/// Lab commands.
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Create N hosts (network namespaces) joined by a switch, with shaped links.
+    Up(UpArgs),
+    /// Remove a lab and everything in it (works after a crash too).
+    Down(DownArgs),
+    /// Show labs, hosts, addresses, link rates and states, and processes per host.
+    Status(StatusArgs),
+    /// Cut a host's link (for a duration, or until `--restore`).
+    Fault(FaultArgs),
+}
+
+/// `lab up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Number of hosts (2 to 8).
+    #[arg(long, default_value_t = 2)]
+    hosts: usize,
+    /// Rate of every host link, e.g. 1gbit, 300mbit, 100mbps (bytes); default unshaped.
+    #[arg(long)]
+    link_rate: Option<LinkRate>,
+    /// Lab name (namespaces are tern-NAME-hN).
+    #[arg(long, default_value = "tern")]
+    name: String,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+/// `lab down`.
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Lab name.
+    #[arg(long, default_value = "tern", conflicts_with = "all")]
+    name: String,
+    /// Remove every tern lab on this machine.
+    #[arg(long)]
+    all: bool,
+}
+
+/// `lab status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+/// `lab fault`.
+#[derive(Debug, Args)]
+pub struct FaultArgs {
+    /// Host whose link to cut (h1, h2, …).
+    host: String,
+    /// blackhole (silently drop everything) or link-down (carrier loss).
+    #[arg(long, default_value = "blackhole")]
+    mode: FaultMode,
+    /// Restore after this many seconds; without it the link stays cut until --restore.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Restore the host's link now.
+    #[arg(long)]
+    restore: bool,
+    /// Lab name.
+    #[arg(long, default_value = "tern")]
+    name: String,
+}
+
+/// Runs a lab command.
+pub fn run(cmd: LabCommand) -> Result<(), Failure> {
+    require_root("tern lab")?;
+    match cmd {
+        LabCommand::Up(a) => {
+            let lab = Lab::up(&LabSpec {
+                name: a.name,
+                hosts: a.hosts,
+                link_rate: a.link_rate,
+                link_delay: None,
+            })
+            .map_err(Failure::input)?;
+            let status = lab.status()?;
+            match a.out.output {
+                OutputFormat::Json => print_json(&status)?,
+                OutputFormat::Text => print!("{status}"),
+            }
+        }
+        LabCommand::Down(a) => {
+            let reports = if a.all {
+                tern_lab::down_all()?
+            } else {
+                vec![Lab::down(&a.name).map_err(Failure::input)?]
+            };
+            for r in reports {
+                println!(
+                    "lab {}: removed {} namespace(s), stopped {} process(es)",
+                    r.name,
+                    r.namespaces_removed.len(),
+                    r.processes_killed.len()
+                );
+            }
+        }
+        LabCommand::Status(a) => {
+            let labs = Lab::list()?;
+            let mut statuses = Vec::new();
+            for l in &labs {
+                statuses.push(l.status()?);
+            }
+            match a.out.output {
+                OutputFormat::Json => print_json(&statuses)?,
+                OutputFormat::Text => {
+                    if statuses.is_empty() {
+                        println!("no lab is up (create one with `tern lab up`)");
+                    }
+                    for s in statuses {
+                        print!("{s}");
+                    }
+                }
+            }
+        }
+        LabCommand::Fault(a) => {
+            let lab = Lab::load(&a.name).map_err(Failure::input)?;
+            if a.restore {
+                lab.restore_link(&a.host).map_err(Failure::input)?;
+                println!("{}: link restored", a.host);
+            } else if let Some(secs) = a.duration {
+                if !(secs > 0.0 && secs < 86_400.0) {
+                    return Err(Failure::input(anyhow::anyhow!(
+                        "--duration {secs} is invalid: give seconds between 0 and 86400"
+                    )));
+                }
+                println!("{}: link cut ({}) for {secs} s", a.host, a.mode);
+                lab.fault_for(&a.host, a.mode, Duration::from_secs_f64(secs))
+                    .map_err(Failure::input)?;
+                println!("{}: link restored", a.host);
+            } else {
+                lab.cut_link(&a.host, a.mode).map_err(Failure::input)?;
+                println!(
+                    "{}: link cut ({}); restore with `tern lab fault {} --restore`",
+                    a.host, a.mode, a.host
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! Workload parameters: what `tern-load` is asked to do, and how they reach it.
+//!
+//! They travel on the kernel command line because the guest has no other channel at boot
+//! (no network, no disk). Their names use underscores (`tern_ws_mib`), never dots: the
+//! kernel takes dotted parameters as module options and does not pass them to init.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// How fast the guest dirties memory, in page writes per second.
+///
+/// The dirty rate is the one number that decides whether pre-copy converges, so scenarios
+/// set it explicitly; `Max` is "as fast as the vCPU can", the worst case for pre-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PageRate {
+    /// A fixed budget of page writes per second (refilled every 10 ms in the guest).
+    PerSecond(u64),
+    /// No limit: the guest writes pages as fast as it can.
+    Max,
+}
+
+/// Which page `tern-load` writes next.
+///
+/// Sequential writes sweep the working set (every page dirtied once per sweep, the
+/// friendliest case for dirty tracking); random writes hit pages unevenly, like a
+/// database buffer pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WritePattern {
+    /// Pages 0, 1, 2, … and around again.
+    Sequential,
+    /// Uniformly random pages (xorshift64 in the guest).
+    Random,
+}
+
+/// A workload parameter given as text could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamError {
+    /// The rate was neither `max` nor a positive integer.
+    #[error(
+        "invalid page rate {0:?}: expected `max` or a positive number of page writes per second, e.g. `1000`"
+    )]
+    Rate(String),
+    /// The pattern was neither `seq` nor `random`.
+    #[error("invalid write pattern {0:?}: expected `seq` (or `sequential`) or `random`")]
+    Pattern(String),
+}
+
+impl FromStr for PageRate {
+    type Err = ParamError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("max") {
+            return Ok(PageRate::Max);
+        }
+        match t.parse::<u64>() {
+            Ok(n) if n > 0 => Ok(PageRate::PerSecond(n)),
+            _ => Err(ParamError::Rate(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for PageRate {
+    /// The form `tern-load` reads and prints in `READY`: a number, or `max`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PageRate::PerSecond(n) => write!(f, "{n}"),
+            PageRate::Max => f.write_str("max"),
+        }
+    }
+}
+
+impl FromStr for WritePattern {
+    type Err = ParamError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "seq" | "sequential" => Ok(WritePattern::Sequential),
+            "random" | "rand" => Ok(WritePattern::Random),
+            _ => Err(ParamError::Pattern(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for WritePattern {
+    /// The form `tern-load` reads and prints in `READY`: `seq` or `random`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WritePattern::Sequential => "seq",
+            WritePattern::Random => "random",
+        })
+    }
+}
+
+/// Everything `tern-load` is told at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadParams {
+    /// Working set in MiB: every page of it is touched at start and verified continuously.
+    pub working_set_mib: u32,
+    /// Page writes per second.
+    pub rate: PageRate,
+    /// Which page is written next.
+    pub pattern: WritePattern,
+    /// Run the continuous verifier. Off only to measure the raw dirty rate; a migration
+    /// test without it checks control state and heartbeats, not data pages.
+    pub verify: bool,
+}
+
+impl Default for WorkloadParams {
+    /// The defaults `tern-load` itself uses when a parameter is absent.
+    fn default() -> Self {
+        Self {
+            working_set_mib: 64,
+            rate: PageRate::Max,
+            pattern: WritePattern::Sequential,
+            verify: true,
+        }
+    }
+}
+
+impl WorkloadParams {
+    /// The kernel command-line parameters that carry these settings to `tern-load`.
+    pub fn kernel_args(&self) -> String {
+        format!(
+            "tern_ws_mib={} tern_rate={} tern_pattern={} tern_verify={}",
+            self.working_set_mib,
+            self.rate,
+            self.pattern,
+            u8::from(self.verify)
+        )
+    }
+
+    /// Guest memory (MiB) that comfortably holds the working set: the set itself, its
+    /// shadow generations (8 bytes per 4 KiB page), and ~96 MiB for the kernel, the
+    /// unpacked initramfs and page tables (the Debian kernel boots in 256 MiB with a
+    /// 64 MiB working set; measured).
+    pub fn recommended_memory_mib(&self) -> u64 {
+        let ws = u64::from(self.working_set_mib);
+        ws + ws.div_ceil(512) + 96
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_parses_max_and_numbers() {
+        assert_eq!("max".parse::<PageRate>(), Ok(PageRate::Max));
+        assert_eq!("MAX".parse::<PageRate>(), Ok(PageRate::Max));
+        assert_eq!("1000".parse::<PageRate>(), Ok(PageRate::PerSecond(1000)));
+        assert_eq!(" 7 ".parse::<PageRate>(), Ok(PageRate::PerSecond(7)));
+    }
+
+    #[test]
+    fn rate_rejects_zero_negative_and_words_naming_the_value() {
+        for bad in ["0", "-5", "fast", "", "1.5"] {
+            let err = bad.parse::<PageRate>().unwrap_err();
+            assert_eq!(err, ParamError::Rate(bad.to_string()));
+            assert!(err.to_string().contains("max"), "{err}");
+        }
+    }
+
+    #[test]
+    fn pattern_parses_and_rejects() {
+        assert_eq!("seq".parse(), Ok(WritePattern::Sequential));
+        assert_eq!("sequential".parse(), Ok(WritePattern::Sequential));
+        assert_eq!("random".parse(), Ok(WritePattern::Random));
+        let err = "zigzag".parse::<WritePattern>().unwrap_err();
+        assert!(err.to_string().contains("\"zigzag\""), "{err}");
+        assert!(err.to_string().contains("random"), "{err}");
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for r in [PageRate::Max, PageRate::PerSecond(12345)] {
+            assert_eq!(r.to_string().parse::<PageRate>(), Ok(r));
+        }
+        for p in [WritePattern::Sequential, WritePattern::Random] {
+            assert_eq!(p.to_string().parse::<WritePattern>(), Ok(p));
+        }
+    }
+
+    #[test]
+    fn kernel_args_use_underscores_only() {
+        let p = WorkloadParams {
+            working_set_mib: 16,
+            rate: PageRate::PerSecond(5000),
+            pattern: WritePattern::Random,
+            verify: false,
+        };
+        let args = p.kernel_args();
+        assert_eq!(
+            args,
+            "tern_ws_mib=16 tern_rate=5000 tern_pattern=random tern_verify=0"
+        );
+        assert!(!args.contains('.'));
+    }
+
+    #[test]
+    fn recommended_memory_grows_with_working_set() {
+        let small = WorkloadParams {
+            working_set_mib: 16,
+            ..Default::default()
+        };
+        let big = WorkloadParams {
+            working_set_mib: 512,
+            ..Default::default()
+        };
+        assert!(small.recommended_memory_mib() >= 16 + 96);
+        assert_eq!(big.recommended_memory_mib(), 512 + 1 + 96);
+    }
+}

@@ -1,0 +1,522 @@
+//! `tern`: our policy. Context-aware, SLA-bounded, model-driven. See `POLICY.md`.
+//!
+//! In one paragraph: start post-copy-capable (when the hosts, VM, QEMU and SLA allow) with the
+//! SLA's throttle ceiling and a downtime limit of `min(300 ms, SLA − switchover overhead)`. At
+//! each pass boundary fit the convergence model. If pre-copy is predicted to converge in time,
+//! continue. If a higher downtime limit within the SLA would make it converge, raise it to what
+//! is needed (not to the ceiling). If auto-converge within the SLA's throttle would, let QEMU
+//! throttle. Otherwise the migration cannot finish within the SLA by pre-copy, and the context
+//! decides: evacuate finishes now (post-copy, else stop-and-copy) at a local minimum of
+//! remaining bytes; maintenance waits a bounded patience for the workload to calm, then does
+//! the same, or earlier when the deadline presses; balance switches to post-copy when the SLA
+//! accepts it and otherwise aborts; manual behaves like balance once its budget is spent. No
+//! switch or stop-and-copy happens while the link is degraded (latest throughput below half the
+//! smoothed one), which is what a transient network drop looks like.
+
+use crate::limits::{
+    QEMU_DEFAULT_DOWNTIME_MS, QEMU_MAX_DOWNTIME_MS, QEMU_THROTTLE_INCREMENT_PCT,
+    QEMU_THROTTLE_INITIAL_PCT, UNLIMITED_BANDWIDTH,
+};
+use crate::model::{ConvergenceModel, Eta, EtaMode, Prediction};
+use crate::observe::{Action, Decision, IterationSample, Observation, Phase, mbit, mib, secs};
+use crate::plan::{Capabilities, MigrationParameters, MigrationPlan, PlanInput, post_copy_verdict};
+use crate::sla::MigrationContext;
+use crate::stall::{StallDetector, StallStatus, link_degraded};
+use crate::MigrationPolicy;
+
+/// Link rate assumed for budgets when none is known (100 Mbit/s): pessimistic for the lab's
+/// 50 Mbit–1 Gbit links without being absurd.
+const ASSUMED_LINK_BYTES_PER_S: u64 = 12_500_000;
+/// Safety factor on the time a forced finish needs before a deadline.
+const FINISH_SAFETY: f64 = 1.5;
+/// Fixed slack before a deadline, ms.
+const FINISH_SLACK_MS: u64 = 2_000;
+/// Maintenance waits this share of its budget after a confirmed stall for the workload to calm.
+const MAINTENANCE_PATIENCE_SHARE: f64 = 0.25;
+/// … but at most this long, ms.
+const MAINTENANCE_PATIENCE_MAX_MS: u64 = 60_000;
+/// A raised "hard" stop-and-copy downtime has this headroom over the predicted blackout.
+const HARD_STOP_HEADROOM: f64 = 1.25;
+/// Headroom when raising the downtime limit within the SLA.
+const RAISE_HEADROOM: f64 = 1.15;
+
+/// Our policy. Create one per migration.
+#[derive(Debug, Clone, Default)]
+pub struct TernPolicy {
+    state: Option<State>,
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    model: ConvergenceModel,
+    stall: StallDetector,
+    downtime_ms: u64,
+    throttle_max: u8,
+    finished_by: Option<Action>,
+    hard_stop_at: Option<u64>,
+    stalled_at: Option<u64>,
+    eta: Option<Eta>,
+}
+
+/// Budget defaults by context, as multiples of the first pass (RAM / link) plus a constant.
+fn default_budget_ms(context: MigrationContext, first_pass_ms: u64) -> u64 {
+    match context {
+        // Bounded: about one pass to send RAM, one for the post-copy tail, and slack.
+        MigrationContext::Evacuate => first_pass_ms * 2 + 30_000,
+        MigrationContext::Maintenance | MigrationContext::Manual => first_pass_ms * 4 + 120_000,
+        MigrationContext::Balance => first_pass_ms * 3 + 60_000,
+    }
+}
+
+impl TernPolicy {
+    /// A fresh policy.
+    pub fn new() -> Self {
+        TernPolicy { state: None }
+    }
+
+    fn state(&mut self, plan: &MigrationPlan) -> &mut State {
+        self.state.get_or_insert_with(|| State {
+            model: ConvergenceModel::from_input(&plan.input),
+            stall: StallDetector::new(),
+            downtime_ms: plan.parameters.downtime_limit_ms,
+            throttle_max: if plan.capabilities.auto_converge {
+                plan.parameters.max_cpu_throttle_pct
+            } else {
+                0
+            },
+            finished_by: None,
+            hard_stop_at: None,
+            stalled_at: None,
+            eta: None,
+        })
+    }
+}
+
+/// The SLA's downtime ceiling for `downtime-limit`: max downtime minus the switchover overhead.
+fn downtime_ceiling(input: &PlanInput) -> u64 {
+    input
+        .max_downtime_ms()
+        .saturating_sub(input.switchover_overhead_ms)
+        .max(1)
+}
+
+impl MigrationPolicy for TernPolicy {
+    fn name(&self) -> &'static str {
+        "tern"
+    }
+
+    fn plan(&self, input: &PlanInput) -> MigrationPlan {
+        let verdict = post_copy_verdict(input);
+        let mut plan = MigrationPlan::qemu_defaults(self.name(), input, verdict.clone());
+        let f = input.features;
+        let post = verdict.allowed;
+        let throttle = input.throttle_permitted();
+        let dirty_limit = throttle && f.dirty_limit;
+        let multifd = f.multifd && (!post || f.multifd_with_postcopy);
+        plan.capabilities = Capabilities {
+            postcopy_ram: post,
+            postcopy_preempt: post && f.postcopy_preempt,
+            auto_converge: throttle && f.auto_converge && !dirty_limit,
+            dirty_limit,
+            multifd,
+            // XBZRLE misses ~99 % of its cache on random writers (Proxmox forum, manager-policies
+            // §c.10) and is incompatible with multifd; we leave it off.
+            xbzrle: false,
+        };
+        let ceiling = downtime_ceiling(input);
+        let link = input
+            .link_bytes_per_s
+            .map(|l| input.host_bandwidth_cap().map_or(l, |c| c.min(l)));
+        let max_throttle = input.sla.max_throttle_pct.min(99);
+        plan.parameters = MigrationParameters {
+            downtime_limit_ms: ceiling.min(QEMU_DEFAULT_DOWNTIME_MS),
+            max_bandwidth_bytes_per_s: input.host_bandwidth_cap().unwrap_or(UNLIMITED_BANDWIDTH),
+            cpu_throttle_initial_pct: QEMU_THROTTLE_INITIAL_PCT.min(max_throttle.max(1)),
+            cpu_throttle_increment_pct: QEMU_THROTTLE_INCREMENT_PCT,
+            max_cpu_throttle_pct: max_throttle.max(1),
+            vcpu_dirty_limit_mb_per_s: dirty_limit.then(|| {
+                // Let each vCPU dirty at most a quarter of the link, so the set drains.
+                let per_vcpu = link.unwrap_or(ASSUMED_LINK_BYTES_PER_S) as f64
+                    / 4.0
+                    / f64::from(input.vm.vcpus.max(1))
+                    / 1e6;
+                per_vcpu.max(1.0) as u64
+            }),
+            multifd_channels: if multifd { 2 } else { 1 },
+            ..MigrationParameters::default()
+        };
+        plan.postcopy_recovery = post && f.postcopy_recovery;
+        let first_pass_ms = plan.estimate.first_pass_ms.unwrap_or_else(|| {
+            input.vm.ram_bytes.saturating_mul(1000) / ASSUMED_LINK_BYTES_PER_S
+        });
+        let budget = default_budget_ms(input.context, first_pass_ms);
+        plan.deadline_ms = Some(input.deadline_ms.unwrap_or(budget));
+        plan.reasons = vec![
+            format!("context {}, SLA {:?}: max downtime {} ms, max throttle {} %, post-copy acceptable {}",
+                input.context, input.sla.name, input.max_downtime_ms(), input.sla.max_throttle_pct,
+                input.sla.post_copy_acceptable),
+            format!("post-copy: {} ({})", if post { "allowed" } else { "not used" }, verdict.reason),
+            format!("downtime-limit {} ms = min(QEMU default 300, SLA {} − switchover {} ms), raised up to {} ms only if the model needs it",
+                plan.parameters.downtime_limit_ms, input.max_downtime_ms(), input.switchover_overhead_ms, ceiling),
+            format!("deadline {} ({})", secs(plan.deadline_ms.unwrap_or(0) as f64),
+                if input.deadline_ms.is_some() { "given" } else { "default budget from first pass estimate" }),
+            format!("throttle: {}", if plan.capabilities.dirty_limit { "dirty-limit (gentler than auto-converge)".to_string() }
+                else if plan.capabilities.auto_converge { format!("auto-converge up to {} %", max_throttle) }
+                else { "none".to_string() }),
+        ];
+        plan
+    }
+
+    fn decide(&mut self, plan: &MigrationPlan, obs: &Observation) -> Vec<Decision> {
+        let st = self.state(plan);
+        match obs {
+            Observation::PassCompleted(s) => {
+                st.model.observe_pass(s);
+                let status = st.stall.observe(s);
+                if s.phase == Phase::Postcopy {
+                    st.finished_by = Some(Action::SwitchToPostcopy);
+                }
+                let out = st.on_pass(plan, s, &status);
+                st.update_eta(plan, s.at_ms);
+                if out.is_empty() {
+                    vec![Decision::cont("no change")]
+                } else {
+                    out
+                }
+            }
+            Observation::Tick { at_ms, latest } => {
+                if let Some(s) = latest {
+                    st.model.observe_tick(s);
+                    if s.phase == Phase::Postcopy {
+                        st.finished_by = Some(Action::SwitchToPostcopy);
+                    }
+                }
+                let out = st.on_tick(plan, *at_ms, latest.as_ref());
+                st.update_eta(plan, *at_ms);
+                out
+            }
+        }
+    }
+
+    fn eta(&self) -> Option<Eta> {
+        self.state.as_ref().and_then(|s| s.eta)
+    }
+}
+
+impl State {
+    fn bandwidth(&self) -> Option<f64> {
+        self.model.bandwidth().filter(|b| *b > 0.0)
+    }
+
+    /// ms a forced finish (post-copy, else stop-and-copy) would take from a set of `remaining`.
+    fn finish_cost_ms(&self, plan: &MigrationPlan, remaining: u64) -> u64 {
+        let bw = self
+            .bandwidth()
+            .unwrap_or(ASSUMED_LINK_BYTES_PER_S as f64);
+        (remaining as f64 / bw * 1000.0) as u64 + plan.input.switchover_overhead_ms
+    }
+
+    fn deadline_presses(&self, plan: &MigrationPlan, now: u64, remaining: u64) -> Option<String> {
+        let deadline = plan.deadline_ms?;
+        let need = self.finish_cost_ms(plan, remaining);
+        let margin = (need as f64 * FINISH_SAFETY) as u64 + FINISH_SLACK_MS;
+        (now.saturating_add(margin) >= deadline).then(|| {
+            format!(
+                "deadline {} is {} away; finishing {} takes ≈{} (×{FINISH_SAFETY} + {} slack)",
+                secs(deadline as f64),
+                secs(deadline.saturating_sub(now) as f64),
+                mib(remaining as f64),
+                secs(need as f64),
+                secs(FINISH_SLACK_MS as f64)
+            )
+        })
+    }
+
+    /// Finish now: post-copy when allowed, else stop-and-copy (`stop_now` pauses the guest;
+    /// otherwise a hard downtime limit lets QEMU complete at its next check).
+    fn finish(&mut self, plan: &MigrationPlan, s: &IterationSample, why: &str, stop_now: bool) -> Vec<Decision> {
+        if link_degraded(s.throughput_bytes_per_s, self.model.bandwidth()) {
+            return vec![Decision::cont(format!(
+                "would finish ({why}) but the link is degraded: {} now vs {} smoothed; holding so a \
+                 transient drop does not trigger a switch",
+                mbit(s.throughput_bytes_per_s as f64),
+                mbit(self.model.bandwidth().unwrap_or(0.0))
+            ))];
+        }
+        let bw = self.bandwidth().unwrap_or(ASSUMED_LINK_BYTES_PER_S as f64);
+        let remaining = s.remaining_bytes as f64;
+        if plan.may_switch_to_postcopy() {
+            self.finished_by = Some(Action::SwitchToPostcopy);
+            return vec![Decision::new(
+                Action::SwitchToPostcopy,
+                format!(
+                    "{why}; switching to post-copy with {} left at {}: ≈{} of degraded running{}",
+                    mib(remaining),
+                    mbit(bw),
+                    secs(remaining / bw * 1000.0),
+                    if plan.postcopy_recovery { ", recovery armed" } else { "" }
+                ),
+            )];
+        }
+        let blackout = remaining / bw * 1000.0;
+        if stop_now || self.hard_stop_at.is_some() {
+            self.finished_by = Some(Action::PauseGuest);
+            return vec![Decision::new(
+                Action::PauseGuest,
+                format!(
+                    "{why}; post-copy not available ({}); pausing the guest to finish: {} at {} ≈ {} blackout",
+                    plan.post_copy.reason,
+                    mib(remaining),
+                    mbit(bw),
+                    secs(blackout)
+                ),
+            )];
+        }
+        let ms = ((blackout * HARD_STOP_HEADROOM) as u64).clamp(self.downtime_ms + 1, QEMU_MAX_DOWNTIME_MS);
+        self.downtime_ms = ms;
+        self.hard_stop_at = Some(s.at_ms);
+        vec![Decision::new(
+            Action::SetDowntimeLimit { ms },
+            format!(
+                "{why}; post-copy not available ({}); stop-and-copy at this local minimum: {} at {} ≈ {} \
+                 blackout, downtime-limit {} ms (×{HARD_STOP_HEADROOM})",
+                plan.post_copy.reason,
+                mib(remaining),
+                mbit(bw),
+                secs(blackout),
+                ms
+            ),
+        )]
+    }
+
+    fn on_pass(&mut self, plan: &MigrationPlan, s: &IterationSample, status: &StallStatus) -> Vec<Decision> {
+        if let Some(done) = self.finished_by {
+            return vec![Decision::cont(format!(
+                "already finishing by {done:?}; {} left",
+                mib(s.remaining_bytes as f64)
+            ))];
+        }
+        let input = &plan.input;
+        let now = s.at_ms;
+        if self.hard_stop_at.is_some() {
+            // The raised limit did not complete at QEMU's next check (the set grew or the link
+            // slowed): pause so it cannot run on.
+            return self.finish(plan, s, "hard stop-and-copy did not complete by the next pass", true);
+        }
+        if s.pass < 2 {
+            return vec![Decision::cont("first pass: sending all RAM")];
+        }
+        let Some(bw) = self.bandwidth() else {
+            return vec![Decision::cont("no throughput measured yet")];
+        };
+        let throttle_now = s.throttle_pct.unwrap_or(0);
+        let Some(now_pred) = self.model.predict(self.downtime_ms, throttle_now) else {
+            return vec![Decision::cont("no prediction yet")];
+        };
+        let deadline = plan.deadline_ms;
+        let in_time = |p: &Prediction| match (p.eta_ms, deadline) {
+            (Some(eta), Some(d)) => now + eta + input.switchover_overhead_ms <= d,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let pressing = self.deadline_presses(plan, now, s.remaining_bytes);
+        if now_pred.converges && in_time(&now_pred) && pressing.is_none() {
+            return vec![Decision::cont(format!(
+                "pre-copy converges: {} left, {} passes, ETA {}, {} more to send at {} under {} ms",
+                mib(s.remaining_bytes as f64),
+                now_pred.passes,
+                secs(now_pred.eta_ms.unwrap_or(0) as f64),
+                mib(now_pred.bytes as f64),
+                mbit(bw),
+                self.downtime_ms
+            ))];
+        }
+        let ceiling = downtime_ceiling(input);
+        // Does a higher downtime limit within the SLA make it converge (at the current throttle)?
+        let need = ((now_pred.downtime_needed_ms as f64) * RAISE_HEADROOM).ceil() as u64;
+        if !now_pred.converges && need > self.downtime_ms && need <= ceiling {
+            let p = self.model.predict(need, throttle_now);
+            if p.is_some_and(|p| p.converges) {
+                let old = self.downtime_ms;
+                self.downtime_ms = need;
+                return vec![Decision::new(
+                    Action::SetDowntimeLimit { ms: need },
+                    format!(
+                        "pass size settles near {} at {}: needs ≈{} ms; raising downtime-limit {old} → {need} ms \
+                         (SLA ceiling {ceiling} ms)",
+                        mib(now_pred.steady_remaining_bytes as f64),
+                        mbit(bw),
+                        now_pred.downtime_needed_ms
+                    ),
+                )];
+            }
+        }
+        // Would QEMU's auto-converge, within the SLA's throttle ceiling, get there?
+        let with_throttle = self.model.predict(ceiling, self.throttle_max);
+        let throttle_helps = self.throttle_max > throttle_now
+            && with_throttle.is_some_and(|p| p.converges && in_time(&p));
+        let confirmed = status.stalled || (!now_pred.converges && self.model.boundaries() >= 3);
+        if confirmed && self.stalled_at.is_none() {
+            self.stalled_at = Some(now);
+        }
+        if let Some(why) = pressing.filter(|_| input.context.must_finish()) {
+            return self.finish(plan, s, &why, true);
+        }
+        if throttle_helps {
+            return vec![Decision::cont(format!(
+                "not converging at throttle {throttle_now} % (steady {}); auto-converge up to {} % is predicted to converge",
+                mib(now_pred.steady_remaining_bytes as f64),
+                self.throttle_max
+            ))];
+        }
+        if !confirmed {
+            return vec![Decision::cont(format!(
+                "not yet converging ({} left, steady ≈{}); waiting for more passes before acting",
+                mib(s.remaining_bytes as f64),
+                mib(now_pred.steady_remaining_bytes as f64)
+            ))];
+        }
+        let why = format!(
+            "pre-copy cannot finish within the SLA: steady pass ≈{} at {} needs ≈{} ms downtime \
+             (ceiling {ceiling} ms) at throttle up to {} %; stall window min {}, best {}",
+            mib(now_pred.steady_remaining_bytes as f64),
+            mbit(bw),
+            now_pred.downtime_needed_ms,
+            self.throttle_max,
+            status.window_min.map_or("-".into(), |v| mib(v as f64)),
+            status.best.map_or("-".into(), |v| mib(v as f64)),
+        );
+        let at_min = status.at_local_minimum || !status.stalled;
+        match input.context {
+            MigrationContext::Evacuate => {
+                if at_min {
+                    self.finish(plan, s, &format!("evacuate: {why}"), false)
+                } else {
+                    vec![Decision::cont(format!(
+                        "evacuate: {why}; waiting for a local minimum ({} now)",
+                        mib(s.remaining_bytes as f64)
+                    ))]
+                }
+            }
+            MigrationContext::Maintenance => {
+                let budget = deadline.unwrap_or(0);
+                let patience = ((budget as f64 * MAINTENANCE_PATIENCE_SHARE) as u64)
+                    .min(MAINTENANCE_PATIENCE_MAX_MS);
+                let waited = now.saturating_sub(self.stalled_at.unwrap_or(now));
+                if waited >= patience && at_min {
+                    self.finish(
+                        plan,
+                        s,
+                        &format!("maintenance: {why}; waited {} for the workload to calm", secs(waited as f64)),
+                        false,
+                    )
+                } else {
+                    vec![Decision::cont(format!(
+                        "maintenance: {why}; waiting ({} of {} patience, local minimum: {at_min})",
+                        secs(waited as f64),
+                        secs(patience as f64)
+                    ))]
+                }
+            }
+            MigrationContext::Balance | MigrationContext::Manual => {
+                let over_budget = deadline.is_some_and(|d| now >= d);
+                if input.context == MigrationContext::Manual && !over_budget {
+                    return vec![Decision::cont(format!(
+                        "manual: {why}; continuing until the budget {}",
+                        secs(deadline.unwrap_or(0) as f64)
+                    ))];
+                }
+                if plan.may_switch_to_postcopy() {
+                    if at_min {
+                        self.finish(plan, s, &format!("{}: {why}", input.context), false)
+                    } else {
+                        vec![Decision::cont(format!(
+                            "{}: {why}; post-copy at the next local minimum",
+                            input.context
+                        ))]
+                    }
+                } else {
+                    self.finished_by = Some(Action::Abort);
+                    vec![Decision::new(
+                        Action::Abort,
+                        format!(
+                            "{}: {why}; post-copy not acceptable ({}); aborting rather than exceed \
+                             SLA max downtime {} ms",
+                            input.context,
+                            plan.post_copy.reason,
+                            input.max_downtime_ms()
+                        ),
+                    )]
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self, plan: &MigrationPlan, now: u64, latest: Option<&IterationSample>) -> Vec<Decision> {
+        if self.finished_by.is_some() {
+            return vec![];
+        }
+        let Some(s) = latest else { return vec![] };
+        let input = &plan.input;
+        let deadline = plan.deadline_ms;
+        if input.context.must_finish() {
+            // Between boundaries (a long first pass), the deadline may still press.
+            let remaining = s.remaining_bytes;
+            if let Some(why) = self.deadline_presses(plan, now, remaining) {
+                let mut s2 = *s;
+                s2.at_ms = now;
+                return self.finish(plan, &s2, &why, true);
+            }
+            return vec![];
+        }
+        if deadline.is_some_and(|d| now >= d) {
+            let why = format!(
+                "{}: budget {} spent with {} left",
+                input.context,
+                secs(deadline.unwrap_or(0) as f64),
+                mib(s.remaining_bytes as f64)
+            );
+            if plan.may_switch_to_postcopy()
+                && !link_degraded(s.throughput_bytes_per_s, self.model.bandwidth())
+            {
+                self.finished_by = Some(Action::SwitchToPostcopy);
+                return vec![Decision::new(Action::SwitchToPostcopy, format!("{why}; SLA accepts post-copy"))];
+            }
+            self.finished_by = Some(Action::Abort);
+            return vec![Decision::new(
+                Action::Abort,
+                format!("{why}; finishing would exceed SLA max downtime {} ms", input.max_downtime_ms()),
+            )];
+        }
+        vec![]
+    }
+
+    fn update_eta(&mut self, plan: &MigrationPlan, now: u64) {
+        let bw = self.bandwidth();
+        let remaining = self.model.last_sample().map_or(0, |s| s.remaining_bytes);
+        self.eta = match self.finished_by {
+            Some(Action::Abort) => None,
+            Some(Action::SwitchToPostcopy) | Some(Action::PauseGuest) => bw.map(|b| Eta {
+                at_ms: now,
+                finish_at_ms: Some(now + (remaining as f64 / b * 1000.0) as u64 + plan.input.switchover_overhead_ms),
+                remaining_bytes: remaining,
+                mode: if self.finished_by == Some(Action::PauseGuest) {
+                    EtaMode::StopAndCopy
+                } else {
+                    EtaMode::Postcopy
+                },
+            }),
+            _ => self.model.eta(now, self.downtime_ms, self.throttle_max).or_else(|| {
+                bw.map(|b| Eta {
+                    at_ms: now,
+                    finish_at_ms: Some(now + (remaining as f64 / b * 1000.0) as u64),
+                    remaining_bytes: remaining,
+                    mode: EtaMode::Precopy,
+                })
+            }),
+        };
+        if let (Some(eta), Some(_)) = (self.eta.as_mut(), self.hard_stop_at) {
+            eta.mode = EtaMode::StopAndCopy;
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! A supervised QEMU process.
+//!
+//! [`VmProcess`] owns one QEMU child: it starts it (optionally inside a lab host's network
+//! namespace), records its serial console, and kills it by PID when dropped — on every path,
+//! panics included — unless it was explicitly [`detach`](VmProcess::detach)ed (an agent
+//! handing its guests over to its own restarted self must not take them down).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::QemuError;
+use crate::binary::QemuBinary;
+use crate::serial::SerialRecorder;
+use crate::spec::{LaunchMode, VmSockets, VmSpec};
+
+/// How long QEMU may take to create its QMP socket before the start counts as failed.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and how to start a QEMU process.
+#[derive(Debug, Clone)]
+pub struct VmLaunch {
+    /// The guest to start.
+    pub spec: VmSpec,
+    /// Boot, or wait for an incoming migration.
+    pub mode: LaunchMode,
+    /// Directory for the sockets, the serial log and QEMU's own stderr log; created if
+    /// missing. Kept short: unix socket paths are limited to 107 bytes.
+    pub runtime_dir: PathBuf,
+    /// Network namespace to run QEMU in (a lab host), or `None` for the current one.
+    pub netns: Option<String>,
+}
+
+/// A running QEMU process and its files.
+#[derive(Debug)]
+pub struct VmProcess {
+    child: Option<Child>,
+    pid: u32,
+    runtime_dir: PathBuf,
+    sockets: VmSockets,
+    serial_log: PathBuf,
+    stderr_log: PathBuf,
+    recorder: Option<SerialRecorder>,
+}
+
+impl VmProcess {
+    /// Starts QEMU and waits until its QMP socket exists.
+    ///
+    /// If QEMU exits during start-up, the error carries the end of its stderr (QEMU explains
+    /// bad arguments there).
+    pub fn spawn(binary: &QemuBinary, launch: &VmLaunch) -> Result<Self, QemuError> {
+        launch.spec.validate()?;
+        std::fs::create_dir_all(&launch.runtime_dir).map_err(|e| QemuError::Io {
+            context: format!("creating {}", launch.runtime_dir.display()),
+            source: e,
+        })?;
+        let sockets = VmSockets::in_dir(&launch.runtime_dir);
+        VmSpec::check_socket_paths(&sockets)?;
+        for s in [&sockets.qmp, &sockets.serial] {
+            let _ = std::fs::remove_file(s);
+        }
+        let serial_log = launch.runtime_dir.join("serial.log");
+        let stderr_log = launch.runtime_dir.join("qemu.log");
+        let stderr = File::create(&stderr_log).map_err(|e| QemuError::Io {
+            context: format!("creating {}", stderr_log.display()),
+            source: e,
+        })?;
+        let args = launch.spec.to_args(&sockets, launch.mode);
+        let mut cmd = match &launch.netns {
+            Some(ns) => {
+                // `ip netns exec` enters the namespace and execs QEMU in place, so the PID we
+                // get back is QEMU's own.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&binary.path);
+                c
+            }
+            None => Command::new(&binary.path),
+        };
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        tracing::debug!(?args, netns = ?launch.netns, "starting QEMU");
+        let child = cmd.spawn().map_err(|e| QemuError::Io {
+            context: format!("starting {}", binary.path.display()),
+            source: e,
+        })?;
+        let pid = child.id();
+        let mut vm = Self {
+            child: Some(child),
+            pid,
+            runtime_dir: launch.runtime_dir.clone(),
+            sockets,
+            serial_log: serial_log.clone(),
+            stderr_log,
+            recorder: None,
+        };
+        // Attach the console at once: a socket chardev with wait=off drops what nobody reads.
+        vm.recorder = Some(
+            SerialRecorder::start(&vm.sockets.serial, &serial_log, SOCKET_TIMEOUT).map_err(
+                |e| QemuError::Io {
+                    context: "starting the serial recorder".into(),
+                    source: e,
+                },
+            )?,
+        );
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        while !vm.sockets.qmp.exists() {
+            if let Some(status) = vm.try_wait() {
+                return Err(QemuError::StartFailed {
+                    status: status.to_string(),
+                    stderr: vm.stderr_tail(),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(QemuError::StartFailed {
+                    status: "no QMP socket after 10 s".into(),
+                    stderr: vm.stderr_tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(vm)
+    }
+
+    /// The process ID of QEMU.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The QMP socket path.
+    pub fn qmp_socket(&self) -> &Path {
+        &self.sockets.qmp
+    }
+
+    /// The timestamped serial log (format in `docs/CONVENTIONS.md`).
+    pub fn serial_log(&self) -> &Path {
+        &self.serial_log
+    }
+
+    /// The runtime directory holding sockets and logs.
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime_dir
+    }
+
+    /// The last lines QEMU wrote to stderr, for error messages.
+    pub fn stderr_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr_log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+
+    /// Returns the exit status if QEMU has exited (reaping it), `None` while it runs.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_some() && self.try_wait().is_none()
+    }
+
+    /// Waits up to `timeout` for QEMU to exit by itself (after `quit`, or a completed
+    /// migration's source being told to quit).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                self.finish_recording();
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills QEMU with SIGKILL and reaps it. Idempotent.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        self.finish_recording();
+    }
+
+    /// Stops the serial recorder, flushing a trailing fragment.
+    pub fn finish_recording(&mut self) {
+        if let Some(mut r) = self.recorder.take() {
+            r.stop();
+        }
+    }
+
+    /// Leaves QEMU running when this handle is dropped and returns its PID. Used when the
+    /// owner (an agent) hands the guest over to a successor that re-attaches by PID.
+    pub fn detach(mut self) -> u32 {
+        self.finish_recording();
+        // Dropping a std Child neither kills nor waits; the successor (or init) reaps it.
+        drop(self.child.take());
+        self.pid
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,335 @@
+/*
+ * tern-load: the guest workload that tern migrates and checks.
+ *
+ * It runs as the only program in a tiny initramfs guest and does three things
+ * in ONE thread (the guest may have a single vCPU, and a single thread keeps
+ * the behaviour deterministic and the code obvious):
+ *
+ *   1. dirties memory at a controlled rate: each write bumps a page's
+ *      generation and rewrites the page's pattern, so the migration has a
+ *      known, steady dirty rate to converge against;
+ *   2. verifies every page continuously against a shadow array of expected
+ *      generations kept in a separate allocation, so a page that arrives
+ *      stale or torn on the destination is reported (CORRUPT ...);
+ *   3. prints a heartbeat every 10 ms, so the host can measure the blackout
+ *      (host-side arrival gap) and check that the sequence is continuous.
+ *
+ * Control state is checked too: twin counters, one on the stack and one in
+ * .bss, must always agree. QEMU 7.2 + TCG lost dirty *stack* pages during
+ * migration; the data-page checker alone did not see it, these counters did.
+ *
+ * Protocol (see docs/CONVENTIONS.md, "Guest serial protocol"): every line is
+ * emitted with a single write(2) so lines are never interleaved or split by us.
+ *
+ * Parameters come from the kernel command line (/proc/cmdline). They use
+ * underscores because the kernel treats dotted parameters as module options
+ * and does not pass them to init.
+ *   tern_ws_mib=N        working set in MiB (default 64)
+ *   tern_rate=N|max      page writes per second (default max)
+ *   tern_pattern=seq|random   which page to write next (default seq)
+ *   tern_verify=1|0      run the verifier (default 1)
+ *
+ * Build: gcc -static -O2 -o tern-load tern-load.c
+ */
+#define _GNU_SOURCE
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE_SIZE 4096u
+#define WORDS_PER_PAGE (PAGE_SIZE / 8u)
+/* Pattern words are placed every 512 bytes plus the very last word, so a page
+ * that is only partly up to date (torn) is caught as well as a stale one. */
+#define PATTERN_STRIDE_WORDS 64u
+#define SLICE_NS 10000000ull      /* rate budget and heartbeat period: 10 ms */
+#define STATUS_NS 1000000000ull   /* STATUS period: 1 s */
+#define MAX_CATCHUP_SLICES 10u    /* rate budget made up after a short stall: 100 ms */
+/* Work per loop iteration is bounded so the loop comes back to the clock often
+ * enough to keep heartbeats on time even at max rate on a slow (TCG) vCPU. */
+#define WRITE_BATCH 32u
+#define VERIFY_BATCH 32u
+
+/* The .bss twin of the stack control counter. volatile: every increment must
+ * really go to memory, which is what a migration has to carry over. */
+static volatile uint64_t ctl_bss;
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* One line, one write(2): the host's serial reader timestamps lines on
+ * arrival, and a single write keeps each line contiguous on the console. */
+static void emit(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void emit(const char *fmt, ...)
+{
+    char line[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if (n > (int)sizeof line - 2)
+        n = (int)sizeof line - 2;
+    line[n++] = '\n';
+    const char *p = line;
+    while (n > 0) {
+        ssize_t w = write(1, p, (size_t)n);
+        if (w <= 0)
+            return; /* console gone: nothing sensible left to do */
+        p += w;
+        n -= (int)w;
+    }
+}
+
+/* splitmix64 finaliser: a cheap, well-mixed function of (page, generation,
+ * slot), so a word from another page or another generation never matches. */
+static uint64_t mix(uint64_t page, uint64_t gen, uint64_t slot)
+{
+    uint64_t z = page * 0x9E3779B97F4A7C15ull ^ (gen + 1) * 0xBF58476D1CE4E5B9ull ^
+                 (slot + 1) * 0x94D049BB133111EBull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Page layout: word 0 = page index, word 1 = generation (the header, which
+ * lets the verifier say which generation it found), then a mixed word every
+ * PATTERN_STRIDE_WORDS words and in the last word of the page. */
+static void fill_page(uint64_t *page, uint64_t index, uint64_t gen)
+{
+    page[0] = index;
+    page[1] = gen;
+    for (uint64_t w = PATTERN_STRIDE_WORDS; w < WORDS_PER_PAGE; w += PATTERN_STRIDE_WORDS)
+        page[w] = mix(index, gen, w);
+    page[WORDS_PER_PAGE - 1] = mix(index, gen, WORDS_PER_PAGE - 1);
+}
+
+static int page_matches(const uint64_t *page, uint64_t index, uint64_t gen)
+{
+    if (page[0] != index || page[1] != gen)
+        return 0;
+    for (uint64_t w = PATTERN_STRIDE_WORDS; w < WORDS_PER_PAGE; w += PATTERN_STRIDE_WORDS)
+        if (page[w] != mix(index, gen, w))
+            return 0;
+    return page[WORDS_PER_PAGE - 1] == mix(index, gen, WORDS_PER_PAGE - 1);
+}
+
+struct params {
+    uint64_t ws_mib;
+    uint64_t rate; /* page writes per second; 0 = max */
+    int random;
+    int verify;
+};
+
+/* Returns 0 on success; on a bad value prints an ERROR line naming it. */
+static int parse_params(struct params *p)
+{
+    p->ws_mib = 64;
+    p->rate = 0;
+    p->random = 0;
+    p->verify = 1;
+
+    char buf[4096];
+    FILE *f = fopen("/proc/cmdline", "r");
+    if (!f)
+        return 0; /* no /proc: run with the defaults */
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+
+    for (char *save = NULL, *tok = strtok_r(buf, " \t\n", &save); tok;
+         tok = strtok_r(NULL, " \t\n", &save)) {
+        char *end;
+        if (strncmp(tok, "tern_ws_mib=", 12) == 0) {
+            p->ws_mib = strtoull(tok + 12, &end, 10);
+            if (*end || p->ws_mib == 0 || p->ws_mib > (1u << 20)) {
+                emit("ERROR bad %s: expected a size in MiB, 1..1048576", tok);
+                return -1;
+            }
+        } else if (strncmp(tok, "tern_rate=", 10) == 0) {
+            if (strcmp(tok + 10, "max") == 0) {
+                p->rate = 0;
+            } else {
+                p->rate = strtoull(tok + 10, &end, 10);
+                if (*end || p->rate == 0) {
+                    emit("ERROR bad %s: expected page writes per second (>0) or max", tok);
+                    return -1;
+                }
+            }
+        } else if (strncmp(tok, "tern_pattern=", 13) == 0) {
+            if (strcmp(tok + 13, "seq") == 0) {
+                p->random = 0;
+            } else if (strcmp(tok + 13, "random") == 0) {
+                p->random = 1;
+            } else {
+                emit("ERROR bad %s: expected seq or random", tok);
+                return -1;
+            }
+        } else if (strncmp(tok, "tern_verify=", 12) == 0) {
+            if (strcmp(tok + 12, "1") == 0) {
+                p->verify = 1;
+            } else if (strcmp(tok + 12, "0") == 0) {
+                p->verify = 0;
+            } else {
+                emit("ERROR bad %s: expected 1 or 0", tok);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static void *map_or_die(size_t bytes, const char *what)
+{
+    void *m = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+        emit("ERROR cannot allocate %zu bytes for %s (give the guest more memory)", bytes, what);
+        exit(3);
+    }
+    return m;
+}
+
+int main(void)
+{
+    struct params prm;
+    if (parse_params(&prm) != 0)
+        return 2;
+
+    const uint64_t pages = prm.ws_mib * (1024 * 1024 / PAGE_SIZE);
+    uint8_t *ws = map_or_die(pages * PAGE_SIZE, "the working set");
+    /* Expected generations live in their own mapping, away from the pages
+     * they describe, so one stale region cannot corrupt both consistently. */
+    uint64_t *expected = map_or_die(pages * sizeof(uint64_t), "the shadow generations");
+
+    /* Touch every page (generation 0) so the whole working set is resident
+     * and part of the migration from the start. */
+    for (uint64_t i = 0; i < pages; i++) {
+        fill_page((uint64_t *)(ws + i * PAGE_SIZE), i, 0);
+        expected[i] = 0;
+    }
+
+    char rate_str[32];
+    if (prm.rate)
+        snprintf(rate_str, sizeof rate_str, "%llu", (unsigned long long)prm.rate);
+    else
+        snprintf(rate_str, sizeof rate_str, "max");
+    emit("READY ws_mib=%llu rate=%s pattern=%s pages=%llu", (unsigned long long)prm.ws_mib,
+         rate_str, prm.random ? "random" : "seq", (unsigned long long)pages);
+
+    /* The stack twin of ctl_bss. volatile forces it into the stack frame
+     * instead of a register, so a stale stack page shows up as a mismatch. */
+    volatile uint64_t ctl_stack = 0;
+    ctl_bss = 0;
+
+    uint64_t hb_seq = 0, writes = 0, writes_at_last_status = 0, passes = 0;
+    uint64_t corrupt = 0, ctl_mismatch = 0;
+    uint64_t write_cursor = 0, verify_cursor = 0;
+    uint64_t rng = 0x2545F4914F6CDD1Dull; /* xorshift64 state for tern_pattern=random */
+
+    const uint64_t start = mono_ns();
+    uint64_t next_hb = start, next_status = start + STATUS_NS;
+    /* Rate limiting: a token budget refilled per 10 ms slice. Slices missed
+     * because the vCPU was descheduled briefly are made up (so a busy host
+     * does not lower the average rate), but at most MAX_CATCHUP_SLICES of them:
+     * after a real stall (a migration pause, a post-copy fault) the guest
+     * resumes at its normal rate instead of a burst that distorts the dirty rate. */
+    uint64_t slice_start = start, tokens = prm.rate ? prm.rate / 100 : 0, token_rem = 0;
+
+    for (;;) {
+        ctl_stack = ctl_stack + 1;
+        ctl_bss = ctl_bss + 1;
+        if (ctl_stack != ctl_bss) {
+            ctl_mismatch++;
+            emit("CTLMISMATCH stack=%llu bss=%llu", (unsigned long long)ctl_stack,
+                 (unsigned long long)ctl_bss);
+            ctl_stack = ctl_bss; /* resync: one fault is reported once */
+        }
+
+        uint64_t now = mono_ns();
+        if (now >= next_hb) {
+            hb_seq++;
+            emit("HB %llu %llu", (unsigned long long)hb_seq, (unsigned long long)(now / 1000000));
+            next_hb += SLICE_NS;
+            if (next_hb <= now) /* fell behind (stall): no burst of catch-up beats */
+                next_hb = now + SLICE_NS;
+        }
+        if (now >= next_status) {
+            emit("STATUS seq=%llu passes=%llu writes=%llu wps=%llu corrupt=%llu ctl_mismatch=%llu",
+                 (unsigned long long)hb_seq, (unsigned long long)passes,
+                 (unsigned long long)writes, (unsigned long long)(writes - writes_at_last_status),
+                 (unsigned long long)corrupt, (unsigned long long)ctl_mismatch);
+            writes_at_last_status = writes;
+            next_status += STATUS_NS;
+            if (next_status <= now)
+                next_status = now + STATUS_NS;
+        }
+        if (prm.rate && now - slice_start >= SLICE_NS) {
+            /* New slice(s): rate/100 pages each, carrying the remainder so rates
+             * that are not multiples of 100 are still met on average. */
+            uint64_t slices = (now - slice_start) / SLICE_NS;
+            if (slices > MAX_CATCHUP_SLICES) {
+                slices = MAX_CATCHUP_SLICES;
+                slice_start = now;
+            } else {
+                slice_start += slices * SLICE_NS;
+            }
+            token_rem += prm.rate * slices;
+            tokens += token_rem / 100;
+            token_rem %= 100;
+            const uint64_t cap = prm.rate * MAX_CATCHUP_SLICES / 100 + 1;
+            if (tokens > cap)
+                tokens = cap;
+        }
+
+        /* Write phase. */
+        uint64_t batch = WRITE_BATCH;
+        if (prm.rate && tokens < batch)
+            batch = tokens;
+        for (uint64_t k = 0; k < batch; k++) {
+            uint64_t i;
+            if (prm.random) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                i = rng % pages;
+            } else {
+                i = write_cursor;
+                write_cursor = write_cursor + 1 == pages ? 0 : write_cursor + 1;
+            }
+            uint64_t g = expected[i] + 1;
+            fill_page((uint64_t *)(ws + i * PAGE_SIZE), i, g);
+            expected[i] = g;
+        }
+        writes += batch;
+        if (prm.rate)
+            tokens -= batch;
+
+        /* Verify phase: a chunk per iteration, a pass every `pages` pages. */
+        if (prm.verify) {
+            for (uint64_t k = 0; k < VERIFY_BATCH; k++) {
+                uint64_t *pg = (uint64_t *)(ws + verify_cursor * PAGE_SIZE);
+                if (!page_matches(pg, verify_cursor, expected[verify_cursor])) {
+                    corrupt++;
+                    emit("CORRUPT page=%llu expected=%llu found=%llu",
+                         (unsigned long long)verify_cursor,
+                         (unsigned long long)expected[verify_cursor], (unsigned long long)pg[1]);
+                    /* Resync so one fault is counted once, not once per pass. */
+                    fill_page(pg, verify_cursor, expected[verify_cursor]);
+                }
+                if (++verify_cursor == pages) {
+                    verify_cursor = 0;
+                    passes++;
+                }
+            }
+        }
+    }
+}
