@@ -205,7 +205,7 @@ pub async fn migrate(
         poll_interval: DEFAULT_POLL_INTERVAL,
         probe_seconds: order.probe_seconds,
     };
-    let mut runner = MigrationRunner::new(source_qmp, dest_qmp, policy, setup);
+    let mut runner = MigrationRunner::new(source_qmp, Box::new(dest_qmp), policy, setup);
     if let Some(sink) = event_sink {
         runner = runner.with_event_sink(sink);
     }

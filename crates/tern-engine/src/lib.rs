@@ -4,6 +4,7 @@
 //! It owns no processes (the host agent does) and makes no decisions (the policy core
 //! does): it is the shell around the pure core.
 
+pub mod endpoint;
 pub mod runner;
 pub mod state;
 
@@ -11,6 +12,7 @@ pub use runner::{
     DEFAULT_POLL_INTERVAL, MigrationProgress, MigrationReport, MigrationRunner, MigrationSetup,
     OperatorCommand, OperatorRequest, TakenAction, probe_dirty_rate,
 };
+pub use endpoint::{DestinationEndpoint, EndpointFacts};
 pub use state::{MigrationEvent, MigrationEventKind, MigrationState};
 
 /// Errors while preparing or driving a migration.
@@ -19,6 +21,9 @@ pub enum EngineError {
     /// QEMU refused a command or went away.
     #[error("QMP: {0}")]
     Qmp(#[from] tern_qmp::QmpError),
+    /// The destination agent could not be reached or refused a request.
+    #[error("destination: {0}")]
+    Remote(String),
     /// The dirty-rate probe failed.
     #[error("dirty-rate probe: {0}")]
     Probe(String),

@@ -27,6 +27,7 @@ use tern_qmp::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::EngineError;
+use crate::endpoint::{DestinationEndpoint, command_names};
 use crate::state::{MigrationEvent, MigrationEventKind, MigrationState};
 
 /// How often `query-migrate` is polled between pass events.
@@ -149,7 +150,7 @@ pub struct MigrationReport {
 /// Drives one migration from prepare to a terminal state.
 pub struct MigrationRunner {
     source: QmpClient,
-    destination: QmpClient,
+    destination: Box<dyn DestinationEndpoint>,
     policy: Box<dyn MigrationPolicy + Send>,
     setup: MigrationSetup,
     started: Instant,
@@ -170,7 +171,7 @@ impl MigrationRunner {
     /// A runner for one migration.
     pub fn new(
         source: QmpClient,
-        destination: QmpClient,
+        destination: Box<dyn DestinationEndpoint>,
         policy: Box<dyn MigrationPolicy + Send>,
         setup: MigrationSetup,
     ) -> Self {
@@ -271,13 +272,14 @@ impl MigrationRunner {
         &self,
     ) -> Result<(QemuFeatures, BTreeSet<MigrationCapability>), EngineError> {
         let src = self.source.supported_capabilities().await?;
-        let dst = self.destination.supported_capabilities().await?;
+        let dst_facts = self.destination.facts().await?;
+        let dst = dst_facts.capabilities.clone();
         let both: BTreeSet<MigrationCapability> = src.intersection(&dst).cloned().collect();
         let src_cmds = command_names(&self.source).await;
-        let dst_cmds = command_names(&self.destination).await;
+        let dst_cmds = dst_facts.commands.clone();
         let has = |c: MigrationCapability| both.contains(&c);
         let multifd_with_postcopy = self.source.qemu_version().at_least(10, 1)
-            && self.destination.qemu_version().at_least(10, 1);
+            && dst_facts.version >= (10, 1);
         let features = QemuFeatures {
             postcopy_ram: has(MigrationCapability::PostcopyRam),
             postcopy_preempt: has(MigrationCapability::PostcopyPreempt),
@@ -347,7 +349,7 @@ impl MigrationRunner {
             .map(|(c, on)| MigrationCapabilityStatus::new(c.clone(), *on))
             .collect();
         self.source.migrate_set_capabilities(&src_caps).await?;
-        self.destination.migrate_set_capabilities(&dst_caps).await?;
+        self.destination.set_capabilities(&dst_caps).await?;
         let used: Vec<String> = src_caps
             .iter()
             .map(|c| c.capability.as_str().to_string())
@@ -381,7 +383,7 @@ impl MigrationRunner {
                 multifd_channels: Some(p.multifd_channels as u64),
                 ..Default::default()
             };
-            self.destination.migrate_set_parameters(&dst_params).await?;
+            self.destination.set_parameters(&dst_params).await?;
         }
         self.source.migrate_set_parameters(&src_params).await?;
         self.plan = Some(plan);
@@ -604,7 +606,7 @@ impl MigrationRunner {
         // paused to force completion arrives paused, and must be resumed there.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match self.destination.query_status().await {
+            match self.destination.run_state().await {
                 Ok(s) if s.running => break,
                 Ok(s) if matches!(s.status, RunState::InMigrate | RunState::FinishMigrate) => {}
                 Ok(s) => {
@@ -935,23 +937,6 @@ async fn capability_accepted(qmp: &QmpClient, cap: MigrationCapability) -> bool 
     let off = [MigrationCapabilityStatus::new(cap, false)];
     let _ = qmp.migrate_set_capabilities(&off).await;
     true
-}
-
-async fn command_names(qmp: &QmpClient) -> BTreeSet<String> {
-    match qmp
-        .execute_raw("query-commands", serde_json::json!({}))
-        .await
-    {
-        Ok(v) => v
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|c| c.get("name").and_then(|n| n.as_str()).map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        Err(_) => BTreeSet::new(),
-    }
 }
 
 /// Measures the guest's dirty rate with QEMU's `calc-dirty-rate` (page-sampling mode) before a

@@ -14,7 +14,7 @@
 //! smoothed one), which is what a transient network drop looks like.
 
 use crate::limits::{
-    QEMU_DEFAULT_DOWNTIME_MS, QEMU_MAX_DOWNTIME_MS, QEMU_THROTTLE_INCREMENT_PCT,
+    QEMU_MAX_DOWNTIME_MS, QEMU_THROTTLE_INCREMENT_PCT,
     QEMU_THROTTLE_INITIAL_PCT, UNLIMITED_BANDWIDTH,
 };
 use crate::model::{ConvergenceModel, Eta, EtaMode, Prediction};
@@ -34,9 +34,16 @@ const FINISH_SLACK_MS: u64 = 2_000;
 /// Maintenance waits this share of its budget after a confirmed stall for the workload to calm.
 const MAINTENANCE_PATIENCE_SHARE: f64 = 0.25;
 /// … but at most this long, ms.
-const MAINTENANCE_PATIENCE_MAX_MS: u64 = 60_000;
+const MAINTENANCE_PATIENCE_MAX_MS: u64 = 30_000;
 /// A raised "hard" stop-and-copy downtime has this headroom over the predicted blackout.
 const HARD_STOP_HEADROOM: f64 = 1.25;
+/// Starting `downtime-limit`, ms: Nova's first step (500 ms / 10). A migration that converges
+/// anyway finishes with a small blackout; the model raises the limit only when it must.
+const START_DOWNTIME_MS: u64 = 50;
+/// Post-copy's degraded phase counts this much of its duration as guest impact when
+/// `postcopy-preempt` serves faults on their own channel (platform.md: no gap > 100 ms with
+/// preempt vs 8–16 s stalls without).
+const PREEMPT_IMPACT: f64 = 0.5;
 /// Headroom when raising the downtime limit within the SLA.
 const RAISE_HEADROOM: f64 = 1.15;
 
@@ -111,7 +118,10 @@ impl MigrationPolicy for TernPolicy {
         let f = input.features;
         let post = verdict.allowed;
         let throttle = input.throttle_permitted();
-        let dirty_limit = throttle && f.dirty_limit;
+        // dirty-limit slows a writing vCPU by whatever factor brings it under the quota, which no
+        // SLA throttle ceiling bounds; use it only where auto-converge is missing and the SLA
+        // tolerates any throttle.
+        let dirty_limit = throttle && f.dirty_limit && !f.auto_converge && input.sla.max_throttle_pct >= 99;
         let multifd = f.multifd && (!post || f.multifd_with_postcopy);
         plan.capabilities = Capabilities {
             postcopy_ram: post,
@@ -129,7 +139,7 @@ impl MigrationPolicy for TernPolicy {
             .map(|l| input.host_bandwidth_cap().map_or(l, |c| c.min(l)));
         let max_throttle = input.sla.max_throttle_pct.min(99);
         plan.parameters = MigrationParameters {
-            downtime_limit_ms: ceiling.min(QEMU_DEFAULT_DOWNTIME_MS),
+            downtime_limit_ms: ceiling.min(START_DOWNTIME_MS),
             max_bandwidth_bytes_per_s: input.host_bandwidth_cap().unwrap_or(UNLIMITED_BANDWIDTH),
             cpu_throttle_initial_pct: QEMU_THROTTLE_INITIAL_PCT.min(max_throttle.max(1)),
             cpu_throttle_increment_pct: QEMU_THROTTLE_INCREMENT_PCT,
@@ -156,7 +166,7 @@ impl MigrationPolicy for TernPolicy {
                 input.context, input.sla.name, input.max_downtime_ms(), input.sla.max_throttle_pct,
                 input.sla.post_copy_acceptable),
             format!("post-copy: {} ({})", if post { "allowed" } else { "not used" }, verdict.reason),
-            format!("downtime-limit {} ms = min(QEMU default 300, SLA {} − switchover {} ms), raised up to {} ms only if the model needs it",
+            format!("downtime-limit {} ms = min({START_DOWNTIME_MS}, SLA {} − switchover {} ms), raised up to {} ms only if the model needs it",
                 plan.parameters.downtime_limit_ms, input.max_downtime_ms(), input.switchover_overhead_ms, ceiling),
             format!("deadline {} ({})", secs(plan.deadline_ms.unwrap_or(0) as f64),
                 if input.deadline_ms.is_some() { "given" } else { "default budget from first pass estimate" }),
@@ -352,10 +362,39 @@ impl State {
             }
         }
         // Would QEMU's auto-converge, within the SLA's throttle ceiling, get there?
+        // QEMU raises the throttle by one increment per two sync periods of at least 1 s
+        // (`ram.c::migration_trigger_throttle`), so reaching the ceiling takes time.
+        let pass_ms = self
+            .model
+            .last_boundary()
+            .map_or(1000, |b| (b.remaining_bytes as f64 / bw * 1000.0) as u64)
+            .max(1000);
+        let steps = u64::from(self.throttle_max.saturating_sub(throttle_now))
+            .div_ceil(u64::from(plan.parameters.cpu_throttle_increment_pct.max(1)));
+        let ramp_ms = steps * 2 * pass_ms;
         let with_throttle = self.model.predict(ceiling, self.throttle_max);
-        let throttle_helps = self.throttle_max > throttle_now
-            && with_throttle.is_some_and(|p| p.converges && in_time(&p));
-        let confirmed = status.stalled || (!now_pred.converges && self.model.boundaries() >= 3);
+        let throttle_converges = self.throttle_max > throttle_now
+            && with_throttle.is_some_and(|p| {
+                p.converges && in_time(&Prediction { eta_ms: p.eta_ms.map(|e| e + ramp_ms), ..p })
+            });
+        // Throttling costs its percentage of the guest for the ramp and the rest of pre-copy;
+        // post-copy costs its degraded phase. Prefer the cheaper when both are allowed.
+        let throttle_cost_ms = with_throttle.and_then(|p| p.eta_ms).map_or(f64::INFINITY, |e| {
+            (e + ramp_ms) as f64 * f64::from(self.throttle_max) / 100.0 / 2.0
+        });
+        let postcopy_cost_ms = now_pred.postcopy_ms.unwrap_or(0) as f64
+            * if plan.capabilities.postcopy_preempt { PREEMPT_IMPACT } else { 1.0 };
+        let throttle_helps =
+            throttle_converges && !(plan.may_switch_to_postcopy() && postcopy_cost_ms < throttle_cost_ms);
+        // Evidence needed before acting on a predicted non-convergence: the probe is one (T, D)
+        // point, each boundary after the first pass another; two points fix the fit. An
+        // evacuation acts on the minimum, the others wait one more pass.
+        let probe = u64::from(input.probe.is_some());
+        let needed = match input.context {
+            MigrationContext::Evacuate => 2,
+            _ => 3,
+        };
+        let confirmed = status.stalled || (!now_pred.converges && self.model.boundaries() + probe >= needed);
         if confirmed && self.stalled_at.is_none() {
             self.stalled_at = Some(now);
         }
@@ -367,6 +406,34 @@ impl State {
                 "not converging at throttle {throttle_now} % (steady {}); auto-converge up to {} % is predicted to converge",
                 mib(now_pred.steady_remaining_bytes as f64),
                 self.throttle_max
+            ))];
+        }
+        if now_pred.converges {
+            // An evacuation wants the host empty soon: if switching now finishes much sooner
+            // than the remaining pre-copy, and a link failure could be recovered, switch.
+            let pre = now_pred.eta_ms.unwrap_or(0);
+            let post = now_pred.postcopy_ms.unwrap_or(0);
+            if input.context == MigrationContext::Evacuate
+                && plan.may_switch_to_postcopy()
+                && plan.postcopy_recovery
+                && pre > post * 3 / 2 + 2_000
+            {
+                return self.finish(
+                    plan,
+                    s,
+                    &format!(
+                        "evacuate: pre-copy needs ≈{} more but post-copy only ≈{}",
+                        secs(pre as f64),
+                        secs(post as f64)
+                    ),
+                    false,
+                );
+            }
+            return vec![Decision::cont(format!(
+                "pre-copy converges but late: ETA {} from {} vs deadline {}; finishing when the deadline presses",
+                secs(now_pred.eta_ms.unwrap_or(0) as f64),
+                secs(now as f64),
+                secs(deadline.unwrap_or(0) as f64)
             ))];
         }
         if !confirmed {
@@ -386,10 +453,19 @@ impl State {
             status.window_min.map_or("-".into(), |v| mib(v as f64)),
             status.best.map_or("-".into(), |v| mib(v as f64)),
         );
-        let at_min = status.at_local_minimum || !status.stalled;
+        // Without a windowed stall the passes are still shrinking towards the model's steady
+        // size: the minimum is reached when the pass is within 10 % of it.
+        let at_min = if status.stalled {
+            status.at_local_minimum
+        } else {
+            s.remaining_bytes as f64 <= now_pred.steady_remaining_bytes as f64 * 1.1
+        };
         match input.context {
             MigrationContext::Evacuate => {
-                if at_min {
+                // Post-copy total time from here is remaining / link whenever we switch, so an
+                // evacuation switches at once; a stop-and-copy blackout shrinks with the pass,
+                // so it waits for the minimum.
+                if at_min || plan.may_switch_to_postcopy() {
                     self.finish(plan, s, &format!("evacuate: {why}"), false)
                 } else {
                     vec![Decision::cont(format!(

@@ -220,7 +220,8 @@ impl<'a> Run<'a> {
 
     fn degraded_pct(&self) -> u8 {
         let raw = self.sc.pages_per_s_at(self.t * 1000.0);
-        if raw <= 0.0 {
+        if raw <= 0.0 || self.mode == Mode::Paused {
+            // A paused guest counts as downtime, not as throttled.
             return self.throttle;
         }
         let eff = self.write_rate();
