@@ -15,6 +15,9 @@
 //! bandwidth_mib_per_s = 0          # 0 = no cap
 //! port_min = 49152                 # port range for incoming migration streams
 //! port_max = 49215
+//!
+//! [peers]                          # optional: other hosts' agents
+//! h2 = "http://127.0.0.1:7702"
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -48,6 +51,10 @@ pub struct AgentConfig {
     /// Migration limits and permissions of this host.
     #[serde(default)]
     pub migration: HostMigrationConfig,
+    /// Other hosts' agents by host name (`h2 = "http://127.0.0.1:7702"`), for resolving a
+    /// migration's destination; lab hosts are also found through the lab's discovery file.
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<String, String>,
 }
 
 fn default_runtime_dir() -> PathBuf {

@@ -266,6 +266,71 @@ impl HostRuntime {
         Ok(info)
     }
 
+    /// Re-attaches to a QEMU a previous incarnation of this agent started (see
+    /// [`VmProcess::adopt`]): checks the PID, connects to its QMP socket and restarts the
+    /// serial recorder. Refuses a VM whose QEMU is gone or does not answer.
+    pub async fn adopt_vm(
+        &self,
+        spec: VmSpec,
+        role: VmRole,
+        pid: u32,
+        runtime_dir: PathBuf,
+    ) -> Result<VmInfo, AgentError> {
+        if self.has_vm(&spec.name) {
+            return Err(AgentError::Conflict(format!(
+                "a VM named {:?} already exists on host {}",
+                spec.name, self.identity.name
+            )));
+        }
+        let dir = runtime_dir.clone();
+        let process = tokio::task::spawn_blocking(move || VmProcess::adopt(pid, &dir))
+            .await
+            .map_err(|e| AgentError::Internal(format!("adopt task failed: {e}")))??;
+        let (qmp, _events) =
+            match QmpClient::connect_with_retry(process.qmp_socket(), Duration::from_secs(3)).await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    // Not ours to kill: a QEMU we cannot talk to is left for the operator.
+                    process.detach();
+                    return Err(e.into());
+                }
+            };
+        let info = VmInfo {
+            spec: spec.clone(),
+            role,
+            pid,
+            run_state: String::new(),
+            serial_log: process.serial_log().to_path_buf(),
+        };
+        self.lock().insert(
+            spec.name.clone(),
+            ManagedVm {
+                spec,
+                role,
+                process,
+                qmp,
+            },
+        );
+        Ok(info)
+    }
+
+    /// The runtime directory of a VM (sockets, serial log).
+    pub fn runtime_dir_of(&self, name: &str) -> Result<PathBuf, AgentError> {
+        self.with_vm(name, |v| v.process.runtime_dir().to_path_buf())
+    }
+
+    /// The role of a VM on this host.
+    pub fn role(&self, name: &str) -> Result<VmRole, AgentError> {
+        self.with_vm(name, |v| v.role)
+    }
+
+    /// Lets every QEMU keep running after this agent exits (a restart re-attaches to them).
+    pub fn detach_all(&self) -> Vec<u32> {
+        let vms = std::mem::take(&mut *self.lock());
+        vms.into_values().map(|v| v.process.detach()).collect()
+    }
+
     /// The QMP client of a VM on this host.
     pub fn qmp(&self, name: &str) -> Result<QmpClient, AgentError> {
         self.with_vm(name, |v| v.qmp.clone())
@@ -309,6 +374,11 @@ impl HostRuntime {
                 known.join(", ")
             }
         ))
+    }
+
+    /// Names of the VMs on this host.
+    pub fn list_names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
     }
 
     /// Whether a VM with this name exists here.

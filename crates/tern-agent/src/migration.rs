@@ -52,6 +52,12 @@ pub struct MigrationOutcome {
     pub guest_location: Option<String>,
     /// Whether the source QEMU still runs the guest.
     pub source_running: bool,
+    /// The source QEMU's run state when the migration ended (`postmigrate` after a
+    /// completed pre-copy or post-copy, `running` after an abort).
+    pub source_final_run_state: Option<String>,
+    /// Whether a destination QEMU for this VM still exists after cleanup (it must not,
+    /// unless the migration completed).
+    pub destination_vm_present: bool,
     /// The source's serial log.
     pub source_serial_log: PathBuf,
     /// The destination's serial log (exists only if the destination was started).
@@ -213,6 +219,14 @@ pub async fn migrate(
         let _ = tx.send(runner.progress());
     }
     let report = runner.run(control).await;
+    let source_final_run_state = match source.qmp(&order.vm) {
+        Ok(q) => q
+            .query_status()
+            .await
+            .ok()
+            .map(|s| s.status.as_str().to_string()),
+        Err(_) => None,
+    };
 
     let (guest_location, source_running) = match report.state {
         MigrationState::Completed => {
@@ -236,7 +250,10 @@ pub async fn migrate(
         }
     };
     release();
+    let destination_vm_present = destination.has_vm(&order.vm);
     Ok(MigrationOutcome {
+        source_final_run_state,
+        destination_vm_present,
         report,
         source_host: source.identity().name.clone(),
         destination_host: destination.identity().name.clone(),

@@ -32,8 +32,8 @@ impl PermissionGuard {
     }
 
     /// Applies the rules to one decision.
-    pub fn check(&mut self, plan: &MigrationPlan, d: Decision) -> Decision {
-        let refuse = |why: String| Decision::cont(why);
+    pub fn check(&mut self, plan: &MigrationPlan, at_ms: u64, d: Decision) -> Decision {
+        let refuse = |why: String| Decision::cont(format!("{why} (at {at_ms} ms)"));
         match d.action {
             Action::SwitchToPostcopy if !plan.may_switch_to_postcopy() => refuse(format!(
                 "refused SwitchToPostcopy from {}: {} (postcopy-ram enabled: {})",
@@ -114,7 +114,8 @@ impl MigrationPolicy for PermissionGuard {
             self.switched = true;
         }
         let out = self.inner.decide(plan, obs);
-        out.into_iter().map(|d| self.check(plan, d)).collect()
+        let at = obs.at_ms();
+        out.into_iter().map(|d| self.check(plan, at, d)).collect()
     }
 
     fn eta(&self) -> Option<Eta> {

@@ -189,7 +189,7 @@ impl MigrationPolicy for TernPolicy {
                 let out = st.on_pass(plan, s, &status);
                 st.update_eta(plan, s.at_ms);
                 if out.is_empty() {
-                    vec![Decision::cont("no change")]
+                    vec![Decision::cont(format!("no change at pass {}", s.pass))]
                 } else {
                     out
                 }
@@ -314,14 +314,26 @@ impl State {
             return self.finish(plan, s, "hard stop-and-copy did not complete by the next pass", true);
         }
         if s.pass < 2 {
-            return vec![Decision::cont("first pass: sending all RAM")];
+            return vec![Decision::cont(format!(
+                "first pass (dirty-sync-count {}): {} of RAM left to send",
+                s.pass,
+                mib(s.remaining_bytes as f64)
+            ))];
         }
         let Some(bw) = self.bandwidth() else {
-            return vec![Decision::cont("no throughput measured yet")];
+            return vec![Decision::cont(format!(
+                "no throughput measured yet at pass {} ({} left)",
+                s.pass,
+                mib(s.remaining_bytes as f64)
+            ))];
         };
         let throttle_now = s.throttle_pct.unwrap_or(0);
         let Some(now_pred) = self.model.predict(self.downtime_ms, throttle_now) else {
-            return vec![Decision::cont("no prediction yet")];
+            return vec![Decision::cont(format!(
+                "no prediction yet at pass {} ({} left)",
+                s.pass,
+                mib(s.remaining_bytes as f64)
+            ))];
         };
         let deadline = plan.deadline_ms;
         let in_time = |p: &Prediction| match (p.eta_ms, deadline) {
@@ -479,6 +491,9 @@ impl State {
                 let patience = ((budget as f64 * MAINTENANCE_PATIENCE_SHARE) as u64)
                     .min(MAINTENANCE_PATIENCE_MAX_MS);
                 let waited = now.saturating_sub(self.stalled_at.unwrap_or(now));
+                // Waiting only helps a stop-and-copy (the blackout shrinks if the workload calms);
+                // post-copy's cost is the same later, so it goes at the local minimum.
+                let patience = if plan.may_switch_to_postcopy() { 0 } else { patience };
                 if waited >= patience && at_min {
                     self.finish(
                         plan,
@@ -496,7 +511,7 @@ impl State {
             }
             MigrationContext::Balance | MigrationContext::Manual => {
                 let over_budget = deadline.is_some_and(|d| now >= d);
-                if input.context == MigrationContext::Manual && !over_budget {
+                if input.context == MigrationContext::Manual && !over_budget && !plan.may_switch_to_postcopy() {
                     return vec![Decision::cont(format!(
                         "manual: {why}; continuing until the budget {}",
                         secs(deadline.unwrap_or(0) as f64)

@@ -42,6 +42,8 @@ pub struct VmProcess {
     serial_log: PathBuf,
     stderr_log: PathBuf,
     recorder: Option<SerialRecorder>,
+    /// Re-attached by PID: not our child, so it is signalled and watched through `/proc`.
+    adopted: bool,
 }
 
 impl VmProcess {
@@ -95,6 +97,7 @@ impl VmProcess {
             serial_log: serial_log.clone(),
             stderr_log,
             recorder: None,
+            adopted: false,
         };
         // Attach the console at once: a socket chardev with wait=off drops what nobody reads.
         vm.recorder = Some(
@@ -122,6 +125,57 @@ impl VmProcess {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(vm)
+    }
+
+    /// Re-attaches to a QEMU started earlier (by a previous incarnation of the agent) from its
+    /// PID and runtime directory, and restarts the serial recorder (appending to the log).
+    ///
+    /// An agent restart must not take its guests down (KubeVirt's virt-handler and Nova's
+    /// nova-compute both leave running domains alone when they restart); the successor finds
+    /// them again here. The process is not our child: liveness is read from `/proc/<pid>` and
+    /// it is killed with `kill(2)`. Refuses a PID that is gone, a zombie, or whose command line
+    /// does not name this runtime directory's QMP socket (the PID was reused).
+    pub fn adopt(pid: u32, runtime_dir: &Path) -> Result<Self, QemuError> {
+        let sockets = VmSockets::in_dir(runtime_dir);
+        if !pid_alive(pid) {
+            return Err(QemuError::StartFailed {
+                status: format!("QEMU PID {pid} is no longer running"),
+                stderr: String::new(),
+            });
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let qmp = sockets.qmp.display().to_string();
+        if !cmdline.contains(&qmp) {
+            return Err(QemuError::StartFailed {
+                status: format!(
+                    "PID {pid} is not the QEMU of {} (its command line does not name {qmp})",
+                    runtime_dir.display()
+                ),
+                stderr: String::new(),
+            });
+        }
+        let serial_log = runtime_dir.join("serial.log");
+        let recorder = SerialRecorder::start(&sockets.serial, &serial_log, Duration::from_secs(2))
+            .map_err(|e| QemuError::Io {
+                context: "restarting the serial recorder".into(),
+                source: e,
+            })?;
+        Ok(Self {
+            child: None,
+            pid,
+            runtime_dir: runtime_dir.to_path_buf(),
+            sockets,
+            serial_log,
+            stderr_log: runtime_dir.join("qemu.log"),
+            recorder: Some(recorder),
+            adopted: true,
+        })
+    }
+
+    /// Whether this process was re-attached by PID rather than started by us.
+    pub fn is_adopted(&self) -> bool {
+        self.adopted
     }
 
     /// The process ID of QEMU.
@@ -153,6 +207,13 @@ impl VmProcess {
 
     /// Returns the exit status if QEMU has exited (reaping it), `None` while it runs.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.adopted {
+            // Not our child: there is no status to reap; report "exited" as a success code.
+            return (!pid_alive(self.pid)).then(|| {
+                use std::os::unix::process::ExitStatusExt;
+                ExitStatus::from_raw(0)
+            });
+        }
         self.child
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
@@ -160,6 +221,9 @@ impl VmProcess {
 
     /// Whether QEMU is still running.
     pub fn is_running(&mut self) -> bool {
+        if self.adopted {
+            return pid_alive(self.pid);
+        }
         self.child.is_some() && self.try_wait().is_none()
     }
 
@@ -181,6 +245,23 @@ impl VmProcess {
 
     /// Kills QEMU with SIGKILL and reaps it. Idempotent.
     pub fn kill(&mut self) {
+        if self.adopted {
+            if pid_alive(self.pid)
+                && let Ok(raw) = i32::try_from(self.pid)
+            {
+                // SAFETY: kill(2) with a positive PID we verified belongs to this QEMU.
+                unsafe {
+                    libc::kill(raw, libc::SIGKILL);
+                }
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pid_alive(self.pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            self.adopted = false;
+            self.finish_recording();
+            return;
+        }
         if let Some(mut child) = self.child.take() {
             if child.try_wait().ok().flatten().is_none() {
                 let _ = child.kill();
@@ -203,7 +284,20 @@ impl VmProcess {
         self.finish_recording();
         // Dropping a std Child neither kills nor waits; the successor (or init) reaps it.
         drop(self.child.take());
+        self.adopted = false;
         self.pid
+    }
+}
+
+/// Whether `pid` runs (exists and is not a zombie), read from `/proc`.
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 

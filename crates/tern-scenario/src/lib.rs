@@ -214,6 +214,10 @@ pub struct MigrationSummary {
     pub actions: Vec<TakenAction>,
     /// Whether the source QEMU still runs the guest.
     pub source_running: bool,
+    /// The source QEMU's run state when the migration ended (`postmigrate` once handed over).
+    pub source_final_run_state: Option<String>,
+    /// Whether a destination QEMU was left after the migration ended (only if completed).
+    pub destination_vm_present: bool,
     /// Host the guest runs on (`None`: lost).
     pub guest_location: Option<String>,
     /// Capabilities used.
@@ -503,6 +507,8 @@ async fn run_on_hosts(
         policy: report.policy.clone(),
         actions: report.actions.clone(),
         source_running: outcome.source_running,
+        source_final_run_state: outcome.source_final_run_state.clone(),
+        destination_vm_present: outcome.destination_vm_present,
         guest_location: outcome.guest_location.clone(),
         capabilities: report.capabilities.clone(),
         post_copy_verdict: report.post_copy_verdict.clone(),

@@ -14,7 +14,9 @@ mod scenario;
 use std::str::FromStr;
 
 pub use engine::{SimConfig, SimOutcome, SimResult, TraceEntry, judge, simulate, simulate_with};
-pub use report::{ComparisonRecord, aggregate, compare_outcomes, table};
+pub use report::{
+    ComparisonRecord, aggregate, compare_impact, compare_outcomes, guest_impact_ms, table,
+};
 pub use scenario::{DirtyPhase, Outage, OutageKind, Scenario, generate_scenarios};
 
 use tern_policy::{MigrationContext, POLICY_NAMES, UnknownPolicy, policy_by_name};

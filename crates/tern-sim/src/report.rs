@@ -49,6 +49,31 @@ pub struct ComparisonRecord {
     pub tern_worse: Option<usize>,
     /// See `tern_better`.
     pub tern_same: Option<usize>,
+    /// For a baseline: scenarios where tern impaired the guest less / more (see [`guest_impact_ms`]).
+    pub tern_less_impact: Option<usize>,
+    /// See `tern_less_impact`.
+    pub tern_more_impact: Option<usize>,
+}
+
+/// Guest impairment of a run, ms: blackout + time in post-copy + time throttled × the highest
+/// throttle. Crude, but it puts a 2 s blackout, 2 s of post-copy faults and 4 s at 50 % throttle
+/// on one scale.
+pub fn guest_impact_ms(o: &SimOutcome) -> f64 {
+    o.downtime_ms.unwrap_or(0) as f64
+        + o.postcopy_ms as f64
+        + o.throttled_ms as f64 * f64::from(o.max_throttle_pct) / 100.0
+}
+
+/// Compares guest impact (`Less` = tern impaired the guest less), with a 10 % + 50 ms tolerance.
+pub fn compare_impact(tern: &SimOutcome, other: &SimOutcome) -> Ordering {
+    let (a, b) = (guest_impact_ms(tern), guest_impact_ms(other));
+    if a + 50.0 < b * 0.9 {
+        Ordering::Less
+    } else if b + 50.0 < a * 0.9 {
+        Ordering::Greater
+    } else {
+        Ordering::Equal
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -128,16 +153,23 @@ pub fn aggregate(policies: &[String], outcomes: &[Vec<SimOutcome>]) -> Vec<Compa
             let bytes = sorted(rows.iter().map(|(_, o)| o.bytes_sent as f64 / o.ram_bytes.max(1) as f64).collect());
             let count = |f: &dyn Fn(&SimOutcome) -> bool| rows.iter().filter(|(_, o)| f(o)).count();
             let (mut better, mut worse, mut same) = (None, None, None);
+            let (mut less, mut more) = (None, None);
             if let Some(ti) = tern_idx.filter(|&ti| ti != pi) {
-                let (mut b, mut w, mut s) = (0, 0, 0);
+                let (mut b, mut w, mut s, mut l, mut m) = (0, 0, 0, 0, 0);
                 for (si, o) in &rows {
                     match compare_outcomes(&outcomes[ti][*si], o) {
                         Ordering::Less => b += 1,
                         Ordering::Greater => w += 1,
                         Ordering::Equal => s += 1,
                     }
+                    match compare_impact(&outcomes[ti][*si], o) {
+                        Ordering::Less => l += 1,
+                        Ordering::Greater => m += 1,
+                        Ordering::Equal => {}
+                    }
                 }
                 (better, worse, same) = (Some(b), Some(w), Some(s));
+                (less, more) = (Some(l), Some(m));
             }
             let round = |v: f64, d: i32| (v * 10f64.powi(d)).round() / 10f64.powi(d);
             records.push(ComparisonRecord {
@@ -160,6 +192,8 @@ pub fn aggregate(policies: &[String], outcomes: &[Vec<SimOutcome>]) -> Vec<Compa
                 tern_better: better,
                 tern_worse: worse,
                 tern_same: same,
+                tern_less_impact: less,
+                tern_more_impact: more,
             });
         }
     }
@@ -182,17 +216,21 @@ pub fn table(records: &[ComparisonRecord], scenarios: usize, seed: u64) -> Strin
         let _ = writeln!(s, "\n== {ctx} ({} scenarios) ==", rows[0].scenarios);
         let _ = writeln!(
             s,
-            "{:<31} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6} {:>5} {:>5} {:>4} {:>5} {:>7} {:>7}  {}",
-            "policy", "done%", "med_s", "p95_s", "med_dt", "p95_dt", "viol", "B/RAM", "abrt", "tmout", "lost", "pcopy", "thr_s", "pc_s", "tern better/worse/same"
+            "{:<31} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6} {:>5} {:>5} {:>4} {:>5} {:>7} {:>7}  {:<12} {}",
+            "policy", "done%", "med_s", "p95_s", "med_dt", "p95_dt", "viol", "B/RAM", "abrt", "tmout", "lost", "pcopy", "thr_s", "pc_s", "tern b/w/s", "impact -/+"
         );
         for r in rows {
             let vs = match (r.tern_better, r.tern_worse, r.tern_same) {
                 (Some(b), Some(w), Some(sm)) => format!("{b}/{w}/{sm}"),
                 _ => "-".into(),
             };
+            let impact = match (r.tern_less_impact, r.tern_more_impact) {
+                (Some(l), Some(m)) => format!("{l}/{m}"),
+                _ => "-".into(),
+            };
             let _ = writeln!(
                 s,
-                "{:<31} {:>6.1} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6.2} {:>5} {:>5} {:>4} {:>5} {:>7.1} {:>7.1}  {}",
+                "{:<31} {:>6.1} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6.2} {:>5} {:>5} {:>4} {:>5} {:>7.1} {:>7.1}  {:<12} {}",
                 r.policy,
                 r.completed_pct,
                 opt(r.median_total_s),
@@ -207,7 +245,8 @@ pub fn table(records: &[ComparisonRecord], scenarios: usize, seed: u64) -> Strin
                 r.used_postcopy,
                 r.mean_throttled_s,
                 r.mean_postcopy_s,
-                vs
+                vs,
+                impact
             );
         }
     }
@@ -216,8 +255,9 @@ pub fn table(records: &[ComparisonRecord], scenarios: usize, seed: u64) -> Strin
         "\ncolumns: done% completed; med_s/p95_s total time of completed runs; med_dt/p95_dt blackout ms; viol SLA or \
          context violations; B/RAM median bytes sent / RAM; abrt aborted; tmout still in pre-copy after the horizon; \
          lost VM lost in post-copy; pcopy runs using post-copy; thr_s/pc_s mean s throttled / in post-copy; \
-         better/worse/same: per scenario, tern's outcome vs this policy's (class: ok < optional abort < SLA broken < \
-         failed; then total time ±10 %, then blackout)"
+         b/w/s: scenarios where tern's outcome is better/worse/same than this policy's (outcome class: ok < optional \
+         abort < SLA broken < failed; then total time ±10 %, then blackout); impact -/+: scenarios where tern impaired \
+         the guest less/more (blackout + post-copy time + throttled time × throttle)"
     );
     s
 }

@@ -30,8 +30,13 @@ use crate::observe::{Decision, Observation};
 
 /// On `PassCompleted` a policy answers at least `Continue`; on `Tick` it may answer nothing.
 pub(crate) fn finish_decisions(obs: &Observation, mut out: Vec<Decision>, idle: &str) -> Vec<Decision> {
-    if out.is_empty() && matches!(obs, Observation::PassCompleted(_)) {
-        out.push(Decision::cont(idle.to_string()));
+    if let (true, Observation::PassCompleted(s)) = (out.is_empty(), obs) {
+        out.push(Decision::cont(format!(
+            "{idle} (pass {}, {} left at {})",
+            s.pass,
+            crate::mib(s.remaining_bytes as f64),
+            crate::secs(s.at_ms as f64)
+        )));
     }
     out
 }
