@@ -34,7 +34,8 @@ pub trait DestinationEndpoint: Send + Sync {
     /// What the destination QEMU supports.
     async fn facts(&self) -> Result<EndpointFacts, EngineError>;
     /// `migrate-set-capabilities`.
-    async fn set_capabilities(&self, caps: &[MigrationCapabilityStatus]) -> Result<(), EngineError>;
+    async fn set_capabilities(&self, caps: &[MigrationCapabilityStatus])
+    -> Result<(), EngineError>;
     /// `migrate-set-parameters`.
     async fn set_parameters(&self, params: &MigrationParameters) -> Result<(), EngineError>;
     /// `migrate-incoming`.
@@ -53,7 +54,10 @@ pub trait DestinationEndpoint: Send + Sync {
 
 /// Collects `query-commands` names.
 pub async fn command_names(qmp: &QmpClient) -> BTreeSet<String> {
-    match qmp.execute_raw("query-commands", serde_json::json!({})).await {
+    match qmp
+        .execute_raw("query-commands", serde_json::json!({}))
+        .await
+    {
         Ok(v) => v
             .as_array()
             .map(|a| {
@@ -76,7 +80,10 @@ impl DestinationEndpoint for QmpClient {
             version: (v.major, v.minor),
         })
     }
-    async fn set_capabilities(&self, caps: &[MigrationCapabilityStatus]) -> Result<(), EngineError> {
+    async fn set_capabilities(
+        &self,
+        caps: &[MigrationCapabilityStatus],
+    ) -> Result<(), EngineError> {
         Ok(self.migrate_set_capabilities(caps).await?)
     }
     async fn set_parameters(&self, params: &MigrationParameters) -> Result<(), EngineError> {

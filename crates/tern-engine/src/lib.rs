@@ -8,11 +8,12 @@ pub mod endpoint;
 pub mod runner;
 pub mod state;
 
-pub use runner::{
-    DEFAULT_POLL_INTERVAL, MigrationProgress, MigrationReport, MigrationRunner, MigrationSetup,
-    OperatorCommand, OperatorRequest, TakenAction, probe_dirty_rate,
-};
 pub use endpoint::{DestinationEndpoint, EndpointFacts};
+pub use runner::{
+    DEFAULT_POLL_INTERVAL, DEFAULT_POSTCOPY_STALL_TIMEOUT, DEFAULT_RECOVERY_WINDOW,
+    MigrationProgress, MigrationReport, MigrationRunner, MigrationSetup, OperatorCommand,
+    OperatorRequest, TakenAction, probe_dirty_rate,
+};
 pub use state::{MigrationEvent, MigrationEventKind, MigrationState};
 
 /// Errors while preparing or driving a migration.

@@ -46,6 +46,59 @@ pub struct MigrationSetup {
     pub poll_interval: Duration,
     /// Measure the guest's dirty rate with `calc-dirty-rate` before starting (seconds, 0 = no).
     pub probe_seconds: u64,
+    /// How long post-copy recovery keeps trying while the network is down before the
+    /// migration is declared stranded (both QEMUs kept paused for the operator).
+    pub recovery_window: Duration,
+    /// In post-copy, no byte sent for this long while pages remain means the channel is dead
+    /// even if QEMU has not noticed (TCP can take minutes): tern forces `migrate-pause`.
+    pub postcopy_stall_timeout: Duration,
+}
+
+impl MigrationSetup {
+    /// A setup with tern's defaults for polling (250 ms), no dirty-rate probe, a 10-minute
+    /// post-copy recovery window and a 2 s post-copy stall timeout.
+    pub fn new(id: impl Into<String>, uri: impl Into<String>, plan_input: PlanInput) -> Self {
+        Self {
+            id: id.into(),
+            uri: uri.into(),
+            plan_input,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            probe_seconds: 0,
+            recovery_window: DEFAULT_RECOVERY_WINDOW,
+            postcopy_stall_timeout: DEFAULT_POSTCOPY_STALL_TIMEOUT,
+        }
+    }
+}
+
+/// Default post-copy recovery window: generous, a network outage of minutes is survivable.
+pub const DEFAULT_RECOVERY_WINDOW: Duration = Duration::from_secs(600);
+/// Default post-copy stall timeout.
+pub const DEFAULT_POSTCOPY_STALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one recovery attempt may stay in `postcopy-recover-setup`/`postcopy-recover`
+/// before tern pauses it and tries again (a connect into a dead network hangs in SYN retries).
+const RECOVERY_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(6);
+/// First retry delay; doubles up to [`RECOVERY_BACKOFF_MAX`].
+const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(8);
+
+/// Post-copy recovery bookkeeping.
+#[derive(Debug, Default)]
+struct RecoveryTracker {
+    /// When the current outage was detected.
+    paused_since: Option<Instant>,
+    /// Next attempt not before this.
+    next_attempt: Option<Instant>,
+    /// Current backoff.
+    backoff: Duration,
+    /// When the running attempt started.
+    attempt_started: Option<Instant>,
+    /// Attempts in the current outage.
+    attempts: u32,
+    /// Completed recoveries.
+    recoveries: u32,
+    /// Last time `transferred` grew during post-copy, and its value.
+    last_progress: Option<(u64, Instant)>,
 }
 
 /// A command an operator sends to a running migration.
@@ -143,6 +196,8 @@ pub struct MigrationReport {
     pub events: Vec<MigrationEvent>,
     /// QEMU's error text when it failed.
     pub error: Option<String>,
+    /// Post-copy recoveries performed.
+    pub recoveries: u32,
     /// The plan the policy made.
     pub plan: Option<MigrationPlan>,
 }
@@ -165,6 +220,7 @@ pub struct MigrationRunner {
     switched: bool,
     last_info: Option<MigrationInfo>,
     error: Option<String>,
+    recovery: RecoveryTracker,
 }
 
 impl MigrationRunner {
@@ -193,6 +249,7 @@ impl MigrationRunner {
             switched: false,
             last_info: None,
             error: None,
+            recovery: RecoveryTracker::default(),
         }
     }
 
@@ -278,8 +335,8 @@ impl MigrationRunner {
         let src_cmds = command_names(&self.source).await;
         let dst_cmds = dst_facts.commands.clone();
         let has = |c: MigrationCapability| both.contains(&c);
-        let multifd_with_postcopy = self.source.qemu_version().at_least(10, 1)
-            && dst_facts.version >= (10, 1);
+        let multifd_with_postcopy =
+            self.source.qemu_version().at_least(10, 1) && dst_facts.version >= (10, 1);
         let features = QemuFeatures {
             postcopy_ram: has(MigrationCapability::PostcopyRam),
             postcopy_preempt: has(MigrationCapability::PostcopyPreempt),
@@ -439,6 +496,10 @@ impl MigrationRunner {
             if self.handle_status(&status, &info).await {
                 continue;
             }
+            if self.state.is_after_switch() {
+                self.watch_postcopy(&status, &sample).await;
+                continue;
+            }
             // dirty-sync-count is 1 during the first pass and grows by one at each boundary; the
             // MIGRATION_PASS event only makes us look sooner.
             let _ = pass_event;
@@ -543,7 +604,22 @@ impl MigrationRunner {
                 );
             }
             MigrationStatus::PostcopyActive if self.state == MigrationState::Recovering => {
-                self.transition(MigrationState::Postcopy, "post-copy resumed");
+                self.recovery.recoveries += 1;
+                let outage = self
+                    .recovery
+                    .paused_since
+                    .take()
+                    .map(|t| t.elapsed().as_millis())
+                    .unwrap_or(0);
+                self.recovery.attempt_started = None;
+                self.recovery.last_progress = None;
+                self.transition(
+                    MigrationState::Postcopy,
+                    format!(
+                        "post-copy recovered after {outage} ms and {} attempt(s) (recovery #{})",
+                        self.recovery.attempts, self.recovery.recoveries
+                    ),
+                );
             }
             MigrationStatus::PostcopyPaused
                 if matches!(
@@ -551,9 +627,24 @@ impl MigrationRunner {
                     MigrationState::Postcopy | MigrationState::Recovering
                 ) =>
             {
+                let first = self.recovery.paused_since.is_none();
+                if first {
+                    self.recovery.paused_since = Some(Instant::now());
+                    self.recovery.backoff = RECOVERY_BACKOFF_MIN;
+                    self.recovery.next_attempt = Some(Instant::now());
+                    self.recovery.attempts = 0;
+                } else {
+                    self.schedule_retry();
+                }
+                self.recovery.attempt_started = None;
                 self.transition(
                     MigrationState::PostcopyPaused,
-                    "the migration channel broke during post-copy; both QEMUs wait in postcopy-paused",
+                    if first {
+                        "the migration channel broke during post-copy; both QEMUs wait in \
+                         postcopy-paused and the guest keeps running on the destination"
+                    } else {
+                        "the recovery attempt failed; retrying"
+                    },
                 );
             }
             MigrationStatus::Completed => {
@@ -593,6 +684,155 @@ impl MigrationRunner {
             _ => {}
         }
         false
+    }
+
+    fn schedule_retry(&mut self) {
+        let b = self.recovery.backoff.max(RECOVERY_BACKOFF_MIN);
+        self.recovery.next_attempt = Some(Instant::now() + b);
+        self.recovery.backoff = (b * 2).min(RECOVERY_BACKOFF_MAX);
+    }
+
+    /// After the switch: detect a dead channel QEMU has not noticed, and recover a paused one.
+    ///
+    /// QEMU only enters `postcopy-paused` when a socket errors out; a silently dropped
+    /// network (no RST, no carrier change) can leave both sides in `postcopy-active` for
+    /// minutes while TCP retransmits (qemu-devel, Sept 2025: "QEMU would stay in
+    /// postcopy-active waiting for pages indefinitely"). tern watches the bytes sent instead
+    /// and forces both sides into `postcopy-paused` with `migrate-pause` when nothing moved
+    /// for `postcopy_stall_timeout` while pages remain. Recovery is then QEMU's own protocol:
+    /// `migrate-recover` on the destination, `migrate resume=true` on the source, retried
+    /// with backoff until the recovery window ends.
+    async fn watch_postcopy(&mut self, status: &MigrationStatus, sample: &IterationSample) {
+        match self.state {
+            MigrationState::Postcopy => {
+                let now = Instant::now();
+                let moved = match self.recovery.last_progress {
+                    Some((t, _)) => sample.transferred_bytes > t,
+                    None => true,
+                };
+                if moved {
+                    self.recovery.last_progress = Some((sample.transferred_bytes, now));
+                    return;
+                }
+                let since = self.recovery.last_progress.map(|(_, at)| at).unwrap_or(now);
+                if *status == MigrationStatus::PostcopyActive
+                    && sample.remaining_bytes > 0
+                    && since.elapsed() >= self.setup.postcopy_stall_timeout
+                {
+                    self.record(MigrationEventKind::Note {
+                        text: format!(
+                            "post-copy stalled: no bytes sent for {} ms with {} bytes left; \
+                             forcing migrate-pause on both sides",
+                            since.elapsed().as_millis(),
+                            sample.remaining_bytes
+                        ),
+                    });
+                    let _ = self.source.migrate_pause().await;
+                    let _ = self.destination.migrate_pause().await;
+                    self.recovery.last_progress = None;
+                }
+            }
+            MigrationState::PostcopyPaused => {
+                let since = self.recovery.paused_since.unwrap_or_else(Instant::now);
+                if since.elapsed() > self.setup.recovery_window {
+                    self.error = Some(format!(
+                        "post-copy stayed paused for {} s (recovery window {} s)",
+                        since.elapsed().as_secs(),
+                        self.setup.recovery_window.as_secs()
+                    ));
+                    self.transition(
+                        MigrationState::Stranded,
+                        format!(
+                            "the network did not come back within the recovery window ({} s): \
+                             both QEMUs are kept paused and the guest's current state is split \
+                             between them. Once the network is back, recover with \
+                             `migrate-recover {uri}` on the destination and `migrate \
+                             uri={uri} resume=true` on the source; do not resume or kill \
+                             either QEMU",
+                            self.setup.recovery_window.as_secs(),
+                            uri = self.setup.uri
+                        ),
+                    );
+                    return;
+                }
+                if self
+                    .recovery
+                    .next_attempt
+                    .is_some_and(|t| Instant::now() >= t)
+                {
+                    self.attempt_recovery().await;
+                }
+            }
+            MigrationState::Recovering => {
+                let started = self.recovery.attempt_started.unwrap_or_else(Instant::now);
+                if started.elapsed() > RECOVERY_ATTEMPT_TIMEOUT
+                    && !matches!(status, MigrationStatus::PostcopyActive)
+                {
+                    self.record(MigrationEventKind::Note {
+                        text: format!(
+                            "recovery attempt {} still in {} after {} ms: pausing it to retry",
+                            self.recovery.attempts,
+                            status.as_str(),
+                            started.elapsed().as_millis()
+                        ),
+                    });
+                    let _ = self.source.migrate_pause().await;
+                    self.recovery.attempt_started = Some(Instant::now());
+                    self.schedule_retry();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn attempt_recovery(&mut self) {
+        self.recovery.attempts += 1;
+        let n = self.recovery.attempts;
+        // The destination must be in postcopy-paused too before it can listen again.
+        match self.destination.migration_info().await {
+            Ok(i) if i.status_or_none() == MigrationStatus::PostcopyActive => {
+                let _ = self.destination.migrate_pause().await;
+                self.schedule_retry();
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.error = Some(format!("destination unreachable during post-copy: {e}"));
+                self.transition(
+                    MigrationState::Lost,
+                    format!(
+                        "the destination QEMU is gone during post-copy: the guest's current \
+                         state (vCPUs, devices, pages written since the switch) died with it; \
+                         the source still holds the pre-switch memory but not that state, so \
+                         the guest must be restarted ({e})"
+                    ),
+                );
+                return;
+            }
+        }
+        if let Err(e) = self.destination.migrate_recover(&self.setup.uri).await {
+            self.record(MigrationEventKind::Note {
+                text: format!("recovery attempt {n}: migrate-recover on the destination: {e}"),
+            });
+        }
+        match self.source.migrate_resume(&self.setup.uri).await {
+            Ok(()) => {
+                self.recovery.attempt_started = Some(Instant::now());
+                self.transition(
+                    MigrationState::Recovering,
+                    format!(
+                        "recovery attempt {n}: migrate-recover on the destination, migrate \
+                         resume on the source"
+                    ),
+                );
+            }
+            Err(e) => {
+                self.record(MigrationEventKind::Note {
+                    text: format!("recovery attempt {n}: migrate resume failed: {e}"),
+                });
+                self.schedule_retry();
+            }
+        }
     }
 
     async fn complete(&mut self) {
@@ -920,6 +1160,7 @@ impl MigrationRunner {
             actions: self.actions.clone(),
             events: self.events.clone(),
             error: self.error.clone(),
+            recoveries: self.recovery.recoveries,
             plan: self.plan.clone(),
         }
     }

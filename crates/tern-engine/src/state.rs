@@ -32,8 +32,12 @@ pub enum MigrationState {
     Aborted,
     /// Failed before the switch: the guest keeps running on the source.
     Failed,
-    /// Failed after the switch and not recoverable: the guest's state is lost or stranded.
+    /// Failed after the switch and not recoverable: a QEMU holding part of the guest's
+    /// current state died.
     Lost,
+    /// Post-copy stayed paused (network down) for longer than the recovery window. Both
+    /// QEMUs are kept, paused, so an operator can still recover once the network is back.
+    Stranded,
 }
 
 impl MigrationState {
@@ -41,7 +45,7 @@ impl MigrationState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            Self::Completed | Self::Aborted | Self::Failed | Self::Lost
+            Self::Completed | Self::Aborted | Self::Failed | Self::Lost | Self::Stranded
         )
     }
 
@@ -51,7 +55,12 @@ impl MigrationState {
     pub fn is_after_switch(self) -> bool {
         matches!(
             self,
-            Self::Postcopy | Self::PostcopyPaused | Self::Recovering | Self::Completed | Self::Lost
+            Self::Postcopy
+                | Self::PostcopyPaused
+                | Self::Recovering
+                | Self::Completed
+                | Self::Lost
+                | Self::Stranded
         )
     }
 
@@ -68,8 +77,11 @@ impl MigrationState {
                 )
                 | (GuestPaused, Completed | Failed | Aborted)
                 | (Postcopy, PostcopyPaused | Completed | Lost)
-                | (PostcopyPaused, Recovering | Lost)
-                | (Recovering, Postcopy | PostcopyPaused | Completed | Lost)
+                | (PostcopyPaused, Recovering | Lost | Stranded)
+                | (
+                    Recovering,
+                    Postcopy | PostcopyPaused | Completed | Lost | Stranded
+                )
         )
     }
 }
@@ -146,7 +158,8 @@ mod tests {
     use super::*;
     use MigrationState::*;
 
-    const ALL: [MigrationState; 11] = [
+    const ALL: [MigrationState; 12] = [
+        Stranded,
         Pending,
         Preparing,
         Precopy,

@@ -1,0 +1,334 @@
+//! Faults injected into a running scenario at a chosen migration phase: link cuts (and two
+//! in a row), and QEMU processes killed by PID.
+//!
+//! The injector watches the engine's live progress, waits for its trigger (pre-copy for N
+//! seconds, or post-copy started N seconds ago), acts, and records host-monotonic times so
+//! the report can say how long detection and recovery took.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tern_agent::HostRuntime;
+use tern_engine::{MigrationProgress, MigrationState};
+use tern_lab::{FaultMode, Lab, Signal};
+use tokio::sync::watch;
+
+/// When a fault fires.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultTrigger {
+    /// This long after pre-copy started.
+    Precopy {
+        /// Delay after the migration entered pre-copy.
+        after: Duration,
+    },
+    /// This long after the switch to post-copy.
+    Postcopy {
+        /// Delay after the migration entered post-copy.
+        after: Duration,
+    },
+    /// This long after the first recovery attempt started (a cut during recovery itself).
+    Recovering {
+        /// Delay after the migration entered recovery.
+        after: Duration,
+    },
+}
+
+/// What the fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultAction {
+    /// Silently drop all traffic of the destination host's link for a while.
+    LinkCut {
+        /// How long the link stays cut.
+        duration: Duration,
+    },
+    /// Kill the destination QEMU (SIGKILL).
+    KillDestinationQemu,
+    /// Kill the source QEMU (SIGKILL).
+    KillSourceQemu,
+}
+
+/// One planned fault.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FaultPlan {
+    /// When.
+    pub trigger: FaultTrigger,
+    /// What.
+    pub action: FaultAction,
+}
+
+impl fmt::Display for FaultPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let phase = match self.trigger {
+            FaultTrigger::Precopy { .. } => "precopy",
+            FaultTrigger::Postcopy { .. } => "postcopy",
+            FaultTrigger::Recovering { .. } => "recovery",
+        };
+        match self.action {
+            FaultAction::LinkCut { duration } => {
+                write!(f, "link-cut-{phase}:{}s", duration.as_secs_f64())
+            }
+            FaultAction::KillDestinationQemu => write!(f, "kill-dest-qemu-{phase}"),
+            FaultAction::KillSourceQemu => write!(f, "kill-source-qemu-{phase}"),
+        }
+    }
+}
+
+/// Valid `--fault` forms, for error messages.
+pub const FAULT_FORMS: &str = "link-cut-precopy:SECS, link-cut-postcopy:SECS, \
+link-cut-recovery:SECS, kill-dest-qemu-precopy, kill-dest-qemu-postcopy, kill-source-qemu-postcopy";
+
+/// A `--fault` value that is not one of [`FAULT_FORMS`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown fault {0:?}: valid forms are {FAULT_FORMS}")]
+pub struct FaultParseError(String);
+
+impl FromStr for FaultPlan {
+    type Err = FaultParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || FaultParseError(s.to_string());
+        let (name, arg) = match s.split_once(':') {
+            Some((n, a)) => (n, Some(a.trim_end_matches('s'))),
+            None => (s, None),
+        };
+        let secs = |a: Option<&str>| -> Result<Duration, FaultParseError> {
+            let v: f64 = a.ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            if !(v > 0.0 && v <= 3600.0) {
+                return Err(bad());
+            }
+            Ok(Duration::from_secs_f64(v))
+        };
+        // Faults fire one second into their phase unless the phase is recovery (at once).
+        let one = Duration::from_secs(1);
+        let plan = match name {
+            "link-cut-precopy" => FaultPlan {
+                trigger: FaultTrigger::Precopy { after: one },
+                action: FaultAction::LinkCut {
+                    duration: secs(arg)?,
+                },
+            },
+            "link-cut-postcopy" => FaultPlan {
+                trigger: FaultTrigger::Postcopy { after: one },
+                action: FaultAction::LinkCut {
+                    duration: secs(arg)?,
+                },
+            },
+            "link-cut-recovery" => FaultPlan {
+                trigger: FaultTrigger::Recovering {
+                    after: Duration::ZERO,
+                },
+                action: FaultAction::LinkCut {
+                    duration: secs(arg)?,
+                },
+            },
+            "kill-dest-qemu-precopy" => FaultPlan {
+                trigger: FaultTrigger::Precopy { after: one },
+                action: FaultAction::KillDestinationQemu,
+            },
+            "kill-dest-qemu-postcopy" => FaultPlan {
+                trigger: FaultTrigger::Postcopy { after: one },
+                action: FaultAction::KillDestinationQemu,
+            },
+            "kill-source-qemu-postcopy" => FaultPlan {
+                trigger: FaultTrigger::Postcopy { after: one },
+                action: FaultAction::KillSourceQemu,
+            },
+            _ => return Err(bad()),
+        };
+        if arg.is_some() && !matches!(plan.action, FaultAction::LinkCut { .. }) {
+            return Err(bad());
+        }
+        Ok(plan)
+    }
+}
+
+/// What an injected fault did, with times in ms since the scenario's migration started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultRecord {
+    /// The fault, as `--fault` spells it.
+    pub fault: String,
+    /// When it fired (ms since the migration started), `None` if its trigger never came.
+    pub fired_at_ms: Option<u64>,
+    /// When a cut link was restored.
+    pub restored_at_ms: Option<u64>,
+    /// From the cut to tern seeing the migration paused (`postcopy-paused`), ms (±250 ms,
+    /// the engine's poll interval). `None`: not detected while the link was down.
+    pub detected_after_ms: Option<u64>,
+    /// From the link's restoration to post-copy running again, ms (±250 ms).
+    pub resumed_after_restore_ms: Option<u64>,
+    /// Error while injecting, if any.
+    pub error: Option<String>,
+}
+
+fn in_phase(p: &MigrationProgress, t: &FaultTrigger) -> bool {
+    match t {
+        FaultTrigger::Precopy { .. } => p.state == Some(MigrationState::Precopy),
+        FaultTrigger::Postcopy { .. } => p.state == Some(MigrationState::Postcopy),
+        FaultTrigger::Recovering { .. } => p.state == Some(MigrationState::Recovering),
+    }
+}
+
+/// Runs one fault plan to completion (or until the migration ends without its trigger).
+pub async fn inject(
+    plan: FaultPlan,
+    lab: Lab,
+    source: HostRuntime,
+    destination: HostRuntime,
+    vm: String,
+    mut progress: watch::Receiver<MigrationProgress>,
+    started: Instant,
+) -> FaultRecord {
+    let ms = |at: Instant| at.duration_since(started).as_millis() as u64;
+    let mut rec = FaultRecord {
+        fault: plan.to_string(),
+        fired_at_ms: None,
+        restored_at_ms: None,
+        detected_after_ms: None,
+        resumed_after_restore_ms: None,
+        error: None,
+    };
+    // Wait for the phase.
+    loop {
+        {
+            let p = progress.borrow();
+            if in_phase(&p, &plan.trigger) {
+                break;
+            }
+            if p.state.is_some_and(|s| s.is_terminal()) {
+                return rec;
+            }
+        }
+        if progress.changed().await.is_err() {
+            return rec;
+        }
+    }
+    let after = match plan.trigger {
+        FaultTrigger::Precopy { after }
+        | FaultTrigger::Postcopy { after }
+        | FaultTrigger::Recovering { after } => after,
+    };
+    tokio::time::sleep(after).await;
+    if progress.borrow().state.is_some_and(|s| s.is_terminal()) {
+        return rec;
+    }
+    let host = destination.identity().name.clone();
+    match plan.action {
+        FaultAction::LinkCut { duration } => {
+            let l = lab.clone();
+            let h = host.clone();
+            let cut =
+                tokio::task::spawn_blocking(move || l.cut_link(&h, FaultMode::Blackhole)).await;
+            rec.fired_at_ms = Some(ms(Instant::now()));
+            if let Ok(Err(e)) = cut {
+                rec.error = Some(e.to_string());
+                return rec;
+            }
+            let cut_at = Instant::now();
+            let restore_at = cut_at + duration;
+            let paused = |p: &MigrationProgress| {
+                matches!(
+                    p.state,
+                    Some(MigrationState::PostcopyPaused | MigrationState::Recovering)
+                )
+            };
+            while Instant::now() < restore_at {
+                if rec.detected_after_ms.is_none() && paused(&progress.borrow()) {
+                    rec.detected_after_ms = Some(cut_at.elapsed().as_millis() as u64);
+                }
+                let left = restore_at.saturating_duration_since(Instant::now());
+                if tokio::time::timeout(left, progress.changed())
+                    .await
+                    .is_ok_and(|r| r.is_err())
+                {
+                    tokio::time::sleep(restore_at.saturating_duration_since(Instant::now())).await;
+                }
+            }
+            let l = lab.clone();
+            let r = tokio::task::spawn_blocking(move || l.restore_link(&host)).await;
+            let restored = Instant::now();
+            rec.restored_at_ms = Some(ms(restored));
+            if let Ok(Err(e)) = r {
+                rec.error = Some(e.to_string());
+            }
+            if rec.detected_after_ms.is_some() || paused(&progress.borrow()) {
+                // Wait for post-copy to run again (or the migration to end).
+                loop {
+                    let state = progress.borrow().state;
+                    if matches!(
+                        state,
+                        Some(MigrationState::Postcopy | MigrationState::Completed)
+                    ) {
+                        rec.resumed_after_restore_ms = Some(restored.elapsed().as_millis() as u64);
+                        break;
+                    }
+                    if state.is_some_and(|s| s.is_terminal()) || progress.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        FaultAction::KillDestinationQemu | FaultAction::KillSourceQemu => {
+            let side = if plan.action == FaultAction::KillDestinationQemu {
+                &destination
+            } else {
+                &source
+            };
+            match side.pid(&vm) {
+                Ok(pid) => {
+                    rec.fired_at_ms = Some(ms(Instant::now()));
+                    if let Err(e) = tern_lab::kill_process(pid, Signal::SIGKILL) {
+                        rec.error = Some(e.to_string());
+                    }
+                }
+                Err(e) => rec.error = Some(e.to_string()),
+            }
+        }
+    }
+    rec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_documented_form() {
+        for f in [
+            "link-cut-precopy:2",
+            "link-cut-postcopy:10s",
+            "link-cut-recovery:3",
+            "kill-dest-qemu-precopy",
+            "kill-dest-qemu-postcopy",
+            "kill-source-qemu-postcopy",
+        ] {
+            let p: FaultPlan = f.parse().unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(
+                p.to_string()
+                    .starts_with(f.split(':').next().unwrap_or_default())
+            );
+        }
+        let p: FaultPlan = "link-cut-postcopy:10s".parse().unwrap();
+        assert_eq!(
+            p.action,
+            FaultAction::LinkCut {
+                duration: Duration::from_secs(10)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_forms_list_the_valid_ones() {
+        for f in [
+            "link-cut-postcopy",
+            "link-cut-postcopy:-1",
+            "kill-dest-qemu-precopy:3",
+            "nuke",
+        ] {
+            let e = f.parse::<FaultPlan>().unwrap_err().to_string();
+            assert!(e.contains(f) && e.contains("link-cut-postcopy:SECS"), "{e}");
+        }
+    }
+}
