@@ -1149,7 +1149,16 @@ impl MigrationRunner {
                 .unwrap_or(0),
             bytes_sent: ram.transferred.unwrap_or(0),
             ram_bytes: ram.total.unwrap_or(0),
-            passes: ram.dirty_sync_count.unwrap_or(0),
+            passes: self
+                .events
+                .iter()
+                .filter_map(|e| match e.kind {
+                    MigrationEventKind::Pass { pass, .. } => Some(pass),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0)
+                .max(ram.dirty_sync_count.unwrap_or(0)),
             qemu_downtime_ms: self.last_info.as_ref().and_then(|i| i.downtime),
             capabilities: caps,
             post_copy_verdict: self
