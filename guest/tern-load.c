@@ -10,7 +10,9 @@
  *      known, steady dirty rate to converge against;
  *   2. verifies every page continuously against a shadow array of expected
  *      generations kept in a separate allocation, so a page that arrives
- *      stale or torn on the destination is reported (CORRUPT ...);
+ *      stale or torn on the destination is reported (CORRUPT ...); the writer
+ *      also checks a page's header before overwriting it, so a stale page is
+ *      reported even when the writer reaches it before the verifier;
  *   3. prints a heartbeat every 10 ms, so the host can measure the blackout
  *      (host-side arrival gap) and check that the sequence is continuous.
  *
@@ -28,6 +30,10 @@
  *   tern_rate=N|max      page writes per second (default max)
  *   tern_pattern=seq|random   which page to write next (default seq)
  *   tern_verify=1|0      run the verifier (default 1)
+ *   tern_inject=stale    self-test: 2 s after READY, roll one page back to its
+ *                        previous generation and the stack counter back by one,
+ *                        exactly what a lost dirty page does, so tests can prove
+ *                        that CORRUPT and CTLMISMATCH really fire (default off)
  *
  * Build: gcc -static -O2 -o tern-load tern-load.c
  */
@@ -128,6 +134,7 @@ struct params {
     uint64_t rate; /* page writes per second; 0 = max */
     int random;
     int verify;
+    int inject_stale;
 };
 
 /* Returns 0 on success; on a bad value prints an ERROR line naming it. */
@@ -137,6 +144,7 @@ static int parse_params(struct params *p)
     p->rate = 0;
     p->random = 0;
     p->verify = 1;
+    p->inject_stale = 0;
 
     char buf[4096];
     FILE *f = fopen("/proc/cmdline", "r");
@@ -174,6 +182,12 @@ static int parse_params(struct params *p)
                 emit("ERROR bad %s: expected seq or random", tok);
                 return -1;
             }
+        } else if (strncmp(tok, "tern_inject=", 12) == 0) {
+            if (strcmp(tok + 12, "stale") != 0) {
+                emit("ERROR bad %s: expected tern_inject=stale", tok);
+                return -1;
+            }
+            p->inject_stale = 1;
         } else if (strncmp(tok, "tern_verify=", 12) == 0) {
             if (strcmp(tok + 12, "1") == 0) {
                 p->verify = 1;
@@ -230,12 +244,19 @@ int main(void)
     volatile uint64_t ctl_stack = 0;
     ctl_bss = 0;
 
-    uint64_t hb_seq = 0, writes = 0, writes_at_last_status = 0, passes = 0;
+    /* The heartbeat sequence is kept in the stack frame too (volatile), so a stale
+     * stack page after a migration also shows as a sequence going backwards. */
+    volatile uint64_t hb_seq = 0;
+    uint64_t writes = 0, writes_at_last_status = 0, passes = 0;
     uint64_t corrupt = 0, ctl_mismatch = 0;
-    uint64_t write_cursor = 0, verify_cursor = 0;
+    /* The verifier starts half a working set away from the writer: in seq mode
+     * both sweep at the same speed, and a verifier in lockstep with the writer
+     * would only ever look at pages written a moment before. */
+    uint64_t write_cursor = 0, verify_cursor = pages / 2, last_written = 0;
     uint64_t rng = 0x2545F4914F6CDD1Dull; /* xorshift64 state for tern_pattern=random */
 
     const uint64_t start = mono_ns();
+    uint64_t inject_at = prm.inject_stale ? start + 2 * STATUS_NS : 0;
     uint64_t next_hb = start, next_status = start + STATUS_NS;
     /* Rate limiting: a token budget refilled per 10 ms slice. Slices missed
      * because the vCPU was descheduled briefly are made up (so a busy host
@@ -256,7 +277,7 @@ int main(void)
 
         uint64_t now = mono_ns();
         if (now >= next_hb) {
-            hb_seq++;
+            hb_seq = hb_seq + 1;
             emit("HB %llu %llu", (unsigned long long)hb_seq, (unsigned long long)(now / 1000000));
             next_hb += SLICE_NS;
             if (next_hb <= now) /* fell behind (stall): no burst of catch-up beats */
@@ -290,6 +311,23 @@ int main(void)
                 tokens = cap;
         }
 
+        if (inject_at && now >= inject_at) {
+            /* Self-test: make one page and the stack counter stale, as a
+             * migration that lost their last write would. The page is the one
+             * written last (in seq mode the farthest from being rewritten, so
+             * the verifier sees it before the writer repairs it); it is given a
+             * generation first if it has none, so "previous" exists. */
+            inject_at = 0;
+            uint64_t i = last_written;
+            uint64_t *pg = (uint64_t *)(ws + i * PAGE_SIZE);
+            if (expected[i] == 0) {
+                fill_page(pg, i, 1);
+                expected[i] = 1;
+            }
+            fill_page(pg, i, expected[i] - 1);
+            ctl_stack = ctl_stack - 1;
+        }
+
         /* Write phase. */
         uint64_t batch = WRITE_BATCH;
         if (prm.rate && tokens < batch)
@@ -305,9 +343,22 @@ int main(void)
                 i = write_cursor;
                 write_cursor = write_cursor + 1 == pages ? 0 : write_cursor + 1;
             }
+            uint64_t *pg = (uint64_t *)(ws + i * PAGE_SIZE);
+            /* Check before overwrite: the header must still hold the expected
+             * generation. Without this, a page that arrived stale would be
+             * silently repaired by its next write whenever the writer gets there
+             * before the verifier (always, at max rate in seq mode, where both
+             * sweep at the same speed). Two loads; the verifier below checks the
+             * whole pattern of pages the writer is not about to touch. */
+            if (pg[0] != i || pg[1] != expected[i]) {
+                corrupt++;
+                emit("CORRUPT page=%llu expected=%llu found=%llu", (unsigned long long)i,
+                     (unsigned long long)expected[i], (unsigned long long)pg[1]);
+            }
             uint64_t g = expected[i] + 1;
-            fill_page((uint64_t *)(ws + i * PAGE_SIZE), i, g);
+            fill_page(pg, i, g);
             expected[i] = g;
+            last_written = i;
         }
         writes += batch;
         if (prm.rate)

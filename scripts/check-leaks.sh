@@ -12,5 +12,11 @@ if ip netns list 2>/dev/null | grep -q '^tern-'; then
   ip netns list | grep '^tern-' >&2
   leaks=1
 fi
-if [ $leaks -eq 0 ]; then echo "no leaks: no QEMU process, no tern-* namespace left"; fi
+tmp=$(find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'tern-*' 2>/dev/null)
+if [ -n "$tmp" ]; then
+  echo "LEAK: temp dirs still present:" >&2
+  echo "$tmp" >&2
+  leaks=1
+fi
+if [ $leaks -eq 0 ]; then echo "no leaks: no QEMU process, no tern-* namespace, no tern-* temp dir left"; fi
 exit $leaks

@@ -14,7 +14,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 # Packages the lab, the guest image builder and the guest workload need.
-BASE_PKGS=(busybox-static iproute2 cpio gzip gcc libc6-dev make)
+BASE_PKGS=(busybox-static iproute2 cpio gzip gcc libc6-dev make xz-utils)
 
 qemu_major() {
   command -v qemu-system-x86_64 >/dev/null 2>&1 || { echo 0; return; }

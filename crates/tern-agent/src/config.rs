@@ -85,6 +85,14 @@ pub struct HostMigrationConfig {
     /// Highest port for incoming migration streams.
     #[serde(default = "port_max")]
     pub port_max: u16,
+    /// How long tern keeps trying to recover a post-copy migration whose network failed,
+    /// in seconds, before it declares it stranded (both QEMUs kept for the operator).
+    #[serde(default = "recovery_window_s")]
+    pub postcopy_recovery_window_s: u64,
+}
+
+fn recovery_window_s() -> u64 {
+    600
 }
 
 fn yes() -> bool {
@@ -109,6 +117,7 @@ impl Default for HostMigrationConfig {
             bandwidth_mib_per_s: 0,
             port_min: port_min(),
             port_max: port_max(),
+            postcopy_recovery_window_s: recovery_window_s(),
         }
     }
 }

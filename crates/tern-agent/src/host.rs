@@ -381,6 +381,11 @@ impl HostRuntime {
         self.lock().keys().cloned().collect()
     }
 
+    /// The names of the VMs on this host.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
     /// Whether a VM with this name exists here.
     pub fn has_vm(&self, name: &str) -> bool {
         self.lock().contains_key(name)

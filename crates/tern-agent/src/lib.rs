@@ -3,15 +3,29 @@
 //!
 //! - [`host`]: the VMs of one host (start, incoming, stop, QMP access);
 //! - [`migration`]: one migration between two hosts, from admission checks to cleanup;
-//! - [`config`]: the agent's TOML configuration (`/etc/tern/agent.toml`).
+//! - [`config`]: the agent's TOML configuration (`/etc/tern/agent.toml`);
+//! - [`daemon`]: the long-running agent (`tern agent`): VMs and migrations of one host, kept
+//!   in [`store`] (SQLite) so a restarted agent re-attaches to its QEMUs and finishes or
+//!   cleanly fails the migrations it was running;
+//! - [`http`]: its HTTP/JSON API (OpenAPI at `/openapi.json`), [`api`] the shared types and
+//!   [`remote`] the client (also the engine's destination endpoint over HTTP);
+//! - [`discovery`]: where the agents of a lab are found.
 
+pub mod api;
 pub mod config;
+pub mod daemon;
+pub mod discovery;
 pub mod host;
+pub mod http;
 pub mod migration;
+pub mod remote;
+pub mod store;
 
 pub use config::{AgentConfig, HostMigrationConfig};
+pub use daemon::{Agent, AgentOptions};
 pub use host::{HostIdentity, HostRuntime, VmInfo, VmRole};
 pub use migration::{MigrationOrder, MigrationOutcome, migrate};
+pub use remote::{AgentClient, ClientError, RemoteDestination};
 
 /// Errors an agent reports; each names the bad value and what would be valid.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +51,9 @@ pub enum AgentError {
     /// The configuration file is invalid.
     #[error("{0}")]
     Config(String),
+    /// Another agent (the destination's) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
     /// A bug or an environment failure.
     #[error("internal error: {0}")]
     Internal(String),

@@ -20,6 +20,7 @@ use tern_qemu::PostCopyPermission;
 use tokio::sync::{mpsc, watch};
 
 use crate::AgentError;
+use crate::config::HostMigrationConfig;
 use crate::host::HostRuntime;
 
 /// What an operator (or a controller) asks for.
@@ -117,13 +118,31 @@ pub fn plan_input(
     catalog: &SlaCatalog,
 ) -> Result<PlanInput, AgentError> {
     let spec = source.spec(&order.vm)?;
+    plan_input_for(
+        &spec,
+        order,
+        source.settings(),
+        destination.settings(),
+        catalog,
+    )
+}
+
+/// Builds the policy's input from a VM's spec and both hosts' migration settings (used by
+/// the daemon, which knows the destination only through its agent's host facts).
+pub fn plan_input_for(
+    spec: &tern_qemu::VmSpec,
+    order: &MigrationOrder,
+    source: &HostMigrationConfig,
+    destination: &HostMigrationConfig,
+    catalog: &SlaCatalog,
+) -> Result<PlanInput, AgentError> {
     let sla = catalog
         .get(&spec.migration.sla_class)
         .map_err(|e| AgentError::Invalid(e.to_string()))?
         .clone();
-    let host_limits = |h: &HostRuntime| HostLimits {
-        permit_post_copy: h.settings().permit_post_copy,
-        bandwidth_cap_bytes_per_s: h.settings().bandwidth_cap_bytes_per_s(),
+    let host_limits = |h: &HostMigrationConfig| HostLimits {
+        permit_post_copy: h.permit_post_copy,
+        bandwidth_cap_bytes_per_s: h.bandwidth_cap_bytes_per_s(),
         ..HostLimits::default()
     };
     let vm = VmLimits {
@@ -210,6 +229,10 @@ pub async fn migrate(
         plan_input: input,
         poll_interval: DEFAULT_POLL_INTERVAL,
         probe_seconds: order.probe_seconds,
+        recovery_window: std::time::Duration::from_secs(
+            source.settings().postcopy_recovery_window_s,
+        ),
+        postcopy_stall_timeout: tern_engine::DEFAULT_POSTCOPY_STALL_TIMEOUT,
     };
     let mut runner = MigrationRunner::new(source_qmp, Box::new(dest_qmp), policy, setup);
     if let Some(sink) = event_sink {
@@ -235,7 +258,7 @@ pub async fn migrate(
             let _ = destination.promote_incoming(&order.vm);
             (Some(destination.identity().name.clone()), false)
         }
-        MigrationState::Lost => {
+        MigrationState::Lost | MigrationState::Stranded => {
             // Keep both QEMUs for the operator: the report says what is left where.
             (None, source.has_vm(&order.vm))
         }

@@ -71,6 +71,9 @@ pub struct MigrationRecord {
     pub error: Option<String>,
     /// The engine's report, once terminal.
     pub report: Option<MigrationReport>,
+    /// Link rate between the hosts (bytes/s), when known (shaped lab links).
+    #[serde(default)]
+    pub link_bytes_per_s: Option<u64>,
 }
 
 /// An event with the wall-clock time it was recorded.
@@ -122,7 +125,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     updated_ms INTEGER NOT NULL,
     finished_ms INTEGER,
     error TEXT,
-    report TEXT
+    report TEXT,
+    link_bytes_per_s INTEGER
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -153,7 +157,8 @@ impl Store {
             Connection::open(path).map_err(|e| db_err(&format!("open {}", path.display()), e))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
             .map_err(|e| db_err("pragma", e))?;
-        conn.execute_batch(SCHEMA).map_err(|e| db_err("schema", e))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| db_err("schema", e))?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
@@ -252,8 +257,9 @@ impl Store {
         self.run(move |c| {
             c.execute(
                 "INSERT INTO migrations (id, vm, source, destination, destination_url, context, \
-                 policy, state, created_ms, updated_ms, finished_ms, error, report) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL, NULL)",
+                 policy, state, created_ms, updated_ms, finished_ms, error, report, \
+                 link_bytes_per_s) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL, NULL, ?11)",
                 params![
                     m.id,
                     m.vm,
@@ -264,7 +270,8 @@ impl Store {
                     m.policy,
                     state_str(m.state),
                     m.created_ms as i64,
-                    m.updated_ms as i64
+                    m.updated_ms as i64,
+                    m.link_bytes_per_s.map(|v| v as i64)
                 ],
             )
             .map_err(|e| db_err("insert migration", e))?;
@@ -273,22 +280,15 @@ impl Store {
         .await
     }
 
-    /// Moves a migration to `state`; a terminal state also stamps `finished_ms`.
-    pub async fn set_state(
-        &self,
-        id: &str,
-        state: MigrationState,
-        error: Option<String>,
-    ) -> Result<(), AgentError> {
+    /// Moves a migration to `state` (as the engine reports it). It stays "unfinished" (and is
+    /// looked at again after a restart) until [`Store::finish`]: the bookkeeping after a
+    /// terminal state (stopping the source, promoting the destination) must also be done.
+    pub async fn set_state(&self, id: &str, state: MigrationState) -> Result<(), AgentError> {
         let id = id.to_string();
         self.run(move |c| {
-            let now = now_ms() as i64;
-            let finished = state.is_terminal().then_some(now);
             c.execute(
-                "UPDATE migrations SET state = ?2, updated_ms = ?3, \
-                 finished_ms = COALESCE(?4, finished_ms), error = COALESCE(?5, error) \
-                 WHERE id = ?1",
-                params![id, state_str(state), now, finished, error],
+                "UPDATE migrations SET state = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![id, state_str(state), now_ms() as i64],
             )
             .map_err(|e| db_err("update migration", e))?;
             Ok(())
@@ -296,22 +296,30 @@ impl Store {
         .await
     }
 
-    /// Stores a migration's final report (and its state).
-    pub async fn set_report(&self, id: &str, report: &MigrationReport) -> Result<(), AgentError> {
-        let text = serde_json::to_string(report).map_err(|e| json_err("report", e))?;
-        let state = report.state;
-        let error = report.error.clone();
-        let id2 = id.to_string();
+    /// Marks a migration finished in `state` (terminal), with its report if there is one.
+    pub async fn finish(
+        &self,
+        id: &str,
+        state: MigrationState,
+        error: Option<String>,
+        report: Option<&MigrationReport>,
+    ) -> Result<(), AgentError> {
+        let report = match report {
+            Some(r) => Some(serde_json::to_string(r).map_err(|e| json_err("report", e))?),
+            None => None,
+        };
+        let id = id.to_string();
         self.run(move |c| {
+            let now = now_ms() as i64;
             c.execute(
-                "UPDATE migrations SET report = ?2 WHERE id = ?1",
-                params![id2, text],
+                "UPDATE migrations SET state = ?2, updated_ms = ?3, finished_ms = ?3, \
+                 error = COALESCE(?4, error), report = COALESCE(?5, report) WHERE id = ?1",
+                params![id, state_str(state), now, error, report],
             )
-            .map_err(|e| db_err("store report", e))?;
+            .map_err(|e| db_err("finish migration", e))?;
             Ok(())
         })
-        .await?;
-        self.set_state(id, state, error).await
+        .await
     }
 
     /// Appends an event to a migration's log.
@@ -389,7 +397,8 @@ fn select_migrations(
 ) -> Result<Vec<MigrationRecord>, AgentError> {
     let sql = format!(
         "SELECT id, vm, source, destination, destination_url, context, policy, state, \
-         created_ms, updated_ms, finished_ms, error, report FROM migrations {} \
+         created_ms, updated_ms, finished_ms, error, report, link_bytes_per_s \
+         FROM migrations {} \
          ORDER BY created_ms DESC, id DESC",
         match (id.is_some(), unfinished) {
             (true, _) => "WHERE id = ?1",
@@ -397,7 +406,9 @@ fn select_migrations(
             (false, false) => "",
         }
     );
-    let mut st = c.prepare(&sql).map_err(|e| db_err("select migrations", e))?;
+    let mut st = c
+        .prepare(&sql)
+        .map_err(|e| db_err("select migrations", e))?;
     type Row = (
         String,
         String,
@@ -412,6 +423,7 @@ fn select_migrations(
         Option<i64>,
         Option<String>,
         Option<String>,
+        Option<i64>,
     );
     let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
         Ok((
@@ -428,6 +440,7 @@ fn select_migrations(
             r.get(10)?,
             r.get(11)?,
             r.get(12)?,
+            r.get(13)?,
         ))
     };
     let rows: Vec<Row> = match id {
@@ -459,11 +472,10 @@ fn select_migrations(
                 finished_ms: r.10.map(|v| v as u64),
                 error: r.11,
                 report: match r.12 {
-                    Some(t) => {
-                        Some(serde_json::from_str(&t).map_err(|e| json_err("report", e))?)
-                    }
+                    Some(t) => Some(serde_json::from_str(&t).map_err(|e| json_err("report", e))?),
                     None => None,
                 },
+                link_bytes_per_s: r.13.map(|v| v as u64),
             })
         })
         .collect()
@@ -489,6 +501,7 @@ mod tests {
             finished_ms: None,
             error: None,
             report: None,
+            link_bytes_per_s: Some(25_000_000),
         }
     }
 
@@ -563,9 +576,15 @@ mod tests {
             .await
             .unwrap();
         }
-        s.set_state("m1", MigrationState::Precopy, None)
-            .await
-            .unwrap();
+        s.set_state("m1", MigrationState::Precopy).await.unwrap();
+        assert!(
+            s.migration("m1")
+                .await
+                .unwrap()
+                .unwrap()
+                .finished_ms
+                .is_none()
+        );
         let ev = s.events("m1", 0).await.unwrap();
         assert_eq!(ev.len(), 2);
         assert!(ev[0].seq < ev[1].seq);
@@ -582,7 +601,7 @@ mod tests {
             .map(|m| m.id)
             .collect();
         assert_eq!(unfinished, vec!["m2", "m1"], "newest first");
-        s.set_state("m1", MigrationState::Failed, Some("boom".into()))
+        s.finish("m1", MigrationState::Failed, Some("boom".into()), None)
             .await
             .unwrap();
         let m1 = s.migration("m1").await.unwrap().unwrap();

@@ -71,6 +71,11 @@ pub struct DemoArgs {
     /// Seconds to watch the guest after the migration.
     #[arg(long, default_value_t = 3)]
     settle: u64,
+    /// Inject a fault (repeatable): link-cut-precopy:SECS, link-cut-postcopy:SECS,
+    /// link-cut-recovery:SECS, kill-dest-qemu-precopy, kill-dest-qemu-postcopy,
+    /// kill-source-qemu-postcopy.
+    #[arg(long = "fault")]
+    faults: Vec<tern_scenario::faults::FaultPlan>,
     /// Lab name used for the demo's hosts.
     #[arg(long, default_value = "demo")]
     lab_name: String,
@@ -123,6 +128,8 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
         settle: Duration::from_secs(a.settle),
         host_memory_mib: 4096,
         probe_seconds: 0,
+        faults: a.faults.clone(),
+        recovery_window: None,
     };
     if u64::from(a.working_set) + 64 > a.memory {
         return Err(Failure::input(anyhow::anyhow!(
@@ -285,6 +292,23 @@ fn print_summary(s: &MigrationSummary) {
             a.action,
             a.reason
         );
+    }
+    for f in &s.faults_injected {
+        println!(
+            "fault                {} at {} ms: detected after {} ms, resumed {} ms after the link came back{}",
+            f.fault,
+            f.fired_at_ms.map_or("-".into(), |v| v.to_string()),
+            f.detected_after_ms.map_or("-".into(), |v| v.to_string()),
+            f.resumed_after_restore_ms
+                .map_or("-".into(), |v| v.to_string()),
+            f.error
+                .as_ref()
+                .map(|e| format!(" (error: {e})"))
+                .unwrap_or_default()
+        );
+    }
+    if s.recoveries > 0 {
+        println!("recoveries           {}", s.recoveries);
     }
     for r in &s.operator_results {
         println!("operator             {r}");

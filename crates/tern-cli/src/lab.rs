@@ -19,6 +19,38 @@ pub enum LabCommand {
     Status(StatusArgs),
     /// Cut a host's link (for a duration, or until `--restore`).
     Fault(FaultArgs),
+    /// Start (or restart) one agent per lab host, as background processes.
+    Agents(AgentsArgs),
+}
+
+/// Where the agents of a lab listen and what their hosts offer.
+#[derive(Debug, Clone, Args)]
+pub struct AgentOpts {
+    /// The agent of host hN listens on 127.0.0.1:(BASE + N).
+    #[arg(long, default_value_t = 7700)]
+    agent_port_base: u16,
+    /// Memory each host's agent offers to guests, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    agent_memory_mib: u64,
+}
+
+impl AgentOpts {
+    fn settings(&self) -> crate::lab_agents::LabAgentSettings {
+        crate::lab_agents::LabAgentSettings {
+            port_base: self.agent_port_base,
+            memory_mib: self.agent_memory_mib,
+        }
+    }
+}
+
+/// `lab agents`.
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    /// Lab name.
+    #[arg(long, default_value = "tern")]
+    name: String,
+    #[command(flatten)]
+    opts: AgentOpts,
 }
 
 /// `lab up`.
@@ -33,6 +65,11 @@ pub struct UpArgs {
     /// Lab name (namespaces are tern-NAME-hN).
     #[arg(long, default_value = "tern")]
     name: String,
+    /// Also start one agent per host (`tern lab agents`).
+    #[arg(long)]
+    agents: bool,
+    #[command(flatten)]
+    agent_opts: AgentOpts,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -87,15 +124,37 @@ pub fn run(cmd: LabCommand) -> Result<(), Failure> {
             })
             .map_err(Failure::input)?;
             let status = lab.status()?;
+            let agents = if a.agents {
+                Some(crate::lab_agents::ensure_agents(
+                    &lab,
+                    a.agent_opts.settings(),
+                )?)
+            } else {
+                None
+            };
             match a.out.output {
-                OutputFormat::Json => print_json(&status)?,
-                OutputFormat::Text => print!("{status}"),
+                OutputFormat::Json => {
+                    print_json(&serde_json::json!({"lab": status, "agents": agents}))?
+                }
+                OutputFormat::Text => {
+                    print!("{status}");
+                    if let Some(ag) = &agents {
+                        crate::lab_agents::print_agents(ag);
+                    }
+                }
             }
         }
         LabCommand::Down(a) => {
             let reports = if a.all {
+                for l in Lab::list().unwrap_or_default() {
+                    crate::lab_agents::stop_agents(l.name());
+                }
                 tern_lab::down_all()?
             } else {
+                let stopped = crate::lab_agents::stop_agents(&a.name);
+                if !stopped.is_empty() {
+                    println!("lab {}: stopped {} agent(s)", a.name, stopped.len());
+                }
                 vec![Lab::down(&a.name).map_err(Failure::input)?]
             };
             for r in reports {
@@ -124,6 +183,11 @@ pub fn run(cmd: LabCommand) -> Result<(), Failure> {
                     }
                 }
             }
+        }
+        LabCommand::Agents(a) => {
+            let lab = Lab::load(&a.name).map_err(Failure::input)?;
+            let agents = crate::lab_agents::ensure_agents(&lab, a.opts.settings())?;
+            crate::lab_agents::print_agents(&agents);
         }
         LabCommand::Fault(a) => {
             let lab = Lab::load(&a.name).map_err(Failure::input)?;

@@ -5,10 +5,16 @@
 //! did not complete, integrity violated); 2 bad input (clap's own usage errors are 2 too);
 //! 3 the environment is not ready (QEMU missing or too old, not root).
 
+mod agent;
+mod client;
 mod demo;
 mod guest;
+mod host;
 mod lab;
+mod lab_agents;
+mod migrate;
 mod output;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +41,21 @@ enum Command {
     Lab(lab::LabCommand),
     /// Check that this machine can run tern (QEMU version, accelerator, root).
     Check(output::OutputArgs),
+    /// Simulate migrations: compare tern's policy with the baselines on generated scenarios.
+    Sim(tern_sim::SimArgs),
+    /// Run the host agent (HTTP API; owns this host's QEMUs and outgoing migrations).
+    Agent(agent::AgentArgs),
+    /// Hosts as their agents report them.
+    #[command(subcommand)]
+    Host(host::HostCommand),
+    /// Guests on the hosts' agents.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Live-migrate a VM to another host.
+    Migrate(migrate::MigrateArgs),
+    /// Inspect and steer migrations.
+    #[command(subcommand)]
+    Migration(migrate::MigrationCommand),
 }
 
 /// An error with the exit code it maps to.
@@ -103,6 +124,18 @@ fn main() {
             Command::Guest(c) => guest::run(c),
             Command::Lab(c) => lab::run(c),
             Command::Check(o) => output::check(o),
+            Command::Sim(a) => match tern_sim::run(&a) {
+                Ok(text) => {
+                    print!("{text}");
+                    Ok(())
+                }
+                Err(e) => Err(Failure::input(e)),
+            },
+            Command::Agent(a) => agent::run(a).await,
+            Command::Host(c) => host::run(c).await,
+            Command::Vm(c) => vm::run(c).await,
+            Command::Migrate(a) => migrate::migrate(a).await,
+            Command::Migration(c) => migrate::run(c).await,
         }
     });
     if let Err(f) = result {

@@ -76,11 +76,11 @@ pub const DEFAULT_RECOVERY_WINDOW: Duration = Duration::from_secs(600);
 pub const DEFAULT_POSTCOPY_STALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one recovery attempt may stay in `postcopy-recover-setup`/`postcopy-recover`
 /// before tern pauses it and tries again (a connect into a dead network hangs in SYN retries).
-const RECOVERY_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(6);
+const RECOVERY_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// First retry delay; doubles up to [`RECOVERY_BACKOFF_MAX`].
 const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest retry delay.
-const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(8);
+const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Post-copy recovery bookkeeping.
 #[derive(Debug, Default)]

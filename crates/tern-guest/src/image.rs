@@ -79,10 +79,17 @@ impl GuestImage {
     /// - `mitigations=off`: the guest is a test workload, speculative-execution hardening
     ///   only slows the emulated CPU;
     /// - `panic=-1`: a guest whose init dies reboots at once instead of hanging; run QEMU
-    ///   with `-no-reboot` to make that an exit.
+    ///   with `-no-reboot` to make that an exit;
+    /// - `tsc=reliable`: no clocksource watchdog. Under a loaded host (or across a
+    ///   migration's pause) the watchdog can judge the emulated TSC unstable and switch to
+    ///   HPET, after which every `clock_gettime` of `tern-load` is a system call plus an
+    ///   emulated MMIO read — the workload's speed would change in the middle of a test;
+    /// - `init_on_alloc=0`: Debian turns page zeroing on allocation on by default; the
+    ///   workload writes every page itself, so zeroing only doubles the emulated work of
+    ///   touching the working set at start.
     pub fn cmdline(&self, params: &WorkloadParams) -> String {
         format!(
-            "console=ttyS0 quiet mitigations=off panic=-1 {}",
+            "console=ttyS0 quiet mitigations=off panic=-1 tsc=reliable init_on_alloc=0 {}",
             params.kernel_args()
         )
     }
@@ -206,6 +213,7 @@ pub fn build(
         return Ok(img);
     }
     fs::create_dir_all(&guest_root).map_err(io_err(&guest_root))?;
+    remove_abandoned_builds(&guest_root, ".build-");
     progress(&format!("building guest image {id}"));
 
     let tmp = tempfile::Builder::new()
@@ -264,6 +272,25 @@ pub fn build(
     })
 }
 
+/// Removes temporary build directories (`prefix*`) left by builders that were killed,
+/// once they are an hour old: far longer than any build, so a live build is never touched.
+fn remove_abandoned_builds(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+        if old && file_name(&e.path()).starts_with(prefix) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A kernel image and what identifies it for the cache hash.
 struct KernelFile {
     path: PathBuf,
@@ -309,6 +336,7 @@ fn debian_kernel(cache: &Path, progress: &impl Fn(&str)) -> Result<KernelFile, G
         }
     }
     fs::create_dir_all(&kernel_root).map_err(io_err(&kernel_root))?;
+    remove_abandoned_builds(&kernel_root, ".download-");
     let tmp = tempfile::Builder::new()
         .prefix(".download-")
         .tempdir_in(&kernel_root)
@@ -850,6 +878,41 @@ mod tests {
         assert!(has_pvh_note(&note(4, 18)));
         assert!(has_pvh_note(&note(8, 18)));
         assert!(!has_pvh_note(&note(8, 17)));
+    }
+
+    #[test]
+    fn custom_kernel_is_identified_by_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::write(&a, b"kernel one").unwrap();
+        fs::write(&b, b"kernel two").unwrap();
+        let (ka, kb) = (custom_kernel(&a).unwrap(), custom_kernel(&b).unwrap());
+        assert!(ka.version.starts_with("custom:"));
+        assert_ne!(ka.identity, kb.identity);
+        assert_eq!(ka.path, a);
+        let missing = custom_kernel(&dir.path().join("nope")).err().unwrap();
+        assert!(missing.to_string().contains("nope"), "{missing}");
+    }
+
+    #[test]
+    fn abandoned_build_dirs_are_removed_only_when_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join(".build-fresh");
+        let keep = dir.path().join("0123abcd");
+        fs::create_dir(&fresh).unwrap();
+        fs::create_dir(&keep).unwrap();
+        remove_abandoned_builds(dir.path(), ".build-");
+        assert!(fresh.exists() && keep.exists());
+        let old = dir.path().join(".build-old");
+        fs::create_dir(&old).unwrap();
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        fs::File::open(&old)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        remove_abandoned_builds(dir.path(), ".build-");
+        assert!(!old.exists());
+        assert!(fresh.exists() && keep.exists());
     }
 
     #[test]

@@ -5,172 +5,18 @@
 //! the first run downloads the kernel. Every QEMU is killed by PID when its guard drops,
 //! including when an assertion panics.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{BOOT_TIMEOUT, RunningGuest, image, status_points};
 use tern_guest::{
-    GuestHealth, GuestImage, GuestImageSpec, GuestLine, HostSerialLog, PageRate, WorkloadParams,
-    WritePattern, analyze_boot, build, default_cache_dir, parse_guest_line,
+    GuestHealth, GuestImageSpec, HostSerialLog, PageRate, WorkloadParams, WritePattern,
+    analyze_boot,
 };
-
-/// Boot under load from parallel tests and other work on 2 cores: 5–15 s measured.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec we pass; CLOCK_MONOTONIC exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn image(spec: &GuestImageSpec) -> GuestImage {
-    build(spec, &default_cache_dir(), |m| eprintln!("[image] {m}"))
-        .unwrap_or_else(|e| panic!("building the guest image failed: {e}"))
-}
-
-/// A QEMU process whose serial console (stdio) is recorded in the host serial-log format.
-/// Dropping it kills QEMU by PID and reaps it.
-struct RunningGuest {
-    child: Child,
-    started_ns: u64,
-    log: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl RunningGuest {
-    fn boot(image: &GuestImage, cmdline: &str, memory_mib: u64) -> Self {
-        let started_ns = mono_ns();
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-nodefaults", "-display", "none"])
-            .args(["-serial", "stdio", "-no-reboot", "-m"])
-            .arg(memory_mib.to_string())
-            .arg("-kernel")
-            .arg(&image.kernel)
-            .arg("-initrd")
-            .arg(&image.initrd)
-            .arg("-append")
-            .arg(cmdline)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start qemu-system-x86_64 (install-prereqs.sh): {e}")
-            });
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut readers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            let log = log.clone();
-            readers.push(std::thread::spawn(move || record(out, &log)));
-        }
-        if let Some(mut err) = child.stderr.take() {
-            let stderr = stderr.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = err.read_to_string(&mut s);
-                if let Ok(mut e) = stderr.lock() {
-                    e.push_str(&s);
-                }
-            }));
-        }
-        RunningGuest {
-            child,
-            started_ns,
-            log,
-            stderr,
-            readers,
-        }
-    }
-
-    fn log(&self) -> HostSerialLog {
-        HostSerialLog::parse(&self.log.lock().map(|l| l.clone()).unwrap_or_default())
-    }
-
-    fn text(&self) -> String {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    /// Polls the log until `done` holds, QEMU exits, or `timeout` passes.
-    fn wait_for(&mut self, timeout: Duration, done: impl Fn(&HostSerialLog) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if done(&self.log()) {
-                return true;
-            }
-            if let Ok(Some(_)) = self.child.try_wait() {
-                // Give the reader a moment to drain the pipe, then decide.
-                std::thread::sleep(Duration::from_millis(200));
-                return done(&self.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        false
-    }
-
-    fn diagnostics(&self) -> String {
-        let text = self.text();
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        format!(
-            "--- serial log (last 30 lines) ---\n{}\n--- qemu stderr ---\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-            self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
-        )
-    }
-}
-
-impl Drop for RunningGuest {
-    fn drop(&mut self) {
-        // Child::kill sends SIGKILL to this child's PID only.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-    }
-}
-
-/// The serial recorder of these tests: the same format `tern-qemu` writes.
-fn record(out: impl Read, log: &Mutex<String>) {
-    let mut reader = BufReader::new(out);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let complete = buf.ends_with(b"\n");
-                let text = String::from_utf8_lossy(&buf);
-                let text = text.trim_end_matches(['\n', '\r']);
-                let kind = if complete { 'L' } else { 'P' };
-                if let Ok(mut l) = log.lock() {
-                    l.push_str(&format!("{} {kind} {text}\n", mono_ns()));
-                }
-            }
-        }
-    }
-}
 
 fn last_status_passes(log: &HostSerialLog) -> u64 {
     analyze_boot(log).verify_passes
-}
-
-/// The first and last STATUS lines' (host ns, passes, writes).
-fn status_points(log: &HostSerialLog) -> Vec<(u64, u64, u64, u64)> {
-    log.lines
-        .iter()
-        .filter_map(|l| match parse_guest_line(&l.text) {
-            GuestLine::Status(s) => Some((l.mono_ns, s.passes, s.writes, s.wps)),
-            _ => None,
-        })
-        .collect()
 }
 
 fn report(name: &str, guest: &RunningGuest, h: &GuestHealth) {
@@ -202,7 +48,7 @@ fn workload_boots_and_verifies_cleanly_at_max_rate() {
         pattern: WritePattern::Sequential,
         verify: true,
     };
-    let mut guest = RunningGuest::boot(&img, &img.cmdline(&params), 256);
+    let mut guest = RunningGuest::boot(&img, &img.cmdline(&params), 256, &[]);
     // STATUS comes once a second; ask for two of them so the rate figure spans a second.
     let ok = guest.wait_for(BOOT_TIMEOUT, |log| {
         last_status_passes(log) >= 2 && status_points(log).len() >= 2
@@ -245,7 +91,13 @@ fn rate_limit_and_random_pattern_are_honoured() {
         pattern: WritePattern::Random,
         verify: true,
     };
-    let mut guest = RunningGuest::boot(&img, &img.cmdline(&params), 192);
+    // The recommended size must be enough: an OOM kill would end the workload.
+    let mut guest = RunningGuest::boot(
+        &img,
+        &img.cmdline(&params),
+        params.recommended_memory_mib(),
+        &[],
+    );
     let ok = guest.wait_for(BOOT_TIMEOUT, |log| status_points(log).len() >= 3);
     let h = analyze_boot(&guest.log());
     report("20000/random", &guest, &h);
@@ -275,6 +127,35 @@ fn rate_limit_and_random_pattern_are_honoured() {
 }
 
 #[test]
+fn injected_stale_page_and_stack_counter_are_detected() {
+    // tern_inject=stale makes the workload do to itself what a lost dirty page does:
+    // one page and the stack twin counter roll back. Both checkers must report it,
+    // exactly once, at max rate in seq mode (the case where the writer would otherwise
+    // repair a stale page before the verifier sees it).
+    let img = image(&GuestImageSpec::default());
+    let params = WorkloadParams {
+        working_set_mib: 8,
+        ..WorkloadParams::default()
+    };
+    let cmdline = format!("{} tern_inject=stale", img.cmdline(&params));
+    let mut guest = RunningGuest::boot(&img, &cmdline, params.recommended_memory_mib(), &[]);
+    // Injection is 2 s after READY; wait for a STATUS after it that reports it.
+    let ok = guest.wait_for(BOOT_TIMEOUT, |log| {
+        analyze_boot(log)
+            .last_status
+            .is_some_and(|s| s.corrupt >= 1 && s.ctl_mismatch >= 1)
+    });
+    let h = analyze_boot(&guest.log());
+    assert!(ok, "injected faults not reported\n{}", guest.diagnostics());
+    assert_eq!(h.corrupt_pages, 1, "{}", guest.diagnostics());
+    assert_eq!(h.control_mismatches, 1, "{}", guest.diagnostics());
+    assert!(!h.is_healthy());
+    let text = guest.text();
+    assert_eq!(text.matches(" L CORRUPT page=").count(), 1, "{text}");
+    assert_eq!(text.matches(" L CTLMISMATCH stack=").count(), 1, "{text}");
+}
+
+#[test]
 fn custom_command_and_extra_files_run_then_the_guest_powers_off() {
     let dir = tempfile::tempdir().expect("temp dir");
     let extra = dir.path().join("hello.txt");
@@ -286,7 +167,7 @@ fn custom_command_and_extra_files_run_then_the_guest_powers_off() {
     };
     let img = image(&spec);
     assert_ne!(img.id, image(&GuestImageSpec::default()).id);
-    let mut guest = RunningGuest::boot(&img, &img.cmdline(&WorkloadParams::default()), 192);
+    let mut guest = RunningGuest::boot(&img, &img.cmdline(&WorkloadParams::default()), 192, &[]);
     let ok = guest.wait_for(BOOT_TIMEOUT, |log| {
         log.lines
             .iter()

@@ -1,10 +1,10 @@
 //! A wrapper that enforces the plan's permissions on any policy's decisions.
 
+use crate::MigrationPolicy;
 use crate::limits::{QEMU_MAX_CPU_THROTTLE_PCT, QEMU_MAX_DOWNTIME_MS};
 use crate::model::Eta;
 use crate::observe::{Action, Decision, Observation, Phase};
 use crate::plan::{MigrationPlan, PlanInput};
-use crate::MigrationPolicy;
 
 /// Enforces, whatever the inner policy says:
 /// * no `SwitchToPostcopy` unless the plan's post-copy verdict allowed it and enabled
@@ -60,7 +60,10 @@ impl PermissionGuard {
                 let ms2 = ms.clamp(1, QEMU_MAX_DOWNTIME_MS);
                 Decision::new(
                     Action::SetDowntimeLimit { ms: ms2 },
-                    format!("{} (clamped {ms} ms to QEMU's range 1..=2000000 ms)", d.reason),
+                    format!(
+                        "{} (clamped {ms} ms to QEMU's range 1..=2000000 ms)",
+                        d.reason
+                    ),
                 )
             }
             Action::SetCpuThrottle {

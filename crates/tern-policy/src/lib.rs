@@ -31,7 +31,7 @@ mod tern;
 pub use guard::PermissionGuard;
 pub use limits::*;
 pub use model::{
-    ConvergenceModel, EWMA_ALPHA, Eta, EtaMode, FIT_WINDOW, PreflightEstimate, Prediction,
+    ConvergenceModel, EWMA_ALPHA, Eta, EtaMode, FIT_WINDOW, Prediction, PreflightEstimate,
     preflight_estimate,
 };
 pub use observe::{Action, Decision, IterationSample, Observation, Phase, mbit, mib, secs};

@@ -168,7 +168,9 @@ impl ConvergenceModel {
                 None => rate,
             });
         }
-        let prev = self.last_boundary.filter(|p| s.at_ms > p.at_ms && s.pass > p.pass);
+        let prev = self
+            .last_boundary
+            .filter(|p| s.at_ms > p.at_ms && s.pass > p.pass);
         if let Some(prev) = prev {
             let t = (s.at_ms - prev.at_ms) as f64 / 1000.0;
             let d = s.remaining_bytes as f64;
@@ -241,18 +243,42 @@ impl ConvergenceModel {
         }
         let lo = max_d * 1.0001;
         let hi = self.ram_bytes.max(lo * 1.0001);
-        // Error of candidate W: each point gives its own r; the spread of those r (in log space)
-        // measures how badly W explains the points. One point fits any W: prefer the largest
-        // (least saturated, i.e. most pessimistic about convergence after a long first pass).
+        // Error of candidate W, in log-D space: each point implies its own unthrottled rate r;
+        // try each as the common r and keep the one that predicts all points best. (Comparing the
+        // implied rates instead fails on saturated points, where any large r fits.) One point
+        // fits any W: prefer the largest (least saturated, i.e. most pessimistic about
+        // convergence after a long first pass).
+        // Candidate rates come from the newest point and the shortest and longest intervals:
+        // enough to pin a saturating curve, at half the cost of trying every point.
+        let newest = self.points.len() - 1;
+        let by_t = |pick_max: bool| {
+            (0..self.points.len())
+                .reduce(|a, b| {
+                    let (ta, tb) = (self.points[a].0, self.points[b].0);
+                    if (tb > ta) == pick_max { b } else { a }
+                })
+                .unwrap_or(newest)
+        };
+        let mut candidates = vec![newest, by_t(false), by_t(true)];
+        candidates.sort_unstable();
+        candidates.dedup();
         let eval = |w: f64| -> (f64, f64) {
-            let rs: Vec<f64> = self
-                .points
-                .iter()
-                .map(|&(t, d, th)| rate_for(w, d, t) / (1.0 - th).max(0.01))
-                .collect();
-            let mean_ln = rs.iter().map(|r| r.ln()).sum::<f64>() / rs.len() as f64;
-            let err = rs.iter().map(|r| (r.ln() - mean_ln).powi(2)).sum::<f64>();
-            (err, mean_ln.exp())
+            let mut best = (f64::INFINITY, 0.0);
+            for &(t0, d0, th0) in candidates.iter().map(|&i| &self.points[i]) {
+                let r = rate_for(w, d0, t0) / (1.0 - th0).max(0.01);
+                let err: f64 = self
+                    .points
+                    .iter()
+                    .map(|&(t, d, th)| {
+                        let predicted = dirty_curve(w, r * (1.0 - th).max(0.0), t).max(1.0);
+                        (predicted.ln() - d.max(1.0).ln()).powi(2)
+                    })
+                    .sum();
+                if err < best.0 {
+                    best = (err, r);
+                }
+            }
+            best
         };
         if self.points.len() < 2 {
             let (_, r) = eval(hi);
@@ -266,7 +292,7 @@ impl ConvergenceModel {
         let mut d = a + g * (b - a);
         let mut fc = eval(c.exp()).0;
         let mut fd = eval(d.exp()).0;
-        for _ in 0..24 {
+        for _ in 0..20 {
             if fc <= fd {
                 b = d;
                 d = c;
@@ -434,8 +460,12 @@ pub fn preflight_estimate(input: &PlanInput) -> PreflightEstimate {
         dirty_bytes_per_s: input.probe.map(|p| p.dirty_bytes_per_s),
         first_pass_ms: Some(first_ms),
         converges: p.converges,
-        precopy_total_ms: p.eta_ms.map(|e| first_ms + e + input.switchover_overhead_ms),
-        postcopy_total_ms: Some(first_ms + secs_to_ms(after_first / bw) + input.switchover_overhead_ms),
+        precopy_total_ms: p
+            .eta_ms
+            .map(|e| first_ms + e + input.switchover_overhead_ms),
+        postcopy_total_ms: Some(
+            first_ms + secs_to_ms(after_first / bw) + input.switchover_overhead_ms,
+        ),
         bytes: p.converges.then_some(ram as u64 + p.bytes),
     }
 }

@@ -4,8 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{
     HostLimits, PostCopyPermission, QEMU_DEFAULT_DOWNTIME_MS, QEMU_DEFAULT_MAX_BANDWIDTH,
-    QEMU_MAX_CPU_THROTTLE_PCT, QEMU_THROTTLE_INCREMENT_PCT, QEMU_THROTTLE_INITIAL_PCT, QemuFeatures,
-    VmLimits,
+    QEMU_MAX_CPU_THROTTLE_PCT, QEMU_THROTTLE_INCREMENT_PCT, QEMU_THROTTLE_INITIAL_PCT,
+    QemuFeatures, VmLimits,
 };
 use crate::model::PreflightEstimate;
 use crate::sla::{MigrationContext, SlaClass};
@@ -76,7 +76,9 @@ impl PlanInput {
     pub fn max_downtime_ms(&self) -> u64 {
         self.vm
             .max_downtime_ms
-            .map_or(self.sla.max_downtime_ms, |v| v.min(self.sla.max_downtime_ms))
+            .map_or(self.sla.max_downtime_ms, |v| {
+                v.min(self.sla.max_downtime_ms)
+            })
     }
 
     /// The bandwidth cap set by either host, if any.

@@ -68,7 +68,9 @@ impl fmt::Display for MigrationContext {
 
 /// A context name that is not one of `evacuate`, `maintenance`, `balance`, `manual`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown migration context {given:?}; valid contexts: evacuate, maintenance, balance, manual")]
+#[error(
+    "unknown migration context {given:?}; valid contexts: evacuate, maintenance, balance, manual"
+)]
 pub struct UnknownContext {
     /// The value the user gave.
     pub given: String,
@@ -191,7 +193,10 @@ struct ClassFile {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, column)
 }
 
@@ -219,9 +224,7 @@ impl SlaCatalog {
     /// ```
     pub fn from_toml(text: &str) -> Result<Self, SlaError> {
         let file: CatalogFile = toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map_or((1, 1), |span| line_col(text, span.start));
+            let (line, column) = e.span().map_or((1, 1), |span| line_col(text, span.start));
             SlaError::Syntax {
                 line,
                 column,
@@ -287,10 +290,12 @@ impl SlaCatalog {
 
     /// The class a VM refers to by name.
     pub fn get(&self, name: &str) -> Result<&SlaClass, SlaError> {
-        self.classes.get(name).ok_or_else(|| SlaError::UnknownClass {
-            given: name.to_string(),
-            known: self.names().collect::<Vec<_>>().join(", "),
-        })
+        self.classes
+            .get(name)
+            .ok_or_else(|| SlaError::UnknownClass {
+                given: name.to_string(),
+                known: self.names().collect::<Vec<_>>().join(", "),
+            })
     }
 
     /// Class names in sorted order.

@@ -114,8 +114,8 @@ impl StallDetector {
             self.records.pop_front();
             self.stalled_since = self.stalled_since.map(|i| i.saturating_sub(1));
         }
-        let stalled = window_min
-            .is_some_and(|m| remaining as f64 >= m as f64 * (1.0 - STALL_MARGIN));
+        let stalled =
+            window_min.is_some_and(|m| remaining as f64 >= m as f64 * (1.0 - STALL_MARGIN));
         if !stalled {
             self.stalled_since = None;
             self.best = None;

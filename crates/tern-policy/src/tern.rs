@@ -13,16 +13,16 @@
 //! switch or stop-and-copy happens while the link is degraded (latest throughput below half the
 //! smoothed one), which is what a transient network drop looks like.
 
+use crate::MigrationPolicy;
 use crate::limits::{
-    QEMU_MAX_DOWNTIME_MS, QEMU_THROTTLE_INCREMENT_PCT,
-    QEMU_THROTTLE_INITIAL_PCT, UNLIMITED_BANDWIDTH,
+    QEMU_MAX_DOWNTIME_MS, QEMU_THROTTLE_INCREMENT_PCT, QEMU_THROTTLE_INITIAL_PCT,
+    UNLIMITED_BANDWIDTH,
 };
 use crate::model::{ConvergenceModel, Eta, EtaMode, Prediction};
 use crate::observe::{Action, Decision, IterationSample, Observation, Phase, mbit, mib, secs};
 use crate::plan::{Capabilities, MigrationParameters, MigrationPlan, PlanInput, post_copy_verdict};
 use crate::sla::MigrationContext;
 use crate::stall::{StallDetector, StallStatus, link_degraded};
-use crate::MigrationPolicy;
 
 /// Link rate assumed for budgets when none is known (100 Mbit/s): pessimistic for the lab's
 /// 50 Mbit–1 Gbit links without being absurd.
@@ -121,7 +121,8 @@ impl MigrationPolicy for TernPolicy {
         // dirty-limit slows a writing vCPU by whatever factor brings it under the quota, which no
         // SLA throttle ceiling bounds; use it only where auto-converge is missing and the SLA
         // tolerates any throttle.
-        let dirty_limit = throttle && f.dirty_limit && !f.auto_converge && input.sla.max_throttle_pct >= 99;
+        let dirty_limit =
+            throttle && f.dirty_limit && !f.auto_converge && input.sla.max_throttle_pct >= 99;
         let multifd = f.multifd && (!post || f.multifd_with_postcopy);
         plan.capabilities = Capabilities {
             postcopy_ram: post,
@@ -156,23 +157,52 @@ impl MigrationPolicy for TernPolicy {
             ..MigrationParameters::default()
         };
         plan.postcopy_recovery = post && f.postcopy_recovery;
-        let first_pass_ms = plan.estimate.first_pass_ms.unwrap_or_else(|| {
-            input.vm.ram_bytes.saturating_mul(1000) / ASSUMED_LINK_BYTES_PER_S
-        });
+        let first_pass_ms = plan
+            .estimate
+            .first_pass_ms
+            .unwrap_or_else(|| input.vm.ram_bytes.saturating_mul(1000) / ASSUMED_LINK_BYTES_PER_S);
         let budget = default_budget_ms(input.context, first_pass_ms);
         plan.deadline_ms = Some(input.deadline_ms.unwrap_or(budget));
         plan.reasons = vec![
-            format!("context {}, SLA {:?}: max downtime {} ms, max throttle {} %, post-copy acceptable {}",
-                input.context, input.sla.name, input.max_downtime_ms(), input.sla.max_throttle_pct,
-                input.sla.post_copy_acceptable),
-            format!("post-copy: {} ({})", if post { "allowed" } else { "not used" }, verdict.reason),
-            format!("downtime-limit {} ms = min({START_DOWNTIME_MS}, SLA {} − switchover {} ms), raised up to {} ms only if the model needs it",
-                plan.parameters.downtime_limit_ms, input.max_downtime_ms(), input.switchover_overhead_ms, ceiling),
-            format!("deadline {} ({})", secs(plan.deadline_ms.unwrap_or(0) as f64),
-                if input.deadline_ms.is_some() { "given" } else { "default budget from first pass estimate" }),
-            format!("throttle: {}", if plan.capabilities.dirty_limit { "dirty-limit (gentler than auto-converge)".to_string() }
-                else if plan.capabilities.auto_converge { format!("auto-converge up to {} %", max_throttle) }
-                else { "none".to_string() }),
+            format!(
+                "context {}, SLA {:?}: max downtime {} ms, max throttle {} %, post-copy acceptable {}",
+                input.context,
+                input.sla.name,
+                input.max_downtime_ms(),
+                input.sla.max_throttle_pct,
+                input.sla.post_copy_acceptable
+            ),
+            format!(
+                "post-copy: {} ({})",
+                if post { "allowed" } else { "not used" },
+                verdict.reason
+            ),
+            format!(
+                "downtime-limit {} ms = min({START_DOWNTIME_MS}, SLA {} − switchover {} ms), raised up to {} ms only if the model needs it",
+                plan.parameters.downtime_limit_ms,
+                input.max_downtime_ms(),
+                input.switchover_overhead_ms,
+                ceiling
+            ),
+            format!(
+                "deadline {} ({})",
+                secs(plan.deadline_ms.unwrap_or(0) as f64),
+                if input.deadline_ms.is_some() {
+                    "given"
+                } else {
+                    "default budget from first pass estimate"
+                }
+            ),
+            format!(
+                "throttle: {}",
+                if plan.capabilities.dirty_limit {
+                    "dirty-limit (gentler than auto-converge)".to_string()
+                } else if plan.capabilities.auto_converge {
+                    format!("auto-converge up to {} %", max_throttle)
+                } else {
+                    "none".to_string()
+                }
+            ),
         ];
         plan
     }
@@ -220,9 +250,7 @@ impl State {
 
     /// ms a forced finish (post-copy, else stop-and-copy) would take from a set of `remaining`.
     fn finish_cost_ms(&self, plan: &MigrationPlan, remaining: u64) -> u64 {
-        let bw = self
-            .bandwidth()
-            .unwrap_or(ASSUMED_LINK_BYTES_PER_S as f64);
+        let bw = self.bandwidth().unwrap_or(ASSUMED_LINK_BYTES_PER_S as f64);
         (remaining as f64 / bw * 1000.0) as u64 + plan.input.switchover_overhead_ms
     }
 
@@ -244,7 +272,13 @@ impl State {
 
     /// Finish now: post-copy when allowed, else stop-and-copy (`stop_now` pauses the guest;
     /// otherwise a hard downtime limit lets QEMU complete at its next check).
-    fn finish(&mut self, plan: &MigrationPlan, s: &IterationSample, why: &str, stop_now: bool) -> Vec<Decision> {
+    fn finish(
+        &mut self,
+        plan: &MigrationPlan,
+        s: &IterationSample,
+        why: &str,
+        stop_now: bool,
+    ) -> Vec<Decision> {
         if link_degraded(s.throughput_bytes_per_s, self.model.bandwidth()) {
             return vec![Decision::cont(format!(
                 "would finish ({why}) but the link is degraded: {} now vs {} smoothed; holding so a \
@@ -264,7 +298,11 @@ impl State {
                     mib(remaining),
                     mbit(bw),
                     secs(remaining / bw * 1000.0),
-                    if plan.postcopy_recovery { ", recovery armed" } else { "" }
+                    if plan.postcopy_recovery {
+                        ", recovery armed"
+                    } else {
+                        ""
+                    }
                 ),
             )];
         }
@@ -282,7 +320,8 @@ impl State {
                 ),
             )];
         }
-        let ms = ((blackout * HARD_STOP_HEADROOM) as u64).clamp(self.downtime_ms + 1, QEMU_MAX_DOWNTIME_MS);
+        let ms = ((blackout * HARD_STOP_HEADROOM) as u64)
+            .clamp(self.downtime_ms + 1, QEMU_MAX_DOWNTIME_MS);
         self.downtime_ms = ms;
         self.hard_stop_at = Some(s.at_ms);
         vec![Decision::new(
@@ -299,7 +338,12 @@ impl State {
         )]
     }
 
-    fn on_pass(&mut self, plan: &MigrationPlan, s: &IterationSample, status: &StallStatus) -> Vec<Decision> {
+    fn on_pass(
+        &mut self,
+        plan: &MigrationPlan,
+        s: &IterationSample,
+        status: &StallStatus,
+    ) -> Vec<Decision> {
         if let Some(done) = self.finished_by {
             return vec![Decision::cont(format!(
                 "already finishing by {done:?}; {} left",
@@ -311,7 +355,12 @@ impl State {
         if self.hard_stop_at.is_some() {
             // The raised limit did not complete at QEMU's next check (the set grew or the link
             // slowed): pause so it cannot run on.
-            return self.finish(plan, s, "hard stop-and-copy did not complete by the next pass", true);
+            return self.finish(
+                plan,
+                s,
+                "hard stop-and-copy did not complete by the next pass",
+                true,
+            );
         }
         if s.pass < 2 {
             return vec![Decision::cont(format!(
@@ -354,9 +403,21 @@ impl State {
             ))];
         }
         let ceiling = downtime_ceiling(input);
+        // Post-copy's cost to the guest: its degraded phase, halved with preempt.
+        let postcopy_cost_ms = now_pred.postcopy_ms.unwrap_or(0) as f64
+            * if plan.capabilities.postcopy_preempt {
+                PREEMPT_IMPACT
+            } else {
+                1.0
+            };
+        // A blackout stops the guest entirely; when recovery covers post-copy's link risk and its
+        // degraded phase costs less than the blackout a raised limit would bring, prefer it.
+        let prefer_postcopy = plan.may_switch_to_postcopy()
+            && plan.postcopy_recovery
+            && postcopy_cost_ms < now_pred.downtime_needed_ms as f64;
         // Does a higher downtime limit within the SLA make it converge (at the current throttle)?
         let need = ((now_pred.downtime_needed_ms as f64) * RAISE_HEADROOM).ceil() as u64;
-        if !now_pred.converges && need > self.downtime_ms && need <= ceiling {
+        if !now_pred.converges && !prefer_postcopy && need > self.downtime_ms && need <= ceiling {
             let p = self.model.predict(need, throttle_now);
             if p.is_some_and(|p| p.converges) {
                 let old = self.downtime_ms;
@@ -387,17 +448,22 @@ impl State {
         let with_throttle = self.model.predict(ceiling, self.throttle_max);
         let throttle_converges = self.throttle_max > throttle_now
             && with_throttle.is_some_and(|p| {
-                p.converges && in_time(&Prediction { eta_ms: p.eta_ms.map(|e| e + ramp_ms), ..p })
+                p.converges
+                    && in_time(&Prediction {
+                        eta_ms: p.eta_ms.map(|e| e + ramp_ms),
+                        ..p
+                    })
             });
         // Throttling costs its percentage of the guest for the ramp and the rest of pre-copy;
         // post-copy costs its degraded phase. Prefer the cheaper when both are allowed.
-        let throttle_cost_ms = with_throttle.and_then(|p| p.eta_ms).map_or(f64::INFINITY, |e| {
-            (e + ramp_ms) as f64 * f64::from(self.throttle_max) / 100.0 / 2.0
-        });
-        let postcopy_cost_ms = now_pred.postcopy_ms.unwrap_or(0) as f64
-            * if plan.capabilities.postcopy_preempt { PREEMPT_IMPACT } else { 1.0 };
-        let throttle_helps =
-            throttle_converges && !(plan.may_switch_to_postcopy() && postcopy_cost_ms < throttle_cost_ms);
+        let throttle_cost_ms = with_throttle
+            .and_then(|p| p.eta_ms)
+            .map_or(f64::INFINITY, |e| {
+                (e + ramp_ms) as f64 * f64::from(self.throttle_max) / 100.0 / 2.0
+            });
+
+        let throttle_helps = throttle_converges
+            && !(plan.may_switch_to_postcopy() && postcopy_cost_ms < throttle_cost_ms);
         // Evidence needed before acting on a predicted non-convergence: the probe is one (T, D)
         // point, each boundary after the first pass another; two points fix the fit. An
         // evacuation acts on the minimum, the others wait one more pass.
@@ -406,7 +472,8 @@ impl State {
             MigrationContext::Evacuate => 2,
             _ => 3,
         };
-        let confirmed = status.stalled || (!now_pred.converges && self.model.boundaries() + probe >= needed);
+        let confirmed =
+            status.stalled || (!now_pred.converges && self.model.boundaries() + probe >= needed);
         if confirmed && self.stalled_at.is_none() {
             self.stalled_at = Some(now);
         }
@@ -493,12 +560,19 @@ impl State {
                 let waited = now.saturating_sub(self.stalled_at.unwrap_or(now));
                 // Waiting only helps a stop-and-copy (the blackout shrinks if the workload calms);
                 // post-copy's cost is the same later, so it goes at the local minimum.
-                let patience = if plan.may_switch_to_postcopy() { 0 } else { patience };
+                let patience = if plan.may_switch_to_postcopy() {
+                    0
+                } else {
+                    patience
+                };
                 if waited >= patience && at_min {
                     self.finish(
                         plan,
                         s,
-                        &format!("maintenance: {why}; waited {} for the workload to calm", secs(waited as f64)),
+                        &format!(
+                            "maintenance: {why}; waited {} for the workload to calm",
+                            secs(waited as f64)
+                        ),
                         false,
                     )
                 } else {
@@ -511,7 +585,10 @@ impl State {
             }
             MigrationContext::Balance | MigrationContext::Manual => {
                 let over_budget = deadline.is_some_and(|d| now >= d);
-                if input.context == MigrationContext::Manual && !over_budget && !plan.may_switch_to_postcopy() {
+                if input.context == MigrationContext::Manual
+                    && !over_budget
+                    && !plan.may_switch_to_postcopy()
+                {
                     return vec![Decision::cont(format!(
                         "manual: {why}; continuing until the budget {}",
                         secs(deadline.unwrap_or(0) as f64)
@@ -543,7 +620,12 @@ impl State {
         }
     }
 
-    fn on_tick(&mut self, plan: &MigrationPlan, now: u64, latest: Option<&IterationSample>) -> Vec<Decision> {
+    fn on_tick(
+        &mut self,
+        plan: &MigrationPlan,
+        now: u64,
+        latest: Option<&IterationSample>,
+    ) -> Vec<Decision> {
         if self.finished_by.is_some() {
             return vec![];
         }
@@ -571,12 +653,18 @@ impl State {
                 && !link_degraded(s.throughput_bytes_per_s, self.model.bandwidth())
             {
                 self.finished_by = Some(Action::SwitchToPostcopy);
-                return vec![Decision::new(Action::SwitchToPostcopy, format!("{why}; SLA accepts post-copy"))];
+                return vec![Decision::new(
+                    Action::SwitchToPostcopy,
+                    format!("{why}; SLA accepts post-copy"),
+                )];
             }
             self.finished_by = Some(Action::Abort);
             return vec![Decision::new(
                 Action::Abort,
-                format!("{why}; finishing would exceed SLA max downtime {} ms", input.max_downtime_ms()),
+                format!(
+                    "{why}; finishing would exceed SLA max downtime {} ms",
+                    input.max_downtime_ms()
+                ),
             )];
         }
         vec![]
@@ -589,7 +677,10 @@ impl State {
             Some(Action::Abort) => None,
             Some(Action::SwitchToPostcopy) | Some(Action::PauseGuest) => bw.map(|b| Eta {
                 at_ms: now,
-                finish_at_ms: Some(now + (remaining as f64 / b * 1000.0) as u64 + plan.input.switchover_overhead_ms),
+                finish_at_ms: Some(
+                    now + (remaining as f64 / b * 1000.0) as u64
+                        + plan.input.switchover_overhead_ms,
+                ),
                 remaining_bytes: remaining,
                 mode: if self.finished_by == Some(Action::PauseGuest) {
                     EtaMode::StopAndCopy
@@ -597,14 +688,17 @@ impl State {
                     EtaMode::Postcopy
                 },
             }),
-            _ => self.model.eta(now, self.downtime_ms, self.throttle_max).or_else(|| {
-                bw.map(|b| Eta {
-                    at_ms: now,
-                    finish_at_ms: Some(now + (remaining as f64 / b * 1000.0) as u64),
-                    remaining_bytes: remaining,
-                    mode: EtaMode::Precopy,
-                })
-            }),
+            _ => self
+                .model
+                .eta(now, self.downtime_ms, self.throttle_max)
+                .or_else(|| {
+                    bw.map(|b| Eta {
+                        at_ms: now,
+                        finish_at_ms: Some(now + (remaining as f64 / b * 1000.0) as u64),
+                        remaining_bytes: remaining,
+                        mode: EtaMode::Precopy,
+                    })
+                }),
         };
         if let (Some(eta), Some(_)) = (self.eta.as_mut(), self.hard_stop_at) {
             eta.mode = EtaMode::StopAndCopy;

@@ -79,6 +79,9 @@ impl VmProcess {
             }
             None => Command::new(&binary.path),
         };
+        // Its own process group: a Ctrl-C (SIGINT to the terminal's foreground group) aimed
+        // at the agent must not take the guests down with it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

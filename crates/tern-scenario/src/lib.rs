@@ -8,6 +8,8 @@
 //! continuity, corrupt pages, control-state mismatches, verifier progress. Everything it
 //! started (QEMU processes, namespaces, temp dirs) is removed on every path.
 
+pub mod faults;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -140,6 +142,12 @@ pub struct ScenarioSpec {
     pub host_memory_mib: u64,
     /// Seconds of dirty-rate probing before the migration.
     pub probe_seconds: u64,
+    /// Faults to inject at chosen phases.
+    #[serde(default)]
+    pub faults: Vec<faults::FaultPlan>,
+    /// Post-copy recovery window of the source host (default 600 s).
+    #[serde(default)]
+    pub recovery_window: Option<Duration>,
 }
 
 impl Default for ScenarioSpec {
@@ -164,6 +172,8 @@ impl Default for ScenarioSpec {
             settle: Duration::from_secs(3),
             host_memory_mib: 4096,
             probe_seconds: 0,
+            faults: Vec::new(),
+            recovery_window: None,
         }
     }
 }
@@ -236,6 +246,12 @@ pub struct MigrationSummary {
     pub memory_mib: u64,
     /// Answers to operator commands.
     pub operator_results: Vec<String>,
+    /// Faults injected, with detection and recovery times.
+    pub faults_injected: Vec<faults::FaultRecord>,
+    /// Post-copy recoveries the engine performed.
+    pub recoveries: u32,
+    /// Longest time from a link's restoration to post-copy running again, seconds.
+    pub recovery_s: Option<f64>,
     /// Engine error text, if any.
     pub error: Option<String>,
     /// The engine's event log.
@@ -306,6 +322,9 @@ pub async fn run_scenario(
                 },
                 HostMigrationConfig {
                     permit_post_copy: permit,
+                    postcopy_recovery_window_s: spec
+                        .recovery_window
+                        .map_or(600, |w| w.as_secs().max(1)),
                     ..HostMigrationConfig::default()
                 },
                 env.qemu.clone(),
@@ -313,12 +332,22 @@ pub async fn run_scenario(
             ))
         })
         .collect::<Result<_, _>>()?;
-    let result = run_on_hosts(env, spec, &hosts[0], &hosts[1], progress.clone()).await;
+    let result = run_on_hosts(env, spec, lab, &hosts[0], &hosts[1], progress.clone()).await;
     for h in &hosts {
         h.stop_all().await;
     }
     step("lab down");
     drop(lab_guard);
+    if let Some(keep) = std::env::var_os("TERN_KEEP_LOGS") {
+        // Post-mortem: keep QEMU's stderr and the serial logs of both hosts.
+        let dest = std::path::PathBuf::from(keep).join(&spec.lab_name);
+        let _ = std::fs::create_dir_all(&dest);
+        let _ = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(runtime.path())
+            .arg(&dest)
+            .status();
+    }
     let (mut summary, src_log, dst_log) = result?;
     judge(&mut summary, &src_log, dst_log.as_deref())?;
     Ok(summary)
@@ -371,6 +400,7 @@ pub async fn wait_guest_ready(
 async fn run_on_hosts(
     env: &LabEnvironment,
     spec: &ScenarioSpec,
+    lab: &Lab,
     source: &HostRuntime,
     destination: &HostRuntime,
     progress: Option<mpsc::UnboundedSender<ScenarioProgress>>,
@@ -426,16 +456,52 @@ async fn run_on_hosts(
     }
     drop(ctl_tx);
     let (prog_tx, prog_rx) = oneshot::channel::<tokio::sync::watch::Receiver<MigrationProgress>>();
-    let forward = progress.clone().map(|p| {
-        tokio::spawn(async move {
-            let Ok(mut rx) = prog_rx.await else { return };
-            while rx.changed().await.is_ok() {
-                let v = rx.borrow().clone();
-                if p.send(ScenarioProgress::Migration(v)).is_err() {
-                    break;
+    let fault_plans = spec.faults.clone();
+    let (lab2, src2, dst2, vm_name) = (
+        lab.clone(),
+        source.clone(),
+        destination.clone(),
+        vm.name.clone(),
+    );
+    let progress2 = progress.clone();
+    let watcher = tokio::spawn(async move {
+        let Ok(rx) = prog_rx.await else {
+            return Vec::new();
+        };
+        let started = Instant::now();
+        let forward = progress2.map(|p| {
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let v = rx.borrow().clone();
+                    if p.send(ScenarioProgress::Migration(v)).is_err() {
+                        break;
+                    }
                 }
+            })
+        });
+        let mut injectors = Vec::new();
+        for plan in fault_plans {
+            injectors.push(tokio::spawn(faults::inject(
+                plan,
+                lab2.clone(),
+                src2.clone(),
+                dst2.clone(),
+                vm_name.clone(),
+                rx.clone(),
+                started,
+            )));
+        }
+        let mut records = Vec::new();
+        for i in injectors {
+            if let Ok(r) = i.await {
+                records.push(r);
             }
-        })
+        }
+        if let Some(f) = forward {
+            let _ = f.await;
+        }
+        records
     });
     let order = MigrationOrder {
         vm: vm.name.clone(),
@@ -452,17 +518,12 @@ async fn run_on_hosts(
         order,
         &catalog,
         ctl_rx,
-        if forward.is_some() {
-            Some(prog_tx)
-        } else {
-            None
-        },
+        Some(prog_tx),
         None,
     )
     .await;
-    if let Some(f) = forward {
-        f.abort();
-    }
+    // The runner (and its progress channel) is gone: injectors and the forwarder end.
+    let faults_injected = watcher.await.unwrap_or_default();
     let mut operator_results = Vec::new();
     for t in timers {
         if t.is_finished() {
@@ -486,6 +547,7 @@ async fn run_on_hosts(
             MigrationState::Completed => "completed",
             MigrationState::Aborted => "aborted",
             MigrationState::Lost => "lost",
+            MigrationState::Stranded => "stranded",
             _ => "failed",
         }
         .to_string(),
@@ -518,6 +580,13 @@ async fn run_on_hosts(
         dirty_rate: spec.workload.rate.to_string(),
         memory_mib: spec.memory_mib,
         operator_results,
+        recovery_s: faults_injected
+            .iter()
+            .filter_map(|f| f.resumed_after_restore_ms)
+            .max()
+            .map(|ms| ms as f64 / 1000.0),
+        faults_injected,
+        recoveries: report.recoveries,
         error: report.error.clone(),
         events: report.events.clone(),
     };
@@ -536,10 +605,586 @@ fn judge(
     dst: Option<&Path>,
 ) -> Result<(), ScenarioError> {
     let src_log = HostSerialLog::read(src)?;
+    let dst_log = match dst {
+        Some(dst) => Some(HostSerialLog::read(dst)?),
+        None => None,
+    };
+    judge_logs(summary, &src_log, dst_log.as_ref());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions: one guest, many migrations.
+// ---------------------------------------------------------------------------------------------
+
+/// A lab whose single guest is migrated back and forth between `h1` and `h2`, one hop per
+/// call of [`ScenarioSession::migrate_once`].
+///
+/// Booting a TCG guest costs 6–11 s, more than many migrations take; a benchmark that compares
+/// nine policies with several repeats cannot afford one boot per run. A session boots once and
+/// judges each hop from that hop's own serial logs (every incoming QEMU writes a new log; the
+/// old source's log ends at the switchover), so hops are as independent as separate scenarios
+/// except for the guest's age.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionSpec {
+    /// Lab name (unique per concurrently running session).
+    pub lab_name: String,
+    /// Link rate between the hosts; `None` = unshaped.
+    pub link_rate: Option<LinkRate>,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// What the guest's workload does.
+    pub workload: WorkloadParams,
+    /// The VM's own downtime cap.
+    pub vm_max_downtime_ms: Option<u64>,
+    /// The VM's SLA class.
+    pub sla_class: String,
+    /// Memory each lab host offers to guests (MiB).
+    pub host_memory_mib: u64,
+    /// How long to let the guest run after each hop before judging it (and before the next).
+    pub settle: Duration,
+}
+
+impl Default for SessionSpec {
+    fn default() -> Self {
+        let s = ScenarioSpec::default();
+        Self {
+            lab_name: "session".into(),
+            link_rate: s.link_rate,
+            memory_mib: s.memory_mib,
+            workload: s.workload,
+            vm_max_downtime_ms: None,
+            sla_class: s.sla_class,
+            host_memory_mib: s.host_memory_mib,
+            settle: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What one hop of a session asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HopSpec {
+    /// Why the VM moves.
+    pub context: MigrationContext,
+    /// Policy name.
+    pub policy: String,
+    /// The VM's post-copy permission for this hop. `Forbidden` keeps the `postcopy-ram`
+    /// capability off whatever the policy wants, which is how the benchmark measures the cost
+    /// of merely *enabling* post-copy (the capability on, never switched) against a run without it.
+    pub post_copy: PostCopyPermission,
+    /// Deadline for must-finish contexts (ms from the start).
+    pub deadline_ms: Option<u64>,
+    /// Seconds of dirty-rate probing before the migration.
+    pub probe_seconds: u64,
+    /// Hard cap: when the migration has not ended after this long, the session asks the
+    /// engine to abort it (refused after the switch to post-copy, which always finishes) and
+    /// marks the hop as timed out. Policies that never give up (QEMU's defaults, Proxmox)
+    /// would otherwise run forever on a guest that out-dirties the link.
+    pub time_cap: Option<Duration>,
+}
+
+impl Default for HopSpec {
+    fn default() -> Self {
+        Self {
+            context: MigrationContext::Manual,
+            policy: tern_policy::DEFAULT_POLICY.to_string(),
+            post_copy: PostCopyPermission::Allowed,
+            deadline_ms: None,
+            probe_seconds: 0,
+            time_cap: Some(Duration::from_secs(90)),
+        }
+    }
+}
+
+/// Everything one hop measured: the judged summary plus the raw material a benchmark needs
+/// (progress series, both serial logs, host-clock anchors).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HopRecord {
+    /// The judged summary (same fields as `tern demo`'s).
+    pub summary: MigrationSummary,
+    /// The hop's time cap expired before the migration ended.
+    pub timed_out: bool,
+    /// Every distinct live-progress value the engine published, in order.
+    pub progress: Vec<MigrationProgress>,
+    /// Host CLOCK_MONOTONIC (ns) when the hop was requested (before the destination QEMU
+    /// started).
+    pub requested_mono_ns: u64,
+    /// Host CLOCK_MONOTONIC (ns) when the migration reached its terminal state; the engine's
+    /// `at_ms` values map to host time as `ended_mono_ns - (total_time_ms - at_ms) * 1e6`.
+    pub ended_mono_ns: u64,
+    /// Source host name.
+    pub source_host: String,
+    /// Destination host name.
+    pub destination_host: String,
+    /// The source's host serial log, as read after the settle time.
+    pub source_log: HostSerialLog,
+    /// The destination's host serial log, when the guest ran there.
+    pub destination_log: Option<HostSerialLog>,
+}
+
+impl HopRecord {
+    /// Host monotonic time (ns) of an engine timestamp (`at_ms` since `migrate`).
+    pub fn mono_ns_at(&self, at_ms: u64) -> u64 {
+        let total_ms = (self.summary.total_time_s * 1000.0).round() as u64;
+        self.ended_mono_ns
+            .saturating_sub(total_ms.saturating_sub(at_ms) * 1_000_000)
+    }
+}
+
+/// A running session: a lab, two host runtimes and one guest.
+pub struct ScenarioSession {
+    env: LabEnvironment,
+    spec: SessionSpec,
+    hosts: [HostRuntime; 2],
+    /// Index into `hosts` of where the guest runs now.
+    location: usize,
+    // Declared after `hosts` so the QEMUs are killed before the namespaces go.
+    _runtime: tempfile::TempDir,
+    lab: Option<tern_lab::LabGuard>,
+}
+
+/// The VM name used inside a session.
+const SESSION_VM: &str = "guest";
+
+impl ScenarioSession {
+    /// Brings the lab up and boots the guest on `h1`, waiting for its first verify pass.
+    /// On error everything started so far is torn down.
+    pub async fn start(env: &LabEnvironment, spec: &SessionSpec) -> Result<Self, ScenarioError> {
+        let lab = Lab::up_guarded(&LabSpec {
+            name: spec.lab_name.clone(),
+            hosts: 2,
+            link_rate: spec.link_rate,
+            link_delay: None,
+        })?;
+        let runtime = tempfile::Builder::new()
+            .prefix("tern-session-")
+            .tempdir()
+            .map_err(|e| ScenarioError::Io(format!("temp dir: {e}")))?;
+        let make = |name: &str| -> Result<HostRuntime, ScenarioError> {
+            let h = lab.host(name)?;
+            Ok(HostRuntime::new(
+                HostIdentity {
+                    name: name.to_string(),
+                    netns: Some(h.netns().to_string()),
+                    migration_address: h.address().into(),
+                    memory_mib: spec.host_memory_mib,
+                },
+                HostMigrationConfig::default(),
+                env.qemu.clone(),
+                runtime.path().join(name),
+            ))
+        };
+        let hosts = [make("h1")?, make("h2")?];
+        let session = Self {
+            env: env.clone(),
+            spec: spec.clone(),
+            hosts,
+            location: 0,
+            _runtime: runtime,
+            lab: Some(lab),
+        };
+        let vm = VmSpec {
+            name: SESSION_VM.into(),
+            memory_mib: spec.memory_mib,
+            vcpus: 1,
+            kernel: env.image.kernel.clone(),
+            initrd: env.image.initrd.clone(),
+            cmdline: env.image.cmdline(&spec.workload),
+            accelerator: env.accelerator.accelerator,
+            migration: VmMigrationSettings {
+                post_copy: PostCopyPermission::Allowed,
+                max_downtime_ms: spec.vm_max_downtime_ms,
+                sla_class: spec.sla_class.clone(),
+            },
+        };
+        let booted = async {
+            let info = session.hosts[0].create_vm(vm).await?;
+            wait_guest_ready(&info.serial_log, 1, GUEST_READY_TIMEOUT).await
+        }
+        .await;
+        match booted {
+            Ok(()) => Ok(session),
+            Err(e) => {
+                session.finish().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Name of the host the guest runs on now (`None` once it was lost).
+    pub fn location(&self) -> Option<&str> {
+        self.hosts
+            .get(self.location)
+            .map(|h| h.identity().name.as_str())
+    }
+
+    /// The session's settings.
+    pub fn spec(&self) -> &SessionSpec {
+        &self.spec
+    }
+
+    /// The guest's current host serial log path.
+    pub async fn current_serial_log(&self) -> Result<PathBuf, ScenarioError> {
+        let host = self
+            .hosts
+            .get(self.location)
+            .ok_or_else(|| ScenarioError::Guest2("the session's guest was lost".into()))?;
+        Ok(host.show(SESSION_VM).await?.serial_log)
+    }
+
+    /// Migrates the guest to the other host once, lets it settle, and judges the hop.
+    ///
+    /// After a completed hop the guest lives on the other host; after an abort or failure it
+    /// stays where it was, so the next hop starts from there. A lost guest ends the session
+    /// (later calls fail).
+    pub async fn migrate_once(
+        &mut self,
+        hop: &HopSpec,
+        progress: Option<mpsc::UnboundedSender<ScenarioProgress>>,
+    ) -> Result<HopRecord, ScenarioError> {
+        if self.location > 1 {
+            return Err(ScenarioError::Guest2(
+                "the session's guest was lost in an earlier hop".into(),
+            ));
+        }
+        let (src_i, dst_i) = (self.location, 1 - self.location);
+        let source = self.hosts[src_i].clone();
+        let destination = self.hosts[dst_i].clone();
+        let requested_mono_ns = tern_qemu::host_monotonic_ns();
+        let order = MigrationOrder {
+            vm: SESSION_VM.into(),
+            context: hop.context,
+            policy: hop.policy.clone(),
+            link_bytes_per_s: self.spec.link_rate.map(|r| r.bytes_per_sec()),
+            deadline_ms: hop.deadline_ms,
+            probe_seconds: hop.probe_seconds,
+        };
+        let (ctl_tx, ctl_rx) = mpsc::channel(8);
+        let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (prog_tx, prog_rx) =
+            oneshot::channel::<tokio::sync::watch::Receiver<MigrationProgress>>();
+        // The cap starts when the stream starts (the progress receiver arrives then).
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        let cap_timer = hop.time_cap.map(|cap| {
+            let tx = ctl_tx.clone();
+            let flag = timed_out.clone();
+            tokio::spawn(async move {
+                if started_rx.await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(cap).await;
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                let (reply_tx, reply_rx) = oneshot::channel();
+                if tx
+                    .send(OperatorRequest {
+                        command: OperatorCommand::Abort,
+                        reply: reply_tx,
+                    })
+                    .await
+                    .is_ok()
+                {
+                    let _ = reply_rx.await;
+                }
+            })
+        });
+        drop(ctl_tx);
+        let collector = tokio::spawn(async move {
+            let mut series = Vec::new();
+            let Ok(mut rx) = prog_rx.await else {
+                return series;
+            };
+            let _ = started_tx.send(());
+            while rx.changed().await.is_ok() {
+                let v = rx.borrow().clone();
+                if series.last() != Some(&v) {
+                    if let Some(p) = &progress {
+                        let _ = p.send(ScenarioProgress::Migration(v.clone()));
+                    }
+                    series.push(v);
+                }
+            }
+            series
+        });
+        let post_copy = hop.post_copy;
+        let outcome = migrate_adjusted(
+            &source,
+            &destination,
+            order,
+            ctl_rx,
+            prog_tx,
+            move |input| {
+                if post_copy == PostCopyPermission::Forbidden {
+                    input.vm.post_copy = tern_policy::PostCopyPermission::Forbidden;
+                }
+            },
+        )
+        .await;
+        let ended_mono_ns = tern_qemu::host_monotonic_ns();
+        if let Some(t) = cap_timer {
+            t.abort();
+        }
+        let series = collector.await.unwrap_or_default();
+        let outcome = outcome?;
+        let timed_out = timed_out.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(self.spec.settle).await;
+        let report = &outcome.report;
+        self.location = match outcome.guest_location.as_deref() {
+            Some(h) if h == destination.identity().name => dst_i,
+            Some(_) => src_i,
+            None => usize::MAX,
+        };
+        let mut summary = summary_from(
+            &self.env,
+            &outcome,
+            hop.context,
+            self.spec.link_rate,
+            &self.spec.workload,
+            self.spec.memory_mib,
+            Vec::new(),
+        );
+        let source_log = HostSerialLog::read(&outcome.source_serial_log)?;
+        let destination_log =
+            if report.state == MigrationState::Completed || report.state.is_after_switch() {
+                match &outcome.destination_serial_log {
+                    Some(p) => Some(HostSerialLog::read(p)?),
+                    None => None,
+                }
+            } else {
+                None
+            };
+        judge_logs(&mut summary, &source_log, destination_log.as_ref());
+        Ok(HopRecord {
+            summary,
+            timed_out,
+            progress: series,
+            requested_mono_ns,
+            ended_mono_ns,
+            source_host: source.identity().name.clone(),
+            destination_host: destination.identity().name.clone(),
+            source_log,
+            destination_log,
+        })
+    }
+
+    /// Stops every QEMU and takes the lab down.
+    pub async fn finish(mut self) {
+        for h in &self.hosts {
+            h.stop_all().await;
+        }
+        drop(self.lab.take());
+    }
+}
+
+/// [`tern_agent::migrate`] with a hook that adjusts the policy's input before planning (the
+/// agent's own function takes the permission from the VM's boot-time spec, which a session
+/// cannot change between hops). Same admission checks, same cleanup, same invariant: the guest
+/// runs on exactly one host afterwards, or the outcome says it was lost.
+async fn migrate_adjusted(
+    source: &HostRuntime,
+    destination: &HostRuntime,
+    order: MigrationOrder,
+    control: mpsc::Receiver<OperatorRequest>,
+    progress: oneshot::Sender<tokio::sync::watch::Receiver<MigrationProgress>>,
+    adjust: impl FnOnce(&mut tern_policy::PlanInput),
+) -> Result<tern_agent::MigrationOutcome, ScenarioError> {
+    use tern_agent::migration::{check_order, plan_input};
+    let catalog = SlaCatalog::builtin();
+    check_order(source, destination, &order, &catalog)?;
+    let mut input = plan_input(source, destination, &order, &catalog)?;
+    adjust(&mut input);
+    let policy = tern_policy::policy_by_name(&order.policy)
+        .map_err(|e| ScenarioError::Agent(tern_agent::AgentError::Invalid(e.to_string())))?;
+    let spec = source.spec(&order.vm)?;
+    source.begin_outbound(&order.vm)?;
+    let port = match destination.begin_inbound(&order.vm) {
+        Ok(p) => p,
+        Err(e) => {
+            source.end_migration(&order.vm);
+            return Err(e.into());
+        }
+    };
+    let release = || {
+        source.end_migration(&order.vm);
+        destination.end_migration(&order.vm);
+    };
+    let source_log = match source.show(&order.vm).await {
+        Ok(i) => i.serial_log,
+        Err(e) => {
+            release();
+            return Err(e.into());
+        }
+    };
+    let dest_qmp = match destination.prepare_incoming(spec).await {
+        Ok(q) => q,
+        Err(e) => {
+            release();
+            return Err(e.into());
+        }
+    };
+    let dest_log = destination.show(&order.vm).await.ok().map(|i| i.serial_log);
+    let source_qmp = match source.qmp(&order.vm) {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = destination.kill_vm(&order.vm).await;
+            release();
+            return Err(e.into());
+        }
+    };
+    // A guest that arrived by migration keeps the capabilities its QEMU was given as a
+    // destination (`postcopy-ram`, `postcopy-preempt`, `multifd`); the engine only switches on
+    // what the plan wants, so without this reset a later hop would offer the new destination
+    // capabilities it never enabled and fail ("Sibling indicated error").
+    if let Err(e) = reset_migration_settings(&source_qmp).await {
+        let _ = destination.kill_vm(&order.vm).await;
+        release();
+        return Err(ScenarioError::Io(format!(
+            "resetting the source's migration capabilities failed: {e}"
+        )));
+    }
+    let mut setup = tern_engine::MigrationSetup::new(
+        format!(
+            "{}-{}-to-{}",
+            order.vm,
+            source.identity().name,
+            destination.identity().name
+        ),
+        format!("tcp:{}:{}", destination.identity().migration_address, port),
+        input,
+    );
+    setup.probe_seconds = order.probe_seconds;
+    let runner = tern_engine::MigrationRunner::new(source_qmp, Box::new(dest_qmp), policy, setup);
+    let _ = progress.send(runner.progress());
+    let report = runner.run(control).await;
+    let source_final_run_state = match source.qmp(&order.vm) {
+        Ok(q) => q
+            .query_status()
+            .await
+            .ok()
+            .map(|s| s.status.as_str().to_string()),
+        Err(_) => None,
+    };
+    let (guest_location, source_running) = match report.state {
+        MigrationState::Completed => {
+            let _ = source.stop_vm(&order.vm).await;
+            let _ = destination.promote_incoming(&order.vm);
+            (Some(destination.identity().name.clone()), false)
+        }
+        MigrationState::Lost => (None, source.has_vm(&order.vm)),
+        _ => {
+            let _ = destination.kill_vm(&order.vm).await;
+            let running = match source.qmp(&order.vm) {
+                Ok(q) => q.query_status().await.map(|s| s.running).unwrap_or(false),
+                Err(_) => false,
+            };
+            (Some(source.identity().name.clone()), running)
+        }
+    };
+    release();
+    let destination_vm_present = destination.has_vm(&order.vm);
+    Ok(tern_agent::MigrationOutcome {
+        source_final_run_state,
+        destination_vm_present,
+        report,
+        source_host: source.identity().name.clone(),
+        destination_host: destination.identity().name.clone(),
+        guest_location,
+        source_running,
+        source_serial_log: source_log,
+        destination_serial_log: dest_log,
+    })
+}
+
+/// Switches off every capability a policy may have turned on in an earlier migration of this
+/// QEMU, and the post-copy bandwidth cap, so that each hop starts from QEMU's defaults.
+async fn reset_migration_settings(qmp: &tern_qmp::QmpClient) -> Result<(), tern_qmp::QmpError> {
+    use tern_qmp::{MigrationCapability as C, MigrationCapabilityStatus};
+    let supported = qmp.supported_capabilities().await?;
+    let off: Vec<MigrationCapabilityStatus> = [
+        C::PostcopyRam,
+        C::PostcopyPreempt,
+        C::Multifd,
+        C::AutoConverge,
+        C::DirtyLimit,
+        C::Xbzrle,
+    ]
+    .into_iter()
+    .filter(|c| supported.contains(c))
+    .map(|c| MigrationCapabilityStatus::new(c, false))
+    .collect();
+    qmp.migrate_set_capabilities(&off).await?;
+    qmp.migrate_set_parameters(&tern_qmp::MigrationParameters {
+        max_postcopy_bandwidth: Some(0),
+        ..Default::default()
+    })
+    .await
+}
+
+/// The summary of an engine outcome, before the serial logs are judged.
+fn summary_from(
+    env: &LabEnvironment,
+    outcome: &tern_agent::MigrationOutcome,
+    context: MigrationContext,
+    link_rate: Option<LinkRate>,
+    workload: &WorkloadParams,
+    memory_mib: u64,
+    operator_results: Vec<String>,
+) -> MigrationSummary {
+    let report = &outcome.report;
+    MigrationSummary {
+        outcome: match report.state {
+            MigrationState::Completed => "completed",
+            MigrationState::Aborted => "aborted",
+            MigrationState::Lost => "lost",
+            MigrationState::Stranded => "stranded",
+            _ => "failed",
+        }
+        .to_string(),
+        switched_to_postcopy: report.switched_to_postcopy,
+        paused_guest: report.paused_guest,
+        total_time_s: report.total_time_ms as f64 / 1000.0,
+        blackout_ms: None,
+        bytes_sent: report.bytes_sent,
+        ram_bytes: report.ram_bytes,
+        corrupt_pages: 0,
+        control_mismatches: 0,
+        heartbeat_continuous: false,
+        verify_passes_before: 0,
+        verify_passes_after: 0,
+        max_dest_gap_ms: 0.0,
+        accelerator: env.accelerator.accelerator.to_string(),
+        qemu_version: env.qemu.version.to_string(),
+        context: context.to_string(),
+        policy: report.policy.clone(),
+        actions: report.actions.clone(),
+        source_running: outcome.source_running,
+        source_final_run_state: outcome.source_final_run_state.clone(),
+        destination_vm_present: outcome.destination_vm_present,
+        guest_location: outcome.guest_location.clone(),
+        capabilities: report.capabilities.clone(),
+        post_copy_verdict: report.post_copy_verdict.clone(),
+        passes: report.passes,
+        link_rate: link_rate.map(|r| r.to_string()),
+        working_set_mib: workload.working_set_mib,
+        dirty_rate: workload.rate.to_string(),
+        memory_mib,
+        operator_results,
+        faults_injected: Vec::new(),
+        recoveries: report.recoveries,
+        recovery_s: None,
+        error: report.error.clone(),
+        events: report.events.clone(),
+    }
+}
+
+/// Fills the integrity fields from parsed serial logs (the in-memory form of `judge`).
+fn judge_logs(
+    summary: &mut MigrationSummary,
+    src_log: &HostSerialLog,
+    dst: Option<&HostSerialLog>,
+) {
     match dst {
-        Some(dst) => {
-            let dst_log = HostSerialLog::read(dst)?;
-            let i = tern_guest::analyze_migration(&src_log, &dst_log);
+        Some(dst_log) => {
+            let i = tern_guest::analyze_migration(src_log, dst_log);
             summary.blackout_ms = i.blackout_ms;
             summary.corrupt_pages = i.corrupt_pages;
             summary.control_mismatches = i.control_mismatches;
@@ -549,12 +1194,11 @@ fn judge(
             summary.max_dest_gap_ms = i.max_dest_gap_ms;
         }
         None => {
-            let h = tern_guest::analyze_boot(&src_log);
+            let h = tern_guest::analyze_boot(src_log);
             summary.corrupt_pages = h.corrupt_pages;
             summary.control_mismatches = h.control_mismatches;
             summary.heartbeat_continuous = h.sequence_anomalies.is_empty() && h.heartbeats > 0;
             summary.verify_passes_before = h.verify_passes;
         }
     }
-    Ok(())
 }

@@ -4,7 +4,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "tern-sim", about = "Simulate live migrations and compare policies")]
+#[command(
+    name = "tern-sim",
+    about = "Simulate live migrations and compare policies"
+)]
 struct Cli {
     #[command(flatten)]
     sim: tern_sim::SimArgs,

@@ -372,7 +372,9 @@ impl<'a> Run<'a> {
                         self.throttle = if self.throttle == 0 {
                             self.throttle_initial.min(99)
                         } else {
-                            (self.throttle + self.throttle_inc).min(self.throttle_max).max(self.throttle)
+                            (self.throttle + self.throttle_inc)
+                                .min(self.throttle_max)
+                                .max(self.throttle)
                         };
                     } else if self.plan.capabilities.dirty_limit {
                         self.dirty_limit_active = true;
@@ -446,7 +448,8 @@ impl<'a> Run<'a> {
 
     fn start_postcopy(&mut self) {
         self.out.used_postcopy = true;
-        let blackout = (self.sc.switchover_overhead_ms + self.cfg.postcopy_switch_ms) as f64 / 1000.0;
+        let blackout =
+            (self.sc.switchover_overhead_ms + self.cfg.postcopy_switch_ms) as f64 / 1000.0;
         let blackout_start = self.pause_at.unwrap_or(self.t);
         self.t += blackout;
         self.out.downtime_ms = Some(((self.t - blackout_start) * 1000.0).round() as u64);
@@ -567,7 +570,9 @@ pub fn simulate_with(
                     let elapsed_ms = (back * 1000.0) as u64;
                     policy = make_policy();
                     let mut input = scenario.plan_input();
-                    input.deadline_ms = input.deadline_ms.map(|d| d.saturating_sub(elapsed_ms).max(1));
+                    input.deadline_ms = input
+                        .deadline_ms
+                        .map(|d| d.saturating_sub(elapsed_ms).max(1));
                     run.plan = policy.plan(&input);
                     let p = run.plan.parameters;
                     run.downtime_limit_ms = p.downtime_limit_ms;
@@ -580,12 +585,21 @@ pub fn simulate_with(
                 }
             }
         }
-        let next_change = run.next_link_change(run.t).min(run.next_phase_change(run.t));
+        let next_change = run
+            .next_link_change(run.t)
+            .min(run.next_phase_change(run.t));
         let to_tick = (run.next_tick - run.t).max(0.0);
         match run.mode {
             Mode::Precopy | Mode::Paused => {
-                let to_pass_end = if b > 0.0 { run.pass_left.max(0.0) / b } else { f64::INFINITY };
-                let dt = to_pass_end.min(to_tick).min(next_change - run.t).min(horizon - run.t);
+                let to_pass_end = if b > 0.0 {
+                    run.pass_left.max(0.0) / b
+                } else {
+                    f64::INFINITY
+                };
+                let dt = to_pass_end
+                    .min(to_tick)
+                    .min(next_change - run.t)
+                    .min(horizon - run.t);
                 run.advance(dt.max(0.0));
                 if run.pass_left <= 1.0 && to_pass_end <= dt + EPS {
                     run.sync();
@@ -601,8 +615,15 @@ pub fn simulate_with(
                 }
             }
             Mode::Postcopy => {
-                let to_done = if b > 0.0 { run.pc_left / b } else { f64::INFINITY };
-                let dt = to_done.min(to_tick).min(next_change - run.t).min(horizon - run.t);
+                let to_done = if b > 0.0 {
+                    run.pc_left / b
+                } else {
+                    f64::INFINITY
+                };
+                let dt = to_done
+                    .min(to_tick)
+                    .min(next_change - run.t)
+                    .min(horizon - run.t);
                 run.advance(dt.max(0.0));
                 if run.pc_left <= 1.0 {
                     run.out.result = SimResult::Completed;
@@ -632,7 +653,10 @@ pub fn simulate_with(
 }
 
 /// Simulates `scenario` under the named policy with default settings.
-pub fn simulate(scenario: &Scenario, policy: &str) -> Result<SimOutcome, tern_policy::UnknownPolicy> {
+pub fn simulate(
+    scenario: &Scenario,
+    policy: &str,
+) -> Result<SimOutcome, tern_policy::UnknownPolicy> {
     tern_policy::policy_by_name(policy)?;
     let mut make = || tern_policy::policy_by_name(policy).unwrap_or_else(|_| unreachable_policy());
     Ok(simulate_with(scenario, &mut make, SimConfig::default(), false).0)
@@ -655,17 +679,32 @@ pub fn judge(sc: &Scenario, o: &SimOutcome) -> Option<String> {
         }
         _ => {}
     }
-    if let Some(d) = sc.deadline_ms.filter(|d| sc.context.must_finish() && o.total_ms > *d) {
-        return Some(format!("{}: finished at {} ms after the deadline {d} ms", sc.context, o.total_ms));
+    if let Some(d) = sc
+        .deadline_ms
+        .filter(|d| sc.context.must_finish() && o.total_ms > *d)
+    {
+        return Some(format!(
+            "{}: finished at {} ms after the deadline {d} ms",
+            sc.context, o.total_ms
+        ));
     }
-    if let Some(dt) = o.downtime_ms.filter(|dt| o.completed() && *dt > sla.max_downtime_ms) {
+    if let Some(dt) = o
+        .downtime_ms
+        .filter(|dt| o.completed() && *dt > sla.max_downtime_ms)
+    {
         return Some(format!("downtime {dt} ms > SLA {} ms", sla.max_downtime_ms));
     }
     if o.max_throttle_pct > sla.max_throttle_pct {
-        return Some(format!("throttle {} % > SLA {} %", o.max_throttle_pct, sla.max_throttle_pct));
+        return Some(format!(
+            "throttle {} % > SLA {} %",
+            o.max_throttle_pct, sla.max_throttle_pct
+        ));
     }
     if o.used_postcopy && !sla.post_copy_acceptable {
-        return Some(format!("post-copy used but SLA {:?} does not accept it", sla.name));
+        return Some(format!(
+            "post-copy used but SLA {:?} does not accept it",
+            sla.name
+        ));
     }
     None
 }

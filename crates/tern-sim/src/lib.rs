@@ -91,7 +91,9 @@ pub fn run_matrix(
     for p in policies {
         policy_by_name(p)?;
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
     let jobs: Vec<(usize, usize)> = (0..policies.len())
         .flat_map(|p| (0..scenarios.len()).map(move |s| (p, s)))
         .collect();

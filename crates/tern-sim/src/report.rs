@@ -147,10 +147,25 @@ pub fn aggregate(policies: &[String], outcomes: &[Vec<SimOutcome>]) -> Vec<Compa
                 continue;
             }
             let n = rows.len();
-            let completed: Vec<&SimOutcome> = rows.iter().map(|r| r.1).filter(|o| o.completed()).collect();
-            let totals = sorted(completed.iter().map(|o| o.total_ms as f64 / 1000.0).collect());
-            let downs = sorted(completed.iter().filter_map(|o| o.downtime_ms.map(|d| d as f64)).collect());
-            let bytes = sorted(rows.iter().map(|(_, o)| o.bytes_sent as f64 / o.ram_bytes.max(1) as f64).collect());
+            let completed: Vec<&SimOutcome> =
+                rows.iter().map(|r| r.1).filter(|o| o.completed()).collect();
+            let totals = sorted(
+                completed
+                    .iter()
+                    .map(|o| o.total_ms as f64 / 1000.0)
+                    .collect(),
+            );
+            let downs = sorted(
+                completed
+                    .iter()
+                    .filter_map(|o| o.downtime_ms.map(|d| d as f64))
+                    .collect(),
+            );
+            let bytes = sorted(
+                rows.iter()
+                    .map(|(_, o)| o.bytes_sent as f64 / o.ram_bytes.max(1) as f64)
+                    .collect(),
+            );
             let count = |f: &dyn Fn(&SimOutcome) -> bool| rows.iter().filter(|(_, o)| f(o)).count();
             let (mut better, mut worse, mut same) = (None, None, None);
             let (mut less, mut more) = (None, None);
@@ -187,8 +202,16 @@ pub fn aggregate(policies: &[String], outcomes: &[Vec<SimOutcome>]) -> Vec<Compa
                 timed_out: count(&|o| o.result == SimResult::TimedOut),
                 vm_lost: count(&|o| o.result == SimResult::VmLost),
                 used_postcopy: count(&|o| o.used_postcopy),
-                mean_throttled_s: round(rows.iter().map(|(_, o)| o.throttled_ms as f64).sum::<f64>() / n as f64 / 1000.0, 1),
-                mean_postcopy_s: round(rows.iter().map(|(_, o)| o.postcopy_ms as f64).sum::<f64>() / n as f64 / 1000.0, 1),
+                mean_throttled_s: round(
+                    rows.iter().map(|(_, o)| o.throttled_ms as f64).sum::<f64>()
+                        / n as f64
+                        / 1000.0,
+                    1,
+                ),
+                mean_postcopy_s: round(
+                    rows.iter().map(|(_, o)| o.postcopy_ms as f64).sum::<f64>() / n as f64 / 1000.0,
+                    1,
+                ),
                 tern_better: better,
                 tern_worse: worse,
                 tern_same: same,
@@ -204,20 +227,58 @@ fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v}"))
 }
 
+const HEADER: [&str; 16] = [
+    "policy",
+    "done%",
+    "med_s",
+    "p95_s",
+    "med_dt",
+    "p95_dt",
+    "viol",
+    "B/RAM",
+    "abrt",
+    "tmout",
+    "lost",
+    "pcopy",
+    "thr_s",
+    "pc_s",
+    "tern b/w/s",
+    "impact -/+",
+];
+
 /// The human-readable table.
 pub fn table(records: &[ComparisonRecord], scenarios: usize, seed: u64) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "tern sim: {scenarios} scenarios, seed {seed} (same scenarios for every policy)");
+    let _ = writeln!(
+        s,
+        "tern sim: {scenarios} scenarios, seed {seed} (same scenarios for every policy)"
+    );
     for ctx in MigrationContext::ALL {
         let rows: Vec<&ComparisonRecord> = records.iter().filter(|r| r.context == ctx).collect();
         if rows.is_empty() {
             continue;
         }
         let _ = writeln!(s, "\n== {ctx} ({} scenarios) ==", rows[0].scenarios);
+        let h = HEADER;
         let _ = writeln!(
             s,
             "{:<31} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6} {:>5} {:>5} {:>4} {:>5} {:>7} {:>7}  {:<12} {}",
-            "policy", "done%", "med_s", "p95_s", "med_dt", "p95_dt", "viol", "B/RAM", "abrt", "tmout", "lost", "pcopy", "thr_s", "pc_s", "tern b/w/s", "impact -/+"
+            h[0],
+            h[1],
+            h[2],
+            h[3],
+            h[4],
+            h[5],
+            h[6],
+            h[7],
+            h[8],
+            h[9],
+            h[10],
+            h[11],
+            h[12],
+            h[13],
+            h[14],
+            h[15]
         );
         for r in rows {
             let vs = match (r.tern_better, r.tern_worse, r.tern_same) {
@@ -302,7 +363,10 @@ mod tests {
         assert_eq!(compare_outcomes(&abort, &broke), Less);
         assert_eq!(compare_outcomes(&broke, &lost), Less);
         assert_eq!(compare_outcomes(&lost, &ok), Greater);
-        assert_eq!(compare_outcomes(&ok, &o(SimResult::Completed, 10_500, false)), Equal);
+        assert_eq!(
+            compare_outcomes(&ok, &o(SimResult::Completed, 10_500, false)),
+            Equal
+        );
     }
 
     #[test]

@@ -156,7 +156,9 @@ pub fn generate_scenarios(n: usize, seed: u64) -> Vec<Scenario> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let catalog = SlaCatalog::builtin();
     let classes: Vec<SlaClass> = catalog.classes().cloned().collect();
-    (0..n as u64).map(|id| generate_one(&mut rng, id, &classes)).collect()
+    (0..n as u64)
+        .map(|id| generate_one(&mut rng, id, &classes))
+        .collect()
 }
 
 fn generate_one(rng: &mut ChaCha8Rng, id: u64, classes: &[SlaClass]) -> Scenario {
@@ -229,7 +231,8 @@ fn generate_one(rng: &mut ChaCha8Rng, id: u64, classes: &[SlaClass]) -> Scenario
     let first_pass_ms = ram_bytes * 1000 / link_bytes_per_s.max(1);
     let deadline_ms = match context {
         MigrationContext::Maintenance => Some(
-            (first_pass_ms as f64 * rng.gen_range(2.0..6.0)) as u64 + rng.gen_range(30_000..300_000),
+            (first_pass_ms as f64 * rng.gen_range(2.0..6.0)) as u64
+                + rng.gen_range(30_000..300_000),
         ),
         MigrationContext::Evacuate if rng.gen_bool(0.3) => {
             Some((first_pass_ms as f64 * rng.gen_range(2.0..4.0)) as u64 + 30_000)

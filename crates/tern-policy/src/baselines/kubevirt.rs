@@ -1,9 +1,9 @@
 //! KubeVirt's two convergence paths (`kubevirt@d923fdb:pkg/virt-launcher/virtwrap/live-migration-source.go`).
 
+use crate::MigrationPolicy;
 use crate::limits::UNLIMITED_BANDWIDTH;
 use crate::observe::{Action, Decision, Observation, Phase, mbit, mib};
 use crate::plan::{Capabilities, MigrationPlan, PlanInput, post_copy_verdict};
-use crate::MigrationPolicy;
 
 use super::finish_decisions;
 
@@ -48,10 +48,14 @@ fn kubevirt_plan(name: &str, input: &PlanInput) -> MigrationPlan {
     };
     plan.parameters.multifd_channels = if plan.capabilities.multifd { 8 } else { 1 };
     // bandwidthPerMigration 0 = unlimited.
-    plan.parameters.max_bandwidth_bytes_per_s = input.host_bandwidth_cap().unwrap_or(UNLIMITED_BANDWIDTH);
+    plan.parameters.max_bandwidth_bytes_per_s =
+        input.host_bandwidth_cap().unwrap_or(UNLIMITED_BANDWIDTH);
     plan.deadline_ms = None;
     plan.reasons = vec![
-        format!("allowPostCopy = allowWorkloadDisruption = {post} ({})", verdict.reason),
+        format!(
+            "allowPostCopy = allowWorkloadDisruption = {post} ({})",
+            verdict.reason
+        ),
         format!(
             "acceptableCompletionTime {} s = {COMPLETION_TIMEOUT_PER_GIB} s × {} GB",
             acceptable_completion_ms(input.vm.ram_bytes) / 1000,
@@ -105,7 +109,10 @@ impl MigrationPolicy for KubevirtLegacyPolicy {
             return finish_decisions(obs, out, "kubevirt: in post-copy or finished");
         }
         let lowest = self.lowest;
-        if let Some(s) = obs.sample().filter(|s| lowest.is_none_or(|l| s.remaining_bytes < l)) {
+        if let Some(s) = obs
+            .sample()
+            .filter(|s| lowest.is_none_or(|l| s.remaining_bytes < l))
+        {
             self.lowest = Some(s.remaining_bytes);
             self.last_progress_ms = at;
         }
@@ -115,7 +122,11 @@ impl MigrationPolicy for KubevirtLegacyPolicy {
                 self.done = true;
                 out.push(Decision::new(
                     Action::SwitchToPostcopy,
-                    format!("elapsed {} s > acceptableCompletionTime {} s; allowPostCopy", at / 1000, acceptable / 1000),
+                    format!(
+                        "elapsed {} s > acceptableCompletionTime {} s; allowPostCopy",
+                        at / 1000,
+                        acceptable / 1000
+                    ),
                 ));
             } else {
                 self.paused = true;
@@ -139,10 +150,18 @@ impl MigrationPolicy for KubevirtLegacyPolicy {
             self.done = true;
             out.push(Decision::new(
                 Action::Abort,
-                format!("elapsed {} s > acceptableCompletionTime {} s", at / 1000, self.acceptable_ms.unwrap_or(acceptable) / 1000),
+                format!(
+                    "elapsed {} s > acceptableCompletionTime {} s",
+                    at / 1000,
+                    self.acceptable_ms.unwrap_or(acceptable) / 1000
+                ),
             ));
         }
-        finish_decisions(obs, out, "kubevirt: within progress and completion timeouts")
+        finish_decisions(
+            obs,
+            out,
+            "kubevirt: within progress and completion timeouts",
+        )
     }
 }
 
@@ -204,8 +223,12 @@ impl KubevirtStallPolicy {
         self.initiated = true;
         self.switchover_deadline_ms = at + SWITCHOVER_TIMEOUT_MS;
         Decision::new(
-            Action::SetDowntimeLimit { ms: HARD_DOWNTIME_MS },
-            format!("{why}; allowWorkloadDisruption: hard stop-and-copy (downtime {HARD_DOWNTIME_MS} ms)"),
+            Action::SetDowntimeLimit {
+                ms: HARD_DOWNTIME_MS,
+            },
+            format!(
+                "{why}; allowWorkloadDisruption: hard stop-and-copy (downtime {HARD_DOWNTIME_MS} ms)"
+            ),
         )
     }
 
@@ -228,7 +251,10 @@ impl KubevirtStallPolicy {
         );
         if awd && plan.capabilities.postcopy_ram {
             self.done = true;
-            return Some(Decision::new(Action::SwitchToPostcopy, format!("{why}; post-copy")));
+            return Some(Decision::new(
+                Action::SwitchToPostcopy,
+                format!("{why}; post-copy"),
+            ));
         }
         if awd {
             return Some(self.hard_stop(at, why));
@@ -244,7 +270,9 @@ impl KubevirtStallPolicy {
         self.done = true;
         Some(Decision::new(
             Action::Abort,
-            format!("{why}; > {PRECOPY_POSSIBLE_FACTOR} × maxDowntimeMs {max_dt} and no workload disruption allowed: abort"),
+            format!(
+                "{why}; > {PRECOPY_POSSIBLE_FACTOR} × maxDowntimeMs {max_dt} and no workload disruption allowed: abort"
+            ),
         ))
     }
 }
@@ -281,7 +309,8 @@ impl MigrationPolicy for KubevirtStallPolicy {
         match obs {
             Observation::Tick { latest, .. } => {
                 if let Some(s) = latest {
-                    self.ewma_bps = EWMA_ALPHA * s.throughput_bytes_per_s as f64 + (1.0 - EWMA_ALPHA) * self.ewma_bps;
+                    self.ewma_bps = EWMA_ALPHA * s.throughput_bytes_per_s as f64
+                        + (1.0 - EWMA_ALPHA) * self.ewma_bps;
                 }
             }
             Observation::PassCompleted(s) => {
@@ -296,7 +325,8 @@ impl MigrationPolicy for KubevirtStallPolicy {
                     .map(|&(_, r)| r)
                     .min();
                 self.records.push((at, remaining));
-                let stalled = older_min.is_some_and(|m| remaining as f64 >= m as f64 * (1.0 - STALL_MARGIN));
+                let stalled =
+                    older_min.is_some_and(|m| remaining as f64 >= m as f64 * (1.0 - STALL_MARGIN));
                 if !stalled {
                     self.best = None;
                 } else {
@@ -306,7 +336,10 @@ impl MigrationPolicy for KubevirtStallPolicy {
                         self.patience_ms = STALL_WINDOW_MS;
                         self.relax_at_ms = at + self.patience_ms;
                     } else if at >= self.relax_at_ms {
-                        self.best = self.records[self.stall_start..].iter().map(|&(_, r)| r).min();
+                        self.best = self.records[self.stall_start..]
+                            .iter()
+                            .map(|&(_, r)| r)
+                            .min();
                         self.patience_ms = ((self.patience_ms as f64) * PATIENCE_DECAY) as u64;
                         self.relax_at_ms = at + self.patience_ms;
                     }
@@ -327,19 +360,32 @@ impl MigrationPolicy for KubevirtStallPolicy {
             if !self.initiated && self.within_budget(est, at) {
                 if plan.post_copy.allowed && plan.capabilities.postcopy_ram {
                     self.done = true;
-                    out.push(Decision::new(Action::SwitchToPostcopy, format!("{why}; completion timeout: post-copy")));
+                    out.push(Decision::new(
+                        Action::SwitchToPostcopy,
+                        format!("{why}; completion timeout: post-copy"),
+                    ));
                 } else if plan.post_copy.allowed {
                     self.acceptable_ms *= 2;
                     out.push(self.hard_stop(at, why));
                 } else {
                     self.done = true;
-                    out.push(Decision::new(Action::Abort, format!("{why}; no workload disruption allowed: abort")));
+                    out.push(Decision::new(
+                        Action::Abort,
+                        format!("{why}; no workload disruption allowed: abort"),
+                    ));
                 }
             } else {
                 self.done = true;
-                out.push(Decision::new(Action::Abort, format!("{why}; not completable in budget or switchover timed out: abort")));
+                out.push(Decision::new(
+                    Action::Abort,
+                    format!("{why}; not completable in budget or switchover timed out: abort"),
+                ));
             }
         }
-        finish_decisions(obs, out, "kubevirt-stall: not stalled or not at a local minimum")
+        finish_decisions(
+            obs,
+            out,
+            "kubevirt-stall: not stalled or not at a local minimum",
+        )
     }
 }

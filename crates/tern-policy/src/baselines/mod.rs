@@ -29,7 +29,11 @@ pub use others::{
 use crate::observe::{Decision, Observation};
 
 /// On `PassCompleted` a policy answers at least `Continue`; on `Tick` it may answer nothing.
-pub(crate) fn finish_decisions(obs: &Observation, mut out: Vec<Decision>, idle: &str) -> Vec<Decision> {
+pub(crate) fn finish_decisions(
+    obs: &Observation,
+    mut out: Vec<Decision>,
+    idle: &str,
+) -> Vec<Decision> {
     if let (true, Observation::PassCompleted(s)) = (out.is_empty(), obs) {
         out.push(Decision::cont(format!(
             "{idle} (pass {}, {} left at {})",

@@ -1,9 +1,9 @@
 //! OpenStack Nova's libvirt driver, current (`nova`) and Newton–Rocky (`nova-2016`).
 
+use crate::MigrationPolicy;
 use crate::limits::UNLIMITED_BANDWIDTH;
 use crate::observe::{Action, Decision, Observation, Phase, mib};
 use crate::plan::{Capabilities, MigrationPlan, PlanInput, post_copy_permission};
-use crate::MigrationPolicy;
 
 use super::{finish_decisions, gib};
 
@@ -113,7 +113,12 @@ impl NovaPolicy {
         (self.config.completion_timeout_s_per_gib * Self::data_gb(input)) as u64
     }
 
-    fn decide_common(&mut self, plan: &MigrationPlan, obs: &Observation, out: &mut Vec<Decision>) -> bool {
+    fn decide_common(
+        &mut self,
+        plan: &MigrationPlan,
+        obs: &Observation,
+        out: &mut Vec<Decision>,
+    ) -> bool {
         let at = obs.at_ms();
         let elapsed_s = at as f64 / 1000.0;
         if obs.sample().is_some_and(|s| s.phase == Phase::Postcopy) {
@@ -132,15 +137,24 @@ impl NovaPolicy {
             match self.config.timeout_action {
                 NovaTimeoutAction::Abort => {
                     self.state.done = true;
-                    out.push(Decision::new(Action::Abort, format!("{why}; timeout_action=abort")));
+                    out.push(Decision::new(
+                        Action::Abort,
+                        format!("{why}; timeout_action=abort"),
+                    ));
                 }
                 NovaTimeoutAction::ForceComplete => {
                     if plan.capabilities.postcopy_ram {
                         self.state.switched = true;
-                        out.push(Decision::new(Action::SwitchToPostcopy, format!("{why}; force_complete with post-copy")));
+                        out.push(Decision::new(
+                            Action::SwitchToPostcopy,
+                            format!("{why}; force_complete with post-copy"),
+                        ));
                     } else {
                         self.state.paused = true;
-                        out.push(Decision::new(Action::PauseGuest, format!("{why}; force_complete without post-copy: pause")));
+                        out.push(Decision::new(
+                            Action::PauseGuest,
+                            format!("{why}; force_complete without post-copy: pause"),
+                        ));
                     }
                 }
             }
@@ -150,7 +164,9 @@ impl NovaPolicy {
             if self.state.watermark.is_none_or(|w| s.remaining_bytes < w) {
                 self.state.watermark = Some(s.remaining_bytes);
                 self.state.progress_ms = at;
-            } else if at.saturating_sub(self.state.progress_ms) > self.config.progress_timeout_s * 1000 {
+            } else if at.saturating_sub(self.state.progress_ms)
+                > self.config.progress_timeout_s * 1000
+            {
                 self.state.done = true;
                 out.push(Decision::new(
                     Action::Abort,
@@ -166,12 +182,19 @@ impl NovaPolicy {
         }
         // update_downtime: the last step whose time has passed.
         let steps = self.downtime_steps(plan.input.vm.ram_bytes);
-        let due = steps.iter().rev().find(|(t, _)| elapsed_s > *t as f64).copied();
+        let due = steps
+            .iter()
+            .rev()
+            .find(|(t, _)| elapsed_s > *t as f64)
+            .copied();
         if let Some((t, ms)) = due.filter(|&(_, ms)| self.state.current_downtime != Some(ms)) {
             self.state.current_downtime = Some(ms);
             out.push(Decision::new(
                 Action::SetDowntimeLimit { ms },
-                format!("downtime step: {elapsed_s:.0} s > {t} s ⇒ {ms} ms (steps of {} s)", steps[1].0),
+                format!(
+                    "downtime step: {elapsed_s:.0} s > {t} s ⇒ {ms} ms (steps of {} s)",
+                    steps[1].0
+                ),
             ));
         }
         false
@@ -189,18 +212,24 @@ impl MigrationPolicy for NovaPolicy {
         let post = verdict.allowed;
         plan.capabilities = Capabilities {
             postcopy_ram: post,
-            auto_converge: self.config.permit_auto_converge && !post && input.features.auto_converge,
+            auto_converge: self.config.permit_auto_converge
+                && !post
+                && input.features.auto_converge,
             ..Capabilities::default()
         };
         let steps = self.downtime_steps(input.vm.ram_bytes);
         plan.parameters.downtime_limit_ms = steps[0].1;
-        plan.parameters.max_bandwidth_bytes_per_s = input.host_bandwidth_cap().unwrap_or(UNLIMITED_BANDWIDTH);
+        plan.parameters.max_bandwidth_bytes_per_s =
+            input.host_bandwidth_cap().unwrap_or(UNLIMITED_BANDWIDTH);
         let timeout = self.timeout_s(input);
         plan.deadline_ms = None;
         plan.reasons = vec![
             format!("post-copy flag: {} ({})", post, verdict.reason),
             format!("downtime steps {:?} (s, ms)", steps),
-            format!("completion timeout {timeout} s, action {:?}", self.config.timeout_action),
+            format!(
+                "completion timeout {timeout} s, action {:?}",
+                self.config.timeout_action
+            ),
         ];
         plan
     }
@@ -249,17 +278,24 @@ impl MigrationPolicy for Nova2016Policy {
 
     fn plan(&self, input: &PlanInput) -> MigrationPlan {
         let mut plan = self.inner.plan(input);
-        plan.reasons.push("auto post-copy: <10 % progress between polls after iteration 1".into());
+        plan.reasons
+            .push("auto post-copy: <10 % progress between polls after iteration 1".into());
         plan
     }
 
     fn decide(&mut self, plan: &MigrationPlan, obs: &Observation) -> Vec<Decision> {
         let mut out = vec![];
         let stop = self.inner.decide_common(plan, obs, &mut out);
-        let sample = obs.sample().filter(|_| !stop && plan.capabilities.postcopy_ram);
+        let sample = obs
+            .sample()
+            .filter(|_| !stop && plan.capabilities.postcopy_ram);
         if let Some(s) = sample {
             let cur = s.remaining_bytes;
-            let prev = self.inner.state.prev_remaining.filter(|p| *p > 0 && s.pass > 1);
+            let prev = self
+                .inner
+                .state
+                .prev_remaining
+                .filter(|p| *p > 0 && s.pass > 1);
             if let Some(prev) = prev {
                 let progress = ((prev as f64 - cur as f64) * 100.0 / prev as f64).round();
                 if progress < 10.0 {

@@ -2,10 +2,13 @@
 
 use std::collections::VecDeque;
 
+use crate::MigrationPolicy;
 use crate::limits::{QEMU_MAX_DOWNTIME_MS, UNLIMITED_BANDWIDTH};
 use crate::observe::{Action, Decision, Observation, Phase, mib};
-use crate::plan::{Capabilities, MigrationPlan, PlanInput, PostCopyVerdict, post_copy_permission, post_copy_verdict};
-use crate::MigrationPolicy;
+use crate::plan::{
+    Capabilities, MigrationPlan, PlanInput, PostCopyVerdict, post_copy_permission,
+    post_copy_verdict,
+};
 
 use super::finish_decisions;
 
@@ -67,7 +70,11 @@ impl MigrationPolicy for OvirtPostcopyPolicy {
         plan.deadline_ms = None;
         plan.reasons = vec![format!(
             "schedule 100 → 150 → 200 ms{}, then abort ({})",
-            if verdict.allowed { " → post-copy" } else { "" },
+            if verdict.allowed {
+                " → post-copy"
+            } else {
+                ""
+            },
             verdict.reason
         )];
         plan
@@ -76,7 +83,10 @@ impl MigrationPolicy for OvirtPostcopyPolicy {
     fn decide(&mut self, plan: &MigrationPlan, obs: &Observation) -> Vec<Decision> {
         let mut out = vec![];
         let schedule = self.schedule.get_or_insert_with(|| {
-            let mut s = VecDeque::from(vec![(1, OvirtStep::SetDowntime(150)), (2, OvirtStep::SetDowntime(200))]);
+            let mut s = VecDeque::from(vec![
+                (1, OvirtStep::SetDowntime(150)),
+                (2, OvirtStep::SetDowntime(200)),
+            ]);
             if plan.capabilities.postcopy_ram {
                 s.push_back((-1, OvirtStep::Postcopy));
             }
@@ -100,9 +110,15 @@ impl MigrationPolicy for OvirtPostcopyPolicy {
             let current = (sample.pass - initial) as i64;
             if let Some(&(limit, step)) = schedule.front().filter(|(limit, _)| *limit < current) {
                 schedule.pop_front();
-                let why = format!("iteration {} (current {current} > stalling limit {limit})", sample.pass);
+                let why = format!(
+                    "iteration {} (current {current} > stalling limit {limit})",
+                    sample.pass
+                );
                 out.push(match step {
-                    OvirtStep::SetDowntime(ms) => Decision::new(Action::SetDowntimeLimit { ms }, format!("{why}: setDowntime {ms} ms")),
+                    OvirtStep::SetDowntime(ms) => Decision::new(
+                        Action::SetDowntimeLimit { ms },
+                        format!("{why}: setDowntime {ms} ms"),
+                    ),
                     OvirtStep::Postcopy => {
                         self.done = true;
                         Decision::new(Action::SwitchToPostcopy, format!("{why}: postcopy"))
@@ -157,9 +173,12 @@ impl MigrationPolicy for ProxmoxPolicy {
             ..Capabilities::default()
         };
         plan.parameters.downtime_limit_ms = 100;
-        plan.parameters.max_bandwidth_bytes_per_s = input.host_bandwidth_cap().unwrap_or(UNLIMITED_BANDWIDTH);
-        plan.parameters.xbzrle_cache_bytes =
-            input.features.xbzrle.then(|| (input.vm.ram_bytes / 10).max(1).next_power_of_two());
+        plan.parameters.max_bandwidth_bytes_per_s =
+            input.host_bandwidth_cap().unwrap_or(UNLIMITED_BANDWIDTH);
+        plan.parameters.xbzrle_cache_bytes = input
+            .features
+            .xbzrle
+            .then(|| (input.vm.ram_bytes / 10).max(1).next_power_of_two());
         plan.deadline_ms = None;
         plan.reasons = vec!["auto-converge + xbzrle, downtime 100 ms doubling after >5 non-decreasing polls, no timeout".into()];
         plan
@@ -224,9 +243,13 @@ impl MigrationPolicy for LibvirtPostcopyAfterPrecopyPolicy {
         let mut plan = MigrationPlan::qemu_defaults(self.name(), input, verdict.clone());
         plan.capabilities.postcopy_ram = verdict.allowed;
         // libvirt's default migration bandwidth is unlimited.
-        plan.parameters.max_bandwidth_bytes_per_s = input.host_bandwidth_cap().unwrap_or(UNLIMITED_BANDWIDTH);
+        plan.parameters.max_bandwidth_bytes_per_s =
+            input.host_bandwidth_cap().unwrap_or(UNLIMITED_BANDWIDTH);
         plan.deadline_ms = None;
-        plan.reasons = vec![format!("post-copy after the first pass: {} ({})", verdict.allowed, verdict.reason)];
+        plan.reasons = vec![format!(
+            "post-copy after the first pass: {} ({})",
+            verdict.allowed, verdict.reason
+        )];
         plan
     }
 
@@ -234,7 +257,10 @@ impl MigrationPolicy for LibvirtPostcopyAfterPrecopyPolicy {
         let mut out = vec![];
         let due = match obs {
             Observation::PassCompleted(s) => {
-                s.pass >= 2 && !self.switched && plan.capabilities.postcopy_ram && s.phase == Phase::Precopy
+                s.pass >= 2
+                    && !self.switched
+                    && plan.capabilities.postcopy_ram
+                    && s.phase == Phase::Precopy
             }
             Observation::Tick { .. } => false,
         };
@@ -242,10 +268,18 @@ impl MigrationPolicy for LibvirtPostcopyAfterPrecopyPolicy {
             self.switched = true;
             out.push(Decision::new(
                 Action::SwitchToPostcopy,
-                format!("first pre-copy pass finished (dirty-sync-count {}), {} left", s.pass, mib(s.remaining_bytes as f64)),
+                format!(
+                    "first pre-copy pass finished (dirty-sync-count {}), {} left",
+                    s.pass,
+                    mib(s.remaining_bytes as f64)
+                ),
             ));
         }
-        finish_decisions(obs, out, "libvirt: waiting for the first pass or already switched")
+        finish_decisions(
+            obs,
+            out,
+            "libvirt: waiting for the first pass or already switched",
+        )
     }
 }
 

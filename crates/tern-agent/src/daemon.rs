@@ -1,0 +1,1187 @@
+//! The long-running agent of one host (`tern agent`): its VMs, the migrations it runs as
+//! source, and what it does after a restart.
+//!
+//! A migration is run by the *source* agent, next to the source QEMU: it asks the destination
+//! agent for an incoming QEMU, drives [`MigrationRunner`] with a [`RemoteDestination`], records
+//! every event in SQLite, and on the terminal state tells the destination to promote
+//! (completed) or delete (failed/aborted) the incoming VM, and stops its own QEMU on
+//! completion. Invariant: the guest runs on exactly one host, before, during and after.
+//!
+//! QEMU processes outlive the agent (they are not killed when it exits, unless asked). After
+//! a restart the agent re-attaches to them and settles every unfinished migration by asking
+//! QEMU where it is:
+//! - pre-copy (or not started): the source still holds the only running guest, so the
+//!   migration is cancelled, the guest resumed if it was paused, the destination's incoming
+//!   QEMU removed, and the migration recorded `failed` — the same outcome Nova gives a
+//!   migration whose compute service restarted (`_cleanup_incomplete_migrations`), without
+//!   its risk of a guest on neither host;
+//! - post-copy: the destination runs the guest and only the source has the missing pages, so
+//!   cancelling is impossible; the agent keeps monitoring until QEMU reports `completed`;
+//! - completed: only the bookkeeping (quit the source, promote the destination) is left.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tern_engine::{
+    MigrationEvent, MigrationEventKind, MigrationProgress, MigrationReport, MigrationRunner,
+    MigrationSetup, MigrationState, OperatorCommand, OperatorRequest,
+};
+use tern_policy::SlaCatalog;
+use tern_qemu::QemuBinary;
+use tern_qmp::{MigrationStatus, RunState};
+use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
+
+use crate::api::{HostFacts, IncomingReply, IncomingRequest, StartMigrationRequest};
+use crate::config::AgentConfig;
+use crate::discovery::LabAgents;
+use crate::host::{HostIdentity, HostRuntime, VmInfo, VmRole};
+use crate::migration::{MigrationOrder, plan_input_for};
+use crate::remote::{AgentClient, ClientError, RemoteDestination};
+use crate::store::{MigrationRecord, Store, StoredEvent, StoredVm, now_ms};
+use crate::{AgentError, api::MigrationView};
+
+/// How the agent behaves beyond its configuration file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AgentOptions {
+    /// Stop every VM when the agent exits (tests); by default QEMUs keep running and a
+    /// restarted agent re-attaches to them.
+    pub stop_vms_on_exit: bool,
+}
+
+struct ActiveMigration {
+    vm: String,
+    control: Option<mpsc::Sender<OperatorRequest>>,
+    progress: Option<watch::Receiver<MigrationProgress>>,
+    /// Why operator commands are refused when there is no control channel (a migration
+    /// resumed after a restart).
+    no_control_reason: String,
+}
+
+struct Inner {
+    config: AgentConfig,
+    options: AgentOptions,
+    host: HostRuntime,
+    store: Store,
+    catalog: SlaCatalog,
+    active: Mutex<BTreeMap<String, ActiveMigration>>,
+    capabilities: AsyncMutex<Option<Vec<String>>>,
+    /// Serialises migration admission so two requests for one VM cannot both pass the checks.
+    admission: AsyncMutex<()>,
+}
+
+/// A migration request that passed every check.
+struct Admitted {
+    spec: tern_qemu::VmSpec,
+    url: String,
+    dest: AgentClient,
+    facts: HostFacts,
+    order: MigrationOrder,
+    input: tern_policy::PlanInput,
+}
+
+/// One host's agent. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+fn client_err(e: ClientError) -> AgentError {
+    match e {
+        ClientError::Api { status, message } => match status {
+            404 => AgentError::NotFound(message),
+            409 => AgentError::Conflict(message),
+            422 => AgentError::InsufficientMemory(message),
+            400 => AgentError::Invalid(message),
+            _ => AgentError::Unavailable(message),
+        },
+        other => AgentError::Unavailable(other.to_string()),
+    }
+}
+
+fn state_event(
+    at_ms: u64,
+    from: MigrationState,
+    to: MigrationState,
+    reason: &str,
+) -> MigrationEvent {
+    MigrationEvent {
+        at_ms,
+        kind: MigrationEventKind::State {
+            from,
+            to,
+            reason: reason.to_string(),
+        },
+    }
+}
+
+fn note(at_ms: u64, text: impl Into<String>) -> MigrationEvent {
+    MigrationEvent {
+        at_ms,
+        kind: MigrationEventKind::Note { text: text.into() },
+    }
+}
+
+impl Agent {
+    /// Opens the agent's database, re-attaches to the QEMUs it lists and settles unfinished
+    /// migrations (in background tasks). Must be called inside a tokio runtime.
+    pub async fn start(config: AgentConfig, options: AgentOptions) -> Result<Self, AgentError> {
+        let qemu = QemuBinary::locate()?;
+        std::fs::create_dir_all(&config.runtime_dir).map_err(|e| {
+            AgentError::Config(format!(
+                "runtime_dir {}: cannot create it: {e}",
+                config.runtime_dir.display()
+            ))
+        })?;
+        let store = Store::open(&config.runtime_dir.join("agent.db"))?;
+        let host = HostRuntime::new(
+            HostIdentity {
+                name: config.host.clone(),
+                netns: config.netns.clone(),
+                migration_address: config.migration_address,
+                memory_mib: config.memory_mib,
+            },
+            config.migration.clone(),
+            qemu,
+            config.runtime_dir.join("vms"),
+        );
+        let agent = Agent {
+            inner: Arc::new(Inner {
+                config,
+                options,
+                host,
+                store,
+                catalog: SlaCatalog::builtin(),
+                active: Mutex::new(BTreeMap::new()),
+                capabilities: AsyncMutex::new(None),
+                admission: AsyncMutex::new(()),
+            }),
+        };
+        agent.readopt().await?;
+        agent.resume_unfinished().await?;
+        Ok(agent)
+    }
+
+    /// The agent's configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.inner.config
+    }
+
+    /// The host's VMs.
+    pub fn host(&self) -> &HostRuntime {
+        &self.inner.host
+    }
+
+    /// The agent's database.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// What happens to the VMs when the agent exits: detached (default) or stopped.
+    pub async fn shutdown(&self) {
+        if self.inner.options.stop_vms_on_exit {
+            self.inner.host.stop_all().await;
+        } else {
+            let pids = self.inner.host.detach_all();
+            tracing::info!(?pids, "agent exiting; QEMU processes keep running");
+        }
+    }
+
+    async fn readopt(&self) -> Result<(), AgentError> {
+        for vm in self.inner.store.vms().await? {
+            let name = vm.spec.name.clone();
+            match self
+                .inner
+                .host
+                .adopt_vm(vm.spec, vm.role, vm.pid, vm.runtime_dir)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(vm = %name, pid = vm.pid, "re-attached to QEMU");
+                    if vm.role == VmRole::Incoming {
+                        // Keep the inbound count right until the source agent settles it.
+                        let _ = self.inner.host.begin_inbound(&name);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %name, pid = vm.pid, error = %e, "QEMU is gone; forgetting the VM");
+                    self.inner.store.delete_vm(&name).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn persist_vm(&self, name: &str) -> Result<(), AgentError> {
+        let h = &self.inner.host;
+        self.inner
+            .store
+            .put_vm(StoredVm {
+                spec: h.spec(name)?,
+                role: h.role(name)?,
+                pid: h.pid(name)?,
+                runtime_dir: h.runtime_dir_of(name)?,
+            })
+            .await
+    }
+
+    // ---- host and VMs -------------------------------------------------------------------
+
+    /// Host facts (`GET /v1/host`).
+    pub async fn facts(&self) -> HostFacts {
+        let h = &self.inner.host;
+        let caps = self.capabilities().await;
+        let accel =
+            std::fs::read_to_string(tern_guest::default_cache_dir().join("accelerator.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<tern_qemu::AcceleratorVerdict>(&t).ok())
+                .map(|v| v.accelerator.to_string())
+                .unwrap_or_else(|| "unknown".to_string());
+        let (outbound, inbound) = {
+            let active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
+            let out = active.len() as u32;
+            let vms: Vec<VmRole> = h.names().iter().filter_map(|n| h.role(n).ok()).collect();
+            (
+                out,
+                vms.iter().filter(|r| **r == VmRole::Incoming).count() as u32,
+            )
+        };
+        HostFacts {
+            host: self.inner.config.host.clone(),
+            migration_address: self.inner.config.migration_address,
+            netns: self.inner.config.netns.clone(),
+            memory_mib: self.inner.config.memory_mib,
+            committed_memory_mib: h.committed_memory_mib(),
+            free_memory_mib: h.free_memory_mib(),
+            machine_available_mib: mem_available_mib(),
+            qemu_version: h.qemu().version.to_string(),
+            qemu_path: h.qemu().path.display().to_string(),
+            migration_capabilities: caps,
+            accelerator: accel,
+            kvm_device: std::path::Path::new("/dev/kvm").exists(),
+            migration: self.inner.config.migration.clone(),
+            outbound_migrations: outbound,
+            inbound_migrations: inbound,
+        }
+    }
+
+    async fn capabilities(&self) -> Vec<String> {
+        let mut cached = self.inner.capabilities.lock().await;
+        if let Some(c) = cached.as_ref() {
+            return c.clone();
+        }
+        match probe_capabilities(self.inner.host.qemu(), &self.inner.config.runtime_dir).await {
+            Ok(c) => {
+                *cached = Some(c.clone());
+                c
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not probe QEMU's migration capabilities");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Boots a VM (`POST /v1/vms`).
+    pub async fn create_vm(&self, spec: tern_qemu::VmSpec) -> Result<VmInfo, AgentError> {
+        let name = spec.name.clone();
+        let info = self.inner.host.create_vm(spec).await?;
+        if let Err(e) = self.persist_vm(&name).await {
+            let _ = self.inner.host.kill_vm(&name).await;
+            return Err(e);
+        }
+        Ok(info)
+    }
+
+    /// Stops a VM (`DELETE /v1/vms/{name}`); refused while it migrates.
+    pub async fn stop_vm(&self, name: &str) -> Result<(), AgentError> {
+        let role = self.inner.host.role(name)?;
+        if let Some(id) = self.migration_of(name) {
+            return Err(AgentError::Conflict(format!(
+                "VM {name:?} is migrating (migration {id}): abort the migration first"
+            )));
+        }
+        if role == VmRole::Incoming {
+            return Err(AgentError::Conflict(format!(
+                "VM {name:?} is the incoming side of a migration: it is removed by the source \
+                 agent (or `DELETE /v1/incoming/{name}`)"
+            )));
+        }
+        self.inner.host.stop_vm(name).await?;
+        self.inner.store.delete_vm(name).await
+    }
+
+    fn migration_of(&self, vm: &str) -> Option<String> {
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, m)| m.vm == vm)
+            .map(|(id, _)| id.clone())
+    }
+
+    // ---- destination side ---------------------------------------------------------------
+
+    /// Starts an incoming QEMU for a migration (`POST /v1/incoming`).
+    pub async fn prepare_incoming(
+        &self,
+        req: IncomingRequest,
+    ) -> Result<IncomingReply, AgentError> {
+        let name = req.spec.name.clone();
+        let h = &self.inner.host;
+        if h.has_vm(&name) {
+            return Err(AgentError::Conflict(format!(
+                "host {} already has a VM named {name:?}",
+                self.inner.config.host
+            )));
+        }
+        let port = h.begin_inbound(&name)?;
+        if let Err(e) = h.prepare_incoming(req.spec).await {
+            h.end_migration(&name);
+            return Err(e);
+        }
+        if let Err(e) = self.persist_vm(&name).await {
+            let _ = h.kill_vm(&name).await;
+            h.end_migration(&name);
+            return Err(e);
+        }
+        tracing::info!(vm = %name, port, migration = ?req.migration_id, "incoming QEMU ready");
+        Ok(IncomingReply {
+            uri: format!("tcp:{}:{port}", self.inner.config.migration_address),
+            port,
+        })
+    }
+
+    /// The QMP client of an incoming (or just promoted) VM.
+    pub fn incoming_qmp(&self, vm: &str) -> Result<tern_qmp::QmpClient, AgentError> {
+        self.inner.host.qmp(vm)
+    }
+
+    /// Turns an incoming VM into this host's running guest after its migration completed;
+    /// resumes it if it arrived paused. Idempotent.
+    pub async fn promote_incoming(&self, vm: &str) -> Result<VmInfo, AgentError> {
+        let h = &self.inner.host;
+        let qmp = h.qmp(vm)?;
+        let st = qmp.query_status().await?;
+        if !st.running {
+            if matches!(st.status, RunState::InMigrate) {
+                return Err(AgentError::Conflict(format!(
+                    "VM {vm:?} is still receiving its migration (inmigrate): it cannot be promoted yet"
+                )));
+            }
+            qmp.cont().await?;
+        }
+        h.promote_incoming(vm)?;
+        h.end_migration(vm);
+        self.persist_vm(vm).await?;
+        h.show(vm).await
+    }
+
+    /// Removes an incoming VM whose migration failed. Refuses a VM that runs here.
+    pub async fn delete_incoming(&self, vm: &str) -> Result<(), AgentError> {
+        let h = &self.inner.host;
+        if h.role(vm)? != VmRole::Incoming {
+            return Err(AgentError::Conflict(format!(
+                "VM {vm:?} runs on host {}: it is not an incoming migration; refusing to delete it",
+                self.inner.config.host
+            )));
+        }
+        h.kill_vm(vm).await?;
+        h.end_migration(vm);
+        self.inner.store.delete_vm(vm).await
+    }
+
+    // ---- source side --------------------------------------------------------------------
+
+    fn resolve_peer(&self, host: &str, url: Option<&str>) -> Result<String, AgentError> {
+        if let Some(u) = url {
+            return Ok(u.to_string());
+        }
+        if let Some(u) = self.inner.config.peers.get(host) {
+            return Ok(u.clone());
+        }
+        let mut known: Vec<String> = self.inner.config.peers.keys().cloned().collect();
+        if let Some(lab) = self.lab_name()
+            && let Ok(agents) = LabAgents::load(&lab)
+        {
+            if let Some(a) = agents.agents.get(host) {
+                return Ok(a.url.clone());
+            }
+            known.extend(agents.agents.keys().cloned());
+        }
+        known.retain(|h| *h != self.inner.config.host);
+        known.sort();
+        known.dedup();
+        Err(AgentError::NotFound(format!(
+            "unknown host {host:?}: known destination hosts are {}",
+            if known.is_empty() {
+                "none (add [peers] to the agent configuration or pass to_agent_url)".to_string()
+            } else {
+                known.join(", ")
+            }
+        )))
+    }
+
+    fn lab_name(&self) -> Option<String> {
+        self.inner
+            .config
+            .netns
+            .as_deref()
+            .and_then(tern_lab::lab_of_netns)
+            .map(str::to_string)
+    }
+
+    /// The shaped link rate between this lab host and `dest` (bytes/s), when both are lab hosts.
+    fn lab_link_rate(&self, dest: &str) -> Option<u64> {
+        let lab = tern_lab::Lab::load(&self.lab_name()?).ok()?;
+        let a = lab.host(&self.inner.config.host).ok()?.link_rate();
+        let b = lab.host(dest).ok()?.link_rate();
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.bytes_per_sec().min(b.bytes_per_sec())),
+            (Some(r), None) | (None, Some(r)) => Some(r.bytes_per_sec()),
+            (None, None) => None,
+        }
+    }
+
+    /// Every check of a migration request, without changing anything.
+    async fn admit(&self, req: &StartMigrationRequest) -> Result<Admitted, AgentError> {
+        let h = &self.inner.host;
+        let me = self.inner.config.host.clone();
+        tern_policy::policy_by_name(&req.policy).map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let spec = h.spec(&req.vm)?;
+        if h.role(&req.vm)? != VmRole::Running {
+            return Err(AgentError::Conflict(format!(
+                "VM {:?} on host {me} is the incoming side of a migration, not a running guest",
+                req.vm
+            )));
+        }
+        if req.to_host == me {
+            return Err(AgentError::Invalid(format!(
+                "VM {:?} already runs on host {me}: choose a different destination host",
+                req.vm
+            )));
+        }
+        if let Some(id) = self.migration_of(&req.vm) {
+            return Err(AgentError::Conflict(format!(
+                "VM {:?} is already migrating (migration {id})",
+                req.vm
+            )));
+        }
+        let url = self.resolve_peer(&req.to_host, req.to_agent_url.as_deref())?;
+        let dest = AgentClient::new(&url);
+        let facts = dest.host().await.map_err(|e| match e {
+            ClientError::Unreachable { .. } => {
+                AgentError::Unavailable(format!("destination host {}: {e}", req.to_host))
+            }
+            other => client_err(other),
+        })?;
+        if facts.host != req.to_host {
+            return Err(AgentError::Invalid(format!(
+                "the agent at {url} manages host {:?}, not {:?}",
+                facts.host, req.to_host
+            )));
+        }
+        if spec.memory_mib > facts.free_memory_mib {
+            return Err(AgentError::InsufficientMemory(format!(
+                "VM {:?} needs {} MiB but destination host {} has {} MiB free (of {} MiB)",
+                req.vm, spec.memory_mib, facts.host, facts.free_memory_mib, facts.memory_mib
+            )));
+        }
+        let order = MigrationOrder {
+            vm: req.vm.clone(),
+            context: req.context,
+            policy: req.policy.clone(),
+            link_bytes_per_s: req
+                .link_bytes_per_s
+                .or_else(|| self.lab_link_rate(&req.to_host)),
+            deadline_ms: req.deadline_s.map(|s| s * 1000),
+            probe_seconds: 0,
+        };
+        let input = plan_input_for(
+            &spec,
+            &order,
+            &self.inner.config.migration,
+            &facts.migration,
+            &self.inner.catalog,
+        )?;
+        Ok(Admitted {
+            spec,
+            url,
+            dest,
+            facts,
+            order,
+            input,
+        })
+    }
+
+    /// The plan the policy would make for this request, with its pre-flight estimate
+    /// (`POST /v1/migrations/plan`, `tern migrate --dry-run`). Features are taken from the
+    /// capabilities both QEMUs list; the guest's dirty rate is measured with `calc-dirty-rate`
+    /// for `probe_s` seconds when asked. Nothing is started.
+    pub async fn plan_migration(
+        &self,
+        req: StartMigrationRequest,
+        probe_s: u64,
+    ) -> Result<tern_policy::MigrationPlan, AgentError> {
+        let a = self.admit(&req).await?;
+        let policy = tern_policy::policy_by_name(&req.policy)
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let qmp = self.inner.host.qmp(&req.vm)?;
+        let src: std::collections::BTreeSet<String> = qmp
+            .supported_capabilities()
+            .await?
+            .into_iter()
+            .map(|c| c.as_str().to_string())
+            .collect();
+        let dst: std::collections::BTreeSet<String> =
+            a.facts.migration_capabilities.iter().cloned().collect();
+        let both = |c: &str| src.contains(c) && dst.contains(c);
+        let v = self.inner.host.qemu().version.clone();
+        let mut input = a.input;
+        input.features = tern_policy::QemuFeatures {
+            postcopy_ram: both("postcopy-ram"),
+            postcopy_preempt: both("postcopy-preempt"),
+            postcopy_recovery: both("postcopy-ram"),
+            auto_converge: src.contains("auto-converge"),
+            dirty_limit: src.contains("dirty-limit")
+                && a.spec.accelerator == tern_qemu::Accelerator::Kvm,
+            multifd: both("multifd"),
+            multifd_with_postcopy: (v.major, v.minor) >= (10, 1),
+            xbzrle: src.contains("xbzrle"),
+            calc_dirty_rate: true,
+        };
+        if probe_s > 0 {
+            let p = tern_engine::probe_dirty_rate(&qmp, probe_s.min(10))
+                .await
+                .map_err(|e| AgentError::Internal(e.to_string()))?;
+            input.probe = Some(p);
+        }
+        Ok(policy.plan(&input))
+    }
+
+    /// Starts a migration of one of this host's VMs (`POST /v1/migrations`). Every check runs
+    /// before anything is started; on any error nothing has changed.
+    pub async fn start_migration(
+        &self,
+        req: StartMigrationRequest,
+    ) -> Result<MigrationRecord, AgentError> {
+        let _admission = self.inner.admission.lock().await;
+        let h = &self.inner.host;
+        let me = self.inner.config.host.clone();
+        let policy = tern_policy::policy_by_name(&req.policy)
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let Admitted {
+            spec,
+            url,
+            dest,
+            facts: _,
+            order,
+            input,
+        } = self.admit(&req).await?;
+        let source_qmp = h.qmp(&req.vm)?;
+        h.begin_outbound(&req.vm)?;
+        let created = now_ms();
+        let id = format!("{}-{created:x}", req.vm);
+        let incoming = match dest
+            .prepare_incoming(&IncomingRequest {
+                spec: spec.clone(),
+                migration_id: Some(id.clone()),
+            })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                h.end_migration(&req.vm);
+                return Err(client_err(e));
+            }
+        };
+        let record = MigrationRecord {
+            id: id.clone(),
+            vm: req.vm.clone(),
+            source: me.clone(),
+            destination: req.to_host.clone(),
+            destination_url: url.clone(),
+            context: req.context.to_string(),
+            policy: req.policy.clone(),
+            state: MigrationState::Pending,
+            created_ms: created,
+            updated_ms: created,
+            finished_ms: None,
+            error: None,
+            report: None,
+            link_bytes_per_s: order.link_bytes_per_s,
+        };
+        if let Err(e) = self.inner.store.insert_migration(record.clone()).await {
+            let _ = dest.delete_incoming(&req.vm).await;
+            h.end_migration(&req.vm);
+            return Err(e);
+        }
+        let _ = self
+            .inner
+            .store
+            .append_event(
+                &id,
+                &note(
+                    0,
+                    format!(
+                        "accepted: {} from {me} to {} (context {}, policy {}); destination QEMU \
+                         ready, stream to {}",
+                        req.vm, req.to_host, req.context, req.policy, incoming.uri
+                    ),
+                ),
+            )
+            .await;
+        let mut setup = MigrationSetup::new(id.clone(), incoming.uri.clone(), input);
+        setup.recovery_window =
+            Duration::from_secs(self.inner.config.migration.postcopy_recovery_window_s);
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let runner = MigrationRunner::new(
+            source_qmp,
+            Box::new(RemoteDestination::new(&url, &req.vm)),
+            policy,
+            setup,
+        )
+        .with_event_sink(ev_tx);
+        let (ctl_tx, ctl_rx) = mpsc::channel(8);
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.clone(),
+                ActiveMigration {
+                    vm: req.vm.clone(),
+                    control: Some(ctl_tx),
+                    progress: Some(runner.progress()),
+                    no_control_reason: String::new(),
+                },
+            );
+        let persister = self.spawn_persister(id.clone(), ev_rx);
+        let agent = self.clone();
+        let rec = record.clone();
+        // The runner's future is not `Send` (it borrows its policy across awaits), so it runs
+        // on a thread of its own with a current-thread runtime; QMP and HTTP clients work
+        // across runtimes.
+        let (done_tx, done_rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("migration-{}", rec.vm))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match rt {
+                    Ok(rt) => {
+                        let report = rt.block_on(runner.run(ctl_rx));
+                        let _ = done_tx.send(Ok(report));
+                    }
+                    Err(e) => {
+                        let _ =
+                            done_tx.send(Err(format!("cannot start the migration runtime: {e}")));
+                    }
+                }
+            });
+        if let Err(e) = thread {
+            return Err(AgentError::Internal(format!(
+                "cannot start the migration thread: {e}"
+            )));
+        }
+        tokio::spawn(async move {
+            let report = done_rx.await;
+            let _ = persister.await;
+            match report {
+                Ok(Ok(report)) => agent.finish_migration(&rec, report).await,
+                Ok(Err(e)) => agent.conclude(&rec, MigrationState::Failed, Some(e)).await,
+                Err(_) => {
+                    agent
+                        .conclude(
+                            &rec,
+                            MigrationState::Failed,
+                            Some("the migration thread ended without a report".into()),
+                        )
+                        .await
+                }
+            }
+        });
+        Ok(record)
+    }
+
+    fn spawn_persister(
+        &self,
+        id: String,
+        mut rx: mpsc::UnboundedReceiver<MigrationEvent>,
+    ) -> tokio::task::JoinHandle<()> {
+        let store = self.inner.store.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                if let Err(e) = store.append_event(&id, &ev).await {
+                    tracing::error!(migration = %id, error = %e, "cannot persist event");
+                }
+                if let MigrationEventKind::State { to, .. } = ev.kind
+                    && let Err(e) = store.set_state(&id, to).await
+                {
+                    tracing::error!(migration = %id, error = %e, "cannot persist state");
+                }
+            }
+        })
+    }
+
+    async fn event(&self, rec: &MigrationRecord, ev: MigrationEvent) {
+        if let Err(e) = self.inner.store.append_event(&rec.id, &ev).await {
+            tracing::error!(migration = %rec.id, error = %e, "cannot persist event");
+        }
+    }
+
+    fn since(rec: &MigrationRecord) -> u64 {
+        now_ms().saturating_sub(rec.created_ms)
+    }
+
+    /// Bookkeeping after the engine reached a terminal state: the guest must end up on
+    /// exactly one host.
+    async fn finish_migration(&self, rec: &MigrationRecord, report: MigrationReport) {
+        self.settle(rec, report.state).await;
+        if let Err(e) = self
+            .inner
+            .store
+            .finish(&rec.id, report.state, report.error.clone(), Some(&report))
+            .await
+        {
+            tracing::error!(migration = %rec.id, error = %e, "cannot persist the report");
+        }
+        self.inner.host.end_migration(&rec.vm);
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.id);
+    }
+
+    /// Completed: stop the source QEMU and promote the destination's. Failed/aborted: remove
+    /// the destination's. Lost: leave both for the operator.
+    async fn settle(&self, rec: &MigrationRecord, state: MigrationState) {
+        let dest = AgentClient::new(&rec.destination_url);
+        match state {
+            MigrationState::Completed => {
+                let mut promoted = Err(ClientError::Api {
+                    status: 0,
+                    message: String::new(),
+                });
+                for _ in 0..10 {
+                    promoted = dest.promote_incoming(&rec.vm).await;
+                    if promoted.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let text = match promoted {
+                    Ok(_) => format!("destination {} promoted the guest", rec.destination),
+                    Err(e) => format!(
+                        "destination {} did not confirm the promotion: {e}",
+                        rec.destination
+                    ),
+                };
+                self.event(rec, note(Self::since(rec), text)).await;
+                match self.inner.host.stop_vm(&rec.vm).await {
+                    Ok(()) => {
+                        let _ = self.inner.store.delete_vm(&rec.vm).await;
+                        self.event(
+                            rec,
+                            note(
+                                Self::since(rec),
+                                "source QEMU quit; the guest runs only on the destination",
+                            ),
+                        )
+                        .await;
+                    }
+                    Err(e) => {
+                        self.event(
+                            rec,
+                            note(Self::since(rec), format!("stopping the source QEMU: {e}")),
+                        )
+                        .await
+                    }
+                }
+            }
+            MigrationState::Lost => {
+                self.event(
+                    rec,
+                    note(
+                        Self::since(rec),
+                        "guest state lost after the switch: both QEMUs are kept for the operator",
+                    ),
+                )
+                .await;
+            }
+            _ => {
+                let text = match dest.delete_incoming(&rec.vm).await {
+                    Ok(_) => format!(
+                        "destination {} removed its incoming QEMU; the guest stays on {}",
+                        rec.destination, rec.source
+                    ),
+                    Err(e) if e.status() == Some(404) => format!(
+                        "destination {} has no incoming QEMU left; the guest stays on {}",
+                        rec.destination, rec.source
+                    ),
+                    Err(e) => format!(
+                        "removing the destination's incoming QEMU failed ({e}); the guest stays on {}",
+                        rec.source
+                    ),
+                };
+                self.event(rec, note(Self::since(rec), text)).await;
+            }
+        }
+    }
+
+    async fn resume_unfinished(&self) -> Result<(), AgentError> {
+        for rec in self.inner.store.unfinished_migrations().await? {
+            if rec.source != self.inner.config.host {
+                continue;
+            }
+            let _ = self.inner.host.begin_outbound(&rec.vm);
+            self.inner
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    rec.id.clone(),
+                    ActiveMigration {
+                        vm: rec.vm.clone(),
+                        control: None,
+                        progress: None,
+                        no_control_reason: format!(
+                            "migration {} is being settled after an agent restart (it was {})",
+                            rec.id, rec.state
+                        ),
+                    },
+                );
+            let agent = self.clone();
+            tokio::spawn(async move { agent.recover(rec).await });
+        }
+        Ok(())
+    }
+
+    async fn transition(
+        &self,
+        rec: &MigrationRecord,
+        from: MigrationState,
+        to: MigrationState,
+        why: &str,
+    ) {
+        if from != to {
+            self.event(rec, state_event(Self::since(rec), from, to, why))
+                .await;
+        }
+        let _ = self.inner.store.set_state(&rec.id, to).await;
+    }
+
+    async fn conclude(&self, rec: &MigrationRecord, state: MigrationState, error: Option<String>) {
+        self.settle(rec, state).await;
+        let _ = self.inner.store.finish(&rec.id, state, error, None).await;
+        self.inner.host.end_migration(&rec.vm);
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.id);
+    }
+
+    /// Settles a migration found unfinished after a restart (see the module docs).
+    async fn recover(&self, rec: MigrationRecord) {
+        let from = rec.state;
+        self.event(
+            &rec,
+            note(
+                Self::since(&rec),
+                format!("agent restarted; the migration was {from}: asking QEMU where it is"),
+            ),
+        )
+        .await;
+        let qmp = match self.inner.host.qmp(&rec.vm) {
+            Ok(q) => q,
+            Err(_) => {
+                // The source QEMU is gone: the guest is wherever the destination says.
+                let dest = AgentClient::new(&rec.destination_url);
+                let running_there =
+                    matches!(dest.show_vm(&rec.vm).await, Ok(i) if i.run_state == "running");
+                if running_there {
+                    self.transition(&rec, from, MigrationState::Completed,
+                        "agent restarted; the source QEMU is gone and the destination runs the guest").await;
+                    self.conclude(&rec, MigrationState::Completed, None).await;
+                } else {
+                    let why = "agent restarted; the source QEMU is gone and the destination does not run the guest";
+                    self.transition(&rec, from, MigrationState::Lost, why).await;
+                    self.conclude(&rec, MigrationState::Lost, Some(why.into()))
+                        .await;
+                }
+                return;
+            }
+        };
+        let status = match qmp.query_migrate().await {
+            Ok(i) => i.status_or_none(),
+            Err(e) => {
+                let why = format!("agent restarted; the source QEMU does not answer: {e}");
+                self.transition(&rec, from, MigrationState::Failed, &why)
+                    .await;
+                self.conclude(&rec, MigrationState::Failed, Some(why)).await;
+                return;
+            }
+        };
+        match status {
+            MigrationStatus::Completed => self.recover_completed(&rec, from).await,
+            MigrationStatus::PostcopyActive
+            | MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecover
+            | MigrationStatus::PostcopyRecoverSetup => {
+                if from != MigrationState::Postcopy {
+                    self.transition(&rec, from, MigrationState::Postcopy,
+                        "agent restarted during post-copy: the destination runs the guest; monitoring until completion").await;
+                }
+                self.monitor_postcopy(&rec, &qmp).await;
+            }
+            MigrationStatus::Cancelled | MigrationStatus::Failed | MigrationStatus::None => {
+                self.resume_source(&rec, &qmp).await;
+                let why = format!(
+                    "agent restarted; QEMU reports the migration {}: guest kept on the source",
+                    status.as_str()
+                );
+                self.transition(&rec, from, MigrationState::Failed, &why)
+                    .await;
+                self.conclude(&rec, MigrationState::Failed, Some(why)).await;
+            }
+            _ => {
+                // Pre-copy (setup, active, device, …): cancel; the source keeps the guest.
+                let _ = qmp.migrate_cancel().await;
+                let mut last = status.clone();
+                for _ in 0..100 {
+                    match qmp.query_migrate().await {
+                        Ok(i) => last = i.status_or_none(),
+                        Err(_) => break,
+                    }
+                    if matches!(
+                        last,
+                        MigrationStatus::Cancelled
+                            | MigrationStatus::Failed
+                            | MigrationStatus::Completed
+                    ) || last.as_str().starts_with("postcopy")
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if matches!(last, MigrationStatus::Completed) {
+                    // It finished before the cancel took effect.
+                    self.recover_completed(&rec, from).await;
+                    return;
+                }
+                if last.as_str().starts_with("postcopy") {
+                    self.transition(
+                        &rec,
+                        from,
+                        MigrationState::Postcopy,
+                        "agent restarted; post-copy had started: monitoring until completion",
+                    )
+                    .await;
+                    self.monitor_postcopy(&rec, &qmp).await;
+                    return;
+                }
+                self.resume_source(&rec, &qmp).await;
+                let why = "agent restarted during pre-copy; migration cancelled, guest kept on the source";
+                self.transition(&rec, from, MigrationState::Failed, why)
+                    .await;
+                self.conclude(&rec, MigrationState::Failed, Some(why.into()))
+                    .await;
+            }
+        }
+    }
+
+    async fn resume_source(&self, rec: &MigrationRecord, qmp: &tern_qmp::QmpClient) {
+        if let Ok(s) = qmp.query_status().await
+            && !s.running
+            && matches!(s.status, RunState::Paused)
+        {
+            let text = match qmp.cont().await {
+                Ok(()) => "the guest was paused on the source; resumed it".to_string(),
+                Err(e) => format!("resuming the guest on the source failed: {e}"),
+            };
+            self.event(rec, note(Self::since(rec), text)).await;
+        }
+    }
+
+    async fn recover_completed(&self, rec: &MigrationRecord, from: MigrationState) {
+        self.transition(
+            rec,
+            from,
+            MigrationState::Completed,
+            "agent restarted; QEMU reports the migration completed",
+        )
+        .await;
+        self.conclude(rec, MigrationState::Completed, None).await;
+    }
+
+    async fn monitor_postcopy(&self, rec: &MigrationRecord, qmp: &tern_qmp::QmpClient) {
+        let mut paused_noted = false;
+        loop {
+            match qmp.query_migrate().await {
+                Ok(i) => match i.status_or_none() {
+                    MigrationStatus::Completed => {
+                        self.recover_completed(rec, MigrationState::Postcopy).await;
+                        return;
+                    }
+                    MigrationStatus::Failed | MigrationStatus::Cancelled => {
+                        let why = format!(
+                            "post-copy failed after the agent restart: {}",
+                            i.error_desc.unwrap_or_default()
+                        );
+                        self.transition(rec, MigrationState::Postcopy, MigrationState::Lost, &why)
+                            .await;
+                        self.conclude(rec, MigrationState::Lost, Some(why)).await;
+                        return;
+                    }
+                    MigrationStatus::PostcopyPaused if !paused_noted => {
+                        paused_noted = true;
+                        self.event(
+                            rec,
+                            note(
+                                Self::since(rec),
+                                "post-copy is paused (network); waiting for it to resume",
+                            ),
+                        )
+                        .await;
+                    }
+                    _ => {}
+                },
+                Err(e) => {
+                    let why = format!("source QEMU died during post-copy: {e}");
+                    self.transition(rec, MigrationState::Postcopy, MigrationState::Lost, &why)
+                        .await;
+                    self.conclude(rec, MigrationState::Lost, Some(why)).await;
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    // ---- reads and operator commands ----------------------------------------------------
+
+    /// A migration with live progress and events after `after`.
+    pub async fn migration(&self, id: &str, after: u64) -> Result<MigrationView, AgentError> {
+        let record = self.inner.store.migration(id).await?.ok_or_else(|| {
+            AgentError::NotFound(format!(
+                "no migration {id:?} on host {} (list them with GET /v1/migrations)",
+                self.inner.config.host
+            ))
+        })?;
+        let progress = self
+            .inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .and_then(|m| m.progress.as_ref().map(|p| p.borrow().clone()));
+        let events: Vec<StoredEvent> = self.inner.store.events(id, after).await?;
+        Ok(MigrationView {
+            record,
+            progress,
+            events,
+        })
+    }
+
+    /// Every migration this agent ran as source, newest first.
+    pub async fn migrations(&self) -> Result<Vec<MigrationRecord>, AgentError> {
+        self.inner.store.migrations().await
+    }
+
+    /// Sends an operator command to a running migration and returns its answer; a refusal
+    /// (e.g. abort after the switch to post-copy) is a `Conflict` naming the reason.
+    pub async fn operator(&self, id: &str, command: OperatorCommand) -> Result<String, AgentError> {
+        let control = {
+            let active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
+            active
+                .get(id)
+                .map(|m| (m.control.clone(), m.no_control_reason.clone()))
+        };
+        let (control, why) = match control {
+            Some(c) => c,
+            None => {
+                let rec = self.inner.store.migration(id).await?.ok_or_else(|| {
+                    AgentError::NotFound(format!(
+                        "no migration {id:?} on host {}",
+                        self.inner.config.host
+                    ))
+                })?;
+                return Err(AgentError::Conflict(format!(
+                    "migration {id} already ended ({})",
+                    rec.state
+                )));
+            }
+        };
+        let Some(control) = control else {
+            return Err(AgentError::Conflict(why));
+        };
+        let (tx, rx) = oneshot::channel();
+        control
+            .send(OperatorRequest { command, reply: tx })
+            .await
+            .map_err(|_| AgentError::Conflict(format!("migration {id} already ended")))?;
+        match rx.await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(s)) => Err(AgentError::Conflict(s)),
+            Err(_) => Err(AgentError::Conflict(format!(
+                "migration {id} already ended"
+            ))),
+        }
+    }
+}
+
+fn mem_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
+}
+
+/// Asks a throwaway QEMU (`-machine none`) which migration capabilities it supports.
+async fn probe_capabilities(
+    qemu: &QemuBinary,
+    runtime_dir: &std::path::Path,
+) -> Result<Vec<String>, AgentError> {
+    let sock = runtime_dir.join("caps-probe.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = tokio::process::Command::new(&qemu.path)
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+        ])
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            AgentError::Internal(format!("starting QEMU for the capability probe: {e}"))
+        })?;
+    let result = async {
+        let (qmp, _ev) =
+            tern_qmp::QmpClient::connect_with_retry(&sock, Duration::from_secs(5)).await?;
+        let caps = qmp.supported_capabilities().await?;
+        let _ = qmp.quit().await;
+        Ok::<_, AgentError>(caps.into_iter().map(|c| c.as_str().to_string()).collect())
+    }
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+    let _ = child.kill().await;
+    let _ = std::fs::remove_file(&sock);
+    result
+}

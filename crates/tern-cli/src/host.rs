@@ -1,0 +1,63 @@
+//! `tern host list`: facts of every host's agent.
+
+use clap::{Args, Subcommand};
+
+use crate::Failure;
+use crate::client::ClusterClient;
+use crate::output::{OutputArgs, OutputFormat, print_json};
+use crate::vm::AgentTarget;
+
+/// `tern host` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Memory, QEMU version and migration capabilities, accelerator and limits of each host.
+    List(ListArgs),
+}
+
+/// `tern host list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    target: AgentTarget,
+    #[command(flatten)]
+    out: OutputArgs,
+}
+
+/// Runs a `tern host` command.
+pub async fn run(cmd: HostCommand) -> Result<(), Failure> {
+    match cmd {
+        HostCommand::List(a) => {
+            let c = a.target.connect().await?;
+            let hosts = c.hosts().await?;
+            match a.out.output {
+                OutputFormat::Json => print_json(&hosts)?,
+                OutputFormat::Text => {
+                    for h in &hosts {
+                        println!(
+                            "{:<4} {} · memory {}/{} MiB free · QEMU {} · {} · post-copy {} · \
+                             out/in {}/{} (max {}/{}) · migration address {}",
+                            h.host,
+                            h.netns.as_deref().unwrap_or("-"),
+                            h.free_memory_mib,
+                            h.memory_mib,
+                            h.qemu_version,
+                            h.accelerator,
+                            if h.migration.permit_post_copy {
+                                "permitted"
+                            } else {
+                                "denied"
+                            },
+                            h.outbound_migrations,
+                            h.inbound_migrations,
+                            h.migration.max_outbound,
+                            h.migration.max_inbound,
+                            h.migration_address
+                        );
+                        println!("     capabilities: {}", h.migration_capabilities.join(", "));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
