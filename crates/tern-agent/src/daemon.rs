@@ -537,7 +537,7 @@ impl Agent {
         let dst: std::collections::BTreeSet<String> =
             a.facts.migration_capabilities.iter().cloned().collect();
         let both = |c: &str| src.contains(c) && dst.contains(c);
-        let v = self.inner.host.qemu().version.clone();
+        let v = self.inner.host.qemu().version;
         let mut input = a.input;
         input.features = tern_policy::QemuFeatures {
             postcopy_ram: both("postcopy-ram"),

@@ -294,10 +294,14 @@ pub fn compute(
         _ => None,
     };
     let arrived = outcome.arrived();
-    // After a cancel QEMU's final statistics can be empty; the live series still has them.
-    let last = hop.progress.last();
-    let bytes_sent = s.bytes_sent.max(last.map_or(0, |p| p.transferred_bytes));
-    let passes = s.passes.max(last.map_or(0, |p| p.pass));
+    // After a cancel QEMU's final statistics (and the last progress value) can be empty; the
+    // live series still has the largest values seen.
+    let bytes_sent = hop
+        .progress
+        .iter()
+        .map(|p| p.transferred_bytes)
+        .fold(s.bytes_sent, u64::max);
+    let passes = hop.progress.iter().map(|p| p.pass).fold(s.passes, u64::max);
     let source_gap = max_heartbeat_gap_ms(&hop.source_log, start_ns, hop.ended_mono_ns);
     let dest_gap = arrived.then_some(s.max_dest_gap_ms);
     let blackout_ms = [s.blackout_ms, source_gap, dest_gap]

@@ -58,9 +58,16 @@ fn representative<'a>(s: &'a ScenarioResult, label: &str) -> Option<&'a RunRecor
     runs.get(runs.len().saturating_sub(1) / 2).copied()
 }
 
+/// One line of the remaining-bytes plot: palette index, legend, (seconds, MiB) points.
+struct Line {
+    index: usize,
+    name: String,
+    points: Vec<(f64, f64)>,
+}
+
 /// Remaining MiB over time, one line per arm (its median-time run).
 pub fn remaining_plot(s: &ScenarioResult, path: &Path) -> Result<(), PlotError> {
-    let lines: Vec<(usize, String, Vec<(f64, f64)>)> = s
+    let lines: Vec<Line> = s
         .scenario
         .arms
         .iter()
@@ -72,20 +79,20 @@ pub fn remaining_plot(s: &ScenarioResult, path: &Path) -> Result<(), PlotError> 
                 .iter()
                 .map(|p| (p.t_ms as f64 / 1000.0, p.remaining as f64 / 1048576.0))
                 .collect();
-            Some((
-                i,
-                format!("{} ({})", a.label, r.metrics.outcome.label()),
-                pts,
-            ))
+            Some(Line {
+                index: i,
+                name: format!("{} ({})", a.label, r.metrics.outcome.label()),
+                points: pts,
+            })
         })
         .collect();
     let xmax = lines
         .iter()
-        .flat_map(|l| l.2.iter().map(|p| p.0))
+        .flat_map(|l| l.points.iter().map(|p| p.0))
         .fold(1.0, f64::max);
     let ymax = lines
         .iter()
-        .flat_map(|l| l.2.iter().map(|p| p.1))
+        .flat_map(|l| l.points.iter().map(|p| p.1))
         .fold(1.0, f64::max)
         * 1.05;
     let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
@@ -110,9 +117,14 @@ pub fn remaining_plot(s: &ScenarioResult, path: &Path) -> Result<(), PlotError> 
         .draw()
         .map_err(|e| err(path, e))?;
     // Draw tern last so it is on top.
-    let mut order: Vec<&(usize, String, Vec<(f64, f64)>)> = lines.iter().collect();
-    order.sort_by_key(|l| if l.0 == 0 { usize::MAX } else { l.0 });
-    for (i, name, pts) in order {
+    let mut order: Vec<&Line> = lines.iter().collect();
+    order.sort_by_key(|l| if l.index == 0 { usize::MAX } else { l.index });
+    for Line {
+        index: i,
+        name,
+        points: pts,
+    } in order
+    {
         let c = color(*i);
         let width = if *i == 0 { 3 } else { 1 };
         chart

@@ -300,6 +300,12 @@ pub fn markdown(r: &BenchResult, plot_dir: Option<&str>) -> String {
         m.loadavg_at_end,
         r.git.as_deref().unwrap_or("unknown")
     );
+    if let Some(at) = &r.interrupted_at {
+        let _ = writeln!(
+            out,
+            "**Interrupted during scenario {at}: the results are partial.**\n"
+        );
+    }
     let _ = writeln!(
         out,
         "Columns: **outcome** completed (pre-copy) / post-copy / recovered / aborted (by the policy) / \

@@ -333,6 +333,9 @@ pub struct BenchResult {
     pub scenarios: Vec<ScenarioResult>,
     /// The post-copy-capability overhead, per overhead scenario.
     pub overhead: Vec<OverheadResult>,
+    /// The scenario during which the run was interrupted (Ctrl-C), if it was.
+    #[serde(default)]
+    pub interrupted_at: Option<String>,
 }
 
 #[cfg(test)]

@@ -260,6 +260,7 @@ pub async fn run_set(env: &LabEnvironment, set: &ScenarioSet, opts: &RunOptions)
     let started_utc = utc_text(now_unix());
     let mut machine = machine(env);
     let mut scenarios = Vec::new();
+    let mut interrupted_at: Option<String> = None;
     let total_runs: u64 = set
         .scenarios
         .iter()
@@ -299,7 +300,16 @@ pub async fn run_set(env: &LabEnvironment, set: &ScenarioSet, opts: &RunOptions)
             );
         }
         let lab = format!("{}{}", opts.lab_prefix, i);
-        scenarios.push(run_scenario(env, &s, &lab, opts.verbose).await);
+        // Ctrl-C or SIGTERM: dropping the scenario's future drops its session, which kills
+        // the QEMUs and takes the lab down; the runs so far are still reported.
+        tokio::select! {
+            r = run_scenario(env, &s, &lab, opts.verbose) => scenarios.push(r),
+            _ = interrupted() => {
+                eprintln!("interrupted: stopping after {} scenario(s); the lab is taken down", scenarios.len());
+                interrupted_at = Some(s.name.clone());
+                break;
+            }
+        }
     }
     machine.loadavg_at_end = read_trim("/proc/loadavg");
     let overhead = scenarios.iter().filter_map(OverheadResult::of).collect();
@@ -313,6 +323,23 @@ pub async fn run_set(env: &LabEnvironment, set: &ScenarioSet, opts: &RunOptions)
         git: git_describe(),
         scenarios,
         overhead,
+        interrupted_at,
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
     }
 }
 

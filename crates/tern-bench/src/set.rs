@@ -112,6 +112,9 @@ pub struct ScenarioEntry {
     /// Deadline handed to must-finish contexts, seconds.
     #[serde(default)]
     pub deadline_s: Option<u64>,
+    /// Seconds between hops (default: the set's).
+    #[serde(default)]
+    pub settle_s: Option<u64>,
 }
 
 fn default_pattern() -> OneOrMany<String> {
@@ -466,7 +469,7 @@ fn expand(file: &SetFile, e: &ScenarioEntry) -> Result<Vec<Scenario>, SetError> 
                                 repeat: e.repeat.unwrap_or(file.repeat).max(1),
                                 time_cap_s: e.time_cap_s.unwrap_or(file.time_cap_s).max(1),
                                 deadline_s: e.deadline_s,
-                                settle_s: file.settle_s,
+                                settle_s: e.settle_s.unwrap_or(file.settle_s).max(1),
                             });
                         }
                     }

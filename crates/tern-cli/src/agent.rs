@@ -46,23 +46,33 @@ pub async fn run(a: AgentArgs) -> Result<(), Failure> {
         agent.config().host,
         std::process::id()
     );
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
                 }
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
+        let _ = signalled_tx.send(());
     };
-    tern_agent::http::serve(agent.clone(), listener, shutdown)
-        .await
-        .map_err(|e| Failure::environment(anyhow::anyhow!("HTTP server: {e}")))?;
+    let server = tern_agent::http::serve(agent.clone(), listener, shutdown);
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r.map_err(|e| Failure::environment(anyhow::anyhow!("HTTP server: {e}")))?,
+        _ = async {
+            let _ = signalled_rx.await;
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        } => {
+            // Long-polling or stuck clients must not keep a stopping agent alive.
+            tracing::warn!("connections still open 3 s after the stop signal; exiting anyway");
+        }
+    }
     agent.shutdown().await;
     Ok(())
 }

@@ -179,6 +179,19 @@ fn kill_agents(lab: &str) {
     let _ = std::fs::remove_dir_all(lab_agents_dir(lab));
 }
 
+/// Stops an agent with SIGTERM (as an init system would) and waits until it is gone.
+fn stop_agent(pid: u32) {
+    tern_lab::kill_process(pid, tern_lab::Signal::SIGTERM).expect("SIGTERM the agent");
+    let t = Instant::now();
+    while tern_qemu::process::pid_alive(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "agent {pid} still runs 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn tern(args: &[&str]) -> Output {
     Command::new(TERN)
         .args(args)
@@ -334,12 +347,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     );
 
     // A destination without enough memory: restart h2's agent offering 128 MiB.
-    let h2_pid = lab.agent_pid("h2");
-    tern_lab::kill_process(h2_pid, tern_lab::Signal::SIGTERM).expect("stop h2 agent");
-    let t = Instant::now();
-    while tern_qemu::process::pid_alive(h2_pid) && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    stop_agent(lab.agent_pid("h2"));
     let cfg = lab.config_path("h2");
     let orig = std::fs::read_to_string(&cfg).expect("config");
     std::fs::write(&cfg, orig.replace("memory_mib = 1024", "memory_mib = 128")).expect("write");
@@ -356,12 +364,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert!(lab.qemus_on("h2").is_empty(), "a QEMU was started on h2");
 
     // Give h2 its memory back; start a migration that takes a while (20 Mbit/s link).
-    let pid = lab.agent_pid("h2");
-    tern_lab::kill_process(pid, tern_lab::Signal::SIGTERM).expect("stop h2 agent");
-    let t = Instant::now();
-    while tern_qemu::process::pid_alive(pid) && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    stop_agent(lab.agent_pid("h2"));
     std::fs::write(&cfg, orig).expect("write");
     lab.start_agents(1024);
     let rec = lab.json(&["migrate", "vm1", "--to", "h2"]);
@@ -381,7 +384,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let v = wait_migration(&lab, &id, Duration::from_secs(30), |v| {
         v["finished_ms"].is_u64()
     });
-    assert_eq!(v["state"], "aborted", "{v:#}");
+    assert_eq!(v["state"], "aborted", "{}", serde_json::to_string_pretty(&v["events"]).unwrap_or_default());
     expect_code(&lab.tern(&["migration", "abort", &id]), 2, "already ended");
     let after = lab.vms();
     assert_eq!(after.len(), 1, "{after:?}");
@@ -564,4 +567,55 @@ fn migrate_with_watch_completes_and_events_are_kept() {
     assert_eq!(back["state"], "completed");
     assert_eq!(back["source"], "h2");
     eprintln!("happy path test took {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn operator_commands_bandwidth_force_complete_and_abort_after_the_switch() {
+    let _lock = GuestLock::take();
+    let t0 = Instant::now();
+    let lab = AgentLab::up("agop", "20mbit", 2048);
+    boot(
+        &lab,
+        "hot",
+        "h1",
+        &["--working-set", "32", "--dirty-rate", "max"],
+    );
+    let rec = lab.json(&["migrate", "hot", "--to", "h2"]);
+    let id = rec["id"].as_str().expect("id").to_string();
+    wait_migration(&lab, &id, Duration::from_secs(20), |v| {
+        v["state"] != "pending" && v["state"] != "preparing"
+    });
+    let out = lab.tern(&["migration", "set-bandwidth", &id, "50mbit"]);
+    assert!(out.status.success(), "{}", text(&out));
+    expect_code(&lab.tern(&["migration", "set-bandwidth", &id, "0"]), 2, "0");
+    let fc = lab.tern(&["migration", "force-complete", &id, "-o", "json"]);
+    let fc_text = text(&fc);
+    // Accepted (switching to post-copy), or refused because the policy already switched.
+    assert!(
+        fc.status.success() || fc_text.contains("force-complete applies during pre-copy"),
+        "{fc_text}"
+    );
+    let v = wait_migration(&lab, &id, Duration::from_secs(30), |v| {
+        v["state"] == "postcopy" || v["finished_ms"].is_u64()
+    });
+    if v["state"] == "postcopy" {
+        // Nova's rule: once post-copy started, abort is refused with the reason.
+        expect_code(&lab.tern(&["migration", "abort", &id]), 2, "cannot abort");
+    }
+    let v = wait_migration(&lab, &id, Duration::from_secs(60), |v| {
+        v["finished_ms"].is_u64()
+    });
+    assert_eq!(v["state"], "completed", "{v:#}");
+    let report = &v["report"];
+    assert_eq!(report["switched_to_postcopy"], true, "{report:#}");
+    let events = v["events"].to_string();
+    assert!(
+        events.contains("set-bandwidth"),
+        "bandwidth change not recorded"
+    );
+    let vms = lab.vms();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!((vms[0].0.as_str(), vms[0].2.as_str()), ("h2", "running"));
+    assert!(lab.qemus_on("h1").is_empty(), "source QEMU left behind");
+    eprintln!("operator test took {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -564,7 +564,14 @@ impl MigrationRunner {
     }
 
     fn publish_progress(&self, info: &MigrationInfo, s: &IterationSample) {
-        let eta_ms = if s.throughput_bytes_per_s > 0 && s.remaining_bytes > 0 {
+        // The policy's model predicts the finish when it has one (ours does; baselines
+        // don't); otherwise a naive remaining / (throughput − dirty rate).
+        let model_eta = self
+            .policy
+            .eta()
+            .and_then(|e| e.finish_at_ms)
+            .map(|f| f.saturating_sub(s.at_ms));
+        let naive_eta = if s.throughput_bytes_per_s > 0 && s.remaining_bytes > 0 {
             let dirty = s.dirty_bytes_per_s() as u64;
             if matches!(s.phase, Phase::Postcopy) || dirty < s.throughput_bytes_per_s {
                 let net = if matches!(s.phase, Phase::Postcopy) {
@@ -579,6 +586,7 @@ impl MigrationRunner {
         } else {
             None
         };
+        let eta_ms = model_eta.or(naive_eta);
         let status = info.status_or_none();
         self.progress_tx.send_modify(|p| {
             p.qemu_status = status.as_str().to_string();

@@ -9,7 +9,8 @@
 //! decides: evacuate finishes now (post-copy, else stop-and-copy) at a local minimum of
 //! remaining bytes; maintenance waits a bounded patience for the workload to calm, then does
 //! the same, or earlier when the deadline presses; balance switches to post-copy when the SLA
-//! accepts it and otherwise aborts; manual behaves like balance once its budget is spent. No
+//! accepts it and otherwise aborts; manual switches like balance when post-copy is acceptable and otherwise keeps
+//! trying until its budget is spent, then behaves like balance. No
 //! switch or stop-and-copy happens while the link is degraded (latest throughput below half the
 //! smoothed one), which is what a transient network drop looks like.
 
@@ -585,6 +586,9 @@ impl State {
             }
             MigrationContext::Balance | MigrationContext::Manual => {
                 let over_budget = deadline.is_some_and(|d| now >= d);
+                // Manual: an operator asked for the move without saying why. Post-copy (when
+                // the SLA accepts it) is the gentle way to finish, so take it as balance does;
+                // without it, keep trying pre-copy until the budget rather than abort at once.
                 if input.context == MigrationContext::Manual
                     && !over_budget
                     && !plan.may_switch_to_postcopy()

@@ -185,3 +185,21 @@ fn abort_after_the_switch_is_refused() {
     assert!(abort.contains("refused") && abort.contains("destination holds the only"), "{abort}");
     assert!(s.integrity_ok());
 }
+
+#[test]
+fn evacuate_finishes_by_stop_and_copy_when_the_destination_denies_postcopy() {
+    let s = run(ScenarioSpec {
+        context: MigrationContext::Evacuate,
+        destination_permits_post_copy: false,
+        ..dirtier("t-evac-deny")
+    });
+    assert_eq!(s.outcome, "completed", "evacuate must finish: {:?}", s.error);
+    assert!(!s.switched_to_postcopy);
+    assert!(
+        s.paused_guest || s.actions.iter().any(|a| a.action.starts_with("set-downtime-limit")),
+        "finished by stop-and-copy (pause or a raised downtime): {:?}",
+        s.actions
+    );
+    assert!(s.blackout_ms.is_some(), "the blackout is reported");
+    assert!(s.integrity_ok(), "{s:?}");
+}
