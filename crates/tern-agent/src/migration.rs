@@ -173,6 +173,10 @@ pub fn plan_input_for(
     );
     input.source = host_limits(source);
     input.destination = host_limits(destination);
+    // Safety gate: the destination must be able to catch missing-page faults.
+    if !tern_qemu::userfaultfd_available() {
+        input.destination.permit_post_copy = false;
+    }
     input.link_bytes_per_s = order.link_bytes_per_s;
     input.deadline_ms = order.deadline_ms;
     Ok(input)

@@ -358,6 +358,20 @@ impl MigrationRunner {
         let (features, _both) = self.detect_features().await?;
         let mut input = self.setup.plan_input.clone();
         input.features = features;
+        // Safety gate: a paused guest must not be migrated post-copy (Nova LP#1671011: the
+        // destination would start a guest the operator stopped).
+        if let Ok(st) = self.source.query_status().await
+            && !st.running
+            && input.vm.post_copy == tern_policy::PostCopyPermission::Allowed
+        {
+            input.vm.post_copy = tern_policy::PostCopyPermission::Forbidden;
+            self.record(MigrationEventKind::Note {
+                text: format!(
+                    "the guest is {} on the source: post-copy refused for this migration",
+                    st.status.as_str()
+                ),
+            });
+        }
         if self.setup.probe_seconds > 0 && features.calc_dirty_rate {
             match probe_dirty_rate(&self.source, self.setup.probe_seconds).await {
                 Ok(p) => input.probe = Some(p),

@@ -114,7 +114,18 @@ impl MigrationPolicy for TernPolicy {
     }
 
     fn plan(&self, input: &PlanInput) -> MigrationPlan {
-        let verdict = post_copy_verdict(input);
+        let mut verdict = post_copy_verdict(input);
+        // Safety gate: post-copy without recovery turns any network failure after the switch
+        // into the loss of the VM (what Nova, KubeVirt and oVirt accept). tern only enters
+        // post-copy when both QEMUs can pause and resume it.
+        if verdict.allowed && !input.features.postcopy_recovery {
+            verdict = crate::plan::PostCopyVerdict {
+                allowed: false,
+                reason: "post-copy recovery (migrate-pause/migrate-recover) is missing on one \
+                         end: a network failure after the switch would lose the guest"
+                    .to_string(),
+            };
+        }
         let mut plan = MigrationPlan::qemu_defaults(self.name(), input, verdict.clone());
         let f = input.features;
         let post = verdict.allowed;

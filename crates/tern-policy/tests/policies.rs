@@ -584,3 +584,24 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn tern_never_plans_postcopy_without_recovery_support() {
+    let mut i = input(MigrationContext::Evacuate, "standard", 1 << 30);
+    i.features.postcopy_recovery = false;
+    let plan = policy_by_name("tern").expect("tern").plan(&i);
+    assert!(!plan.may_switch_to_postcopy());
+    assert!(
+        plan.post_copy.reason.contains("recovery"),
+        "{}",
+        plan.post_copy.reason
+    );
+    // With recovery support the same input does permit it.
+    i.features.postcopy_recovery = true;
+    assert!(
+        policy_by_name("tern")
+            .expect("tern")
+            .plan(&i)
+            .may_switch_to_postcopy()
+    );
+}

@@ -48,3 +48,24 @@ pub enum QemuError {
         source: std::io::Error,
     },
 }
+
+/// Whether this host can serve post-copy as a destination: QEMU's incoming side registers
+/// guest RAM with `userfaultfd(2)` to catch faults on pages that have not arrived yet.
+/// Without it (kernel built without `CONFIG_USERFAULTFD`, or an unprivileged QEMU with
+/// `vm.unprivileged_userfaultfd=0` and no `/dev/userfaultfd` access — Nova LP#2052473) the
+/// switch to post-copy fails, so tern must not attempt it.
+pub fn userfaultfd_available() -> bool {
+    // SAFETY: userfaultfd(2) takes flags only and returns a new fd or -1; the fd is closed
+    // at once.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd >= 0 {
+        // SAFETY: fd is a descriptor we own.
+        unsafe { libc::close(fd as libc::c_int) };
+        return true;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+        .is_ok()
+}
