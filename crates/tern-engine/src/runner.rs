@@ -525,6 +525,8 @@ impl MigrationRunner {
                     transferred_bytes: sample.transferred_bytes,
                     dirty_bytes_per_s: sample.dirty_bytes_per_s() as u64,
                     throughput_bytes_per_s: sample.throughput_bytes_per_s,
+                    expected_downtime_ms: sample.expected_downtime_ms,
+                    throttle_pct: sample.throttle_pct,
                 });
                 Observation::PassCompleted(sample)
             } else {

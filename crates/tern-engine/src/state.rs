@@ -138,6 +138,12 @@ pub enum MigrationEventKind {
         dirty_bytes_per_s: u64,
         /// Throughput in bytes per second.
         throughput_bytes_per_s: u64,
+        /// QEMU's expected downtime at this point, if reported.
+        #[serde(default)]
+        expected_downtime_ms: Option<u64>,
+        /// vCPU throttle applied by auto-converge, percent.
+        #[serde(default)]
+        throttle_pct: Option<u8>,
     },
     /// An operator command and its outcome.
     Operator {
