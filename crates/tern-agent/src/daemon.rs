@@ -682,9 +682,10 @@ impl Agent {
                 }
             });
         if let Err(e) = thread {
-            return Err(AgentError::Internal(format!(
-                "cannot start the migration thread: {e}"
-            )));
+            let why = format!("cannot start the migration thread: {e}");
+            self.conclude(&record, MigrationState::Failed, Some(why.clone()))
+                .await;
+            return Err(AgentError::Internal(why));
         }
         tokio::spawn(async move {
             let report = done_rx.await;

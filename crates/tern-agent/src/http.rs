@@ -728,6 +728,40 @@ mod tests {
         assert_eq!(n, ROUTES.len(), "duplicate routes in ROUTES");
     }
 
+    /// The reverse of the test above: every `.route(...)` registered in [`router`] (read from
+    /// this file's source) is in [`ROUTES`], with the same methods.
+    #[test]
+    fn every_registered_route_is_documented() {
+        let src = include_str!("http.rs");
+        let start = src.find("pub fn router(").unwrap();
+        let end = src.find("async fn no_route").unwrap();
+        let mut registered = Vec::new();
+        for call in src[start..end].split(".route(").skip(1) {
+            let path = call.split('"').nth(1).unwrap().to_string();
+            // The method chain of this call ends where the next builder call starts.
+            let chain = call.split("\n        .").next().unwrap_or_default();
+            for m in ["get", "post", "delete"] {
+                if chain.contains(&format!("{m}(")) {
+                    registered.push((m.to_string(), path.clone()));
+                }
+            }
+        }
+        for (m, p) in &registered {
+            assert!(
+                ROUTES.iter().any(|r| r.method == m && r.path == p),
+                "{m} {p} is served but not in ROUTES/openapi.json"
+            );
+        }
+        for r in ROUTES {
+            assert!(
+                registered.iter().any(|(m, p)| m == r.method && p == r.path),
+                "{} {} documented but not registered (found {registered:?})",
+                r.method,
+                r.path
+            );
+        }
+    }
+
     /// Starts an agent with no VMs on a free port; every route of the table must reach a
     /// handler (not the fallback), and bad input must come back as JSON errors.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,7 +90,8 @@ struct ReportArgs {
 }
 
 /// Writes `<stem>.json`, `<stem>.md` and `<stem>-plots/*.svg` into `dir`; returns the paths
-/// of the JSON and Markdown files.
+/// of the JSON and Markdown files. A `<stem>.notes.md` beside them (a hand-written analysis)
+/// is appended to the report.
 pub fn write_outputs(
     r: &BenchResult,
     dir: &Path,
@@ -109,8 +110,16 @@ pub fn write_outputs(
             false
         }
     };
-    std::fs::write(&md, report::markdown(r, plot_ok.then_some(plots.as_str())))
-        .with_context(|| format!("writing {}", md.display()))?;
+    let mut text = report::markdown(r, plot_ok.then_some(plots.as_str()));
+    // A hand-written analysis kept next to the result survives re-rendering.
+    let notes = dir.join(format!("{stem}.notes.md"));
+    if let Ok(n) = std::fs::read_to_string(&notes) {
+        text.push_str(&format!(
+            "## Analysis\n\n(hand-written, from `{stem}.notes.md`)\n\n{}\n",
+            n.trim()
+        ));
+    }
+    std::fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
     Ok((json, md))
 }
 

@@ -106,7 +106,7 @@ pub struct RunMetrics {
     pub passes: u64,
     /// Guest integrity held (no corrupt page, no control mismatch, continuous heartbeats).
     pub integrity_ok: bool,
-    /// Actions the policy took, `at_s action` (operator aborts of the harness excluded).
+    /// Actions the policy took, `<at>s <action>: <reason>` (the harness's aborts excluded).
     pub actions: Vec<String>,
     /// Capabilities enabled.
     pub capabilities: Vec<String>,
@@ -336,7 +336,7 @@ pub fn compute(
         passes,
         integrity_ok: s.integrity_ok(),
         actions: policy_actions(hop)
-            .map(|a| format!("{:.1}s {}", a.at_ms as f64 / 1000.0, a.action))
+            .map(|a| format!("{:.1}s {}: {}", a.at_ms as f64 / 1000.0, a.action, a.reason))
             .collect(),
         capabilities: s.capabilities.clone(),
         error: s.error.clone(),

@@ -232,6 +232,15 @@ impl ScenarioResult {
 pub struct OverheadResult {
     /// Scenario it was measured in.
     pub scenario: String,
+    /// The policy whose plan was run with the capability on and off.
+    #[serde(default)]
+    pub policy: String,
+    /// Capabilities enabled with post-copy permitted (first such run).
+    #[serde(default)]
+    pub capabilities_on: Vec<String>,
+    /// Capabilities enabled with post-copy forbidden (first such run).
+    #[serde(default)]
+    pub capabilities_off: Vec<String>,
     /// Pairs (on, off) that both completed in pre-copy.
     pub pairs: usize,
     /// Runs with the capability on that switched anyway (excluded).
@@ -255,15 +264,33 @@ pub struct OverheadResult {
 }
 
 impl OverheadResult {
-    /// Pairs the n-th "on" run with the n-th "off" run (they ran back to back) and takes
+    /// Pairs the n-th "on" run with the n-th "off" run (they ran back to back, in both
+    /// directions: the harness reverses the arm order on odd repeats) and takes
     /// differences; runs that switched to post-copy or did not complete are left out.
-    pub fn of(s: &ScenarioResult) -> Option<Self> {
+    pub fn of(s: &ScenarioResult) -> Vec<Self> {
         if !s.scenario.postcopy_overhead {
-            return None;
+            return Vec::new();
         }
+        let mut policies: Vec<&str> = s.scenario.arms.iter().map(|a| a.policy.as_str()).collect();
+        policies.dedup();
+        policies
+            .into_iter()
+            .map(|p| Self::of_policy(s, p))
+            .collect()
+    }
+
+    fn of_policy(s: &ScenarioResult, policy: &str) -> Self {
         let ok = |r: &&RunRecord| r.metrics.outcome == OutcomeClass::Completed;
-        let on: Vec<&RunRecord> = s.runs.iter().filter(|r| r.post_copy).collect();
-        let off: Vec<&RunRecord> = s.runs.iter().filter(|r| !r.post_copy).collect();
+        let on: Vec<&RunRecord> = s
+            .runs
+            .iter()
+            .filter(|r| r.policy == policy && r.post_copy)
+            .collect();
+        let off: Vec<&RunRecord> = s
+            .runs
+            .iter()
+            .filter(|r| r.policy == policy && !r.post_copy)
+            .collect();
         let switched = on
             .iter()
             .filter(|r| r.metrics.outcome == OutcomeClass::PostCopy)
@@ -290,8 +317,17 @@ impl OverheadResult {
         let side = |rs: &[&RunRecord], f: fn(&RunMetrics) -> Option<f64>| {
             Spread::of(rs.iter().filter(|r| ok(r)).map(|r| f(&r.metrics)))
         };
-        Some(Self {
+        Self {
             scenario: s.scenario.name.clone(),
+            policy: policy.to_string(),
+            capabilities_on: on
+                .first()
+                .map(|r| r.metrics.capabilities.clone())
+                .unwrap_or_default(),
+            capabilities_off: off
+                .first()
+                .map(|r| r.metrics.capabilities.clone())
+                .unwrap_or_default(),
             pairs: pairs.len(),
             switched,
             total_time_delta_s: d(|m| Some(m.total_time_s)),
@@ -308,7 +344,7 @@ impl OverheadResult {
                 side(&off, |m| Some(m.bytes_vs_ram)),
             ),
             blackout_ms: (side(&on, |m| m.blackout_ms), side(&off, |m| m.blackout_ms)),
-        })
+        }
     }
 }
 

@@ -162,7 +162,14 @@ pub async fn run_scenario(
     let link = s.link.bytes_per_sec();
     let ram = s.memory_mib * 1024 * 1024;
     'outer: for repeat in 0..s.repeat {
-        for arm in &s.arms {
+        // The guest alternates hosts hop by hop. With an even number of arms every arm would
+        // always run in the same direction (h1→h2 or h2→h1), confounding arm and direction;
+        // reversing the order on odd repeats gives each arm both directions.
+        let mut arms: Vec<&crate::set::Arm> = s.arms.iter().collect();
+        if repeat % 2 == 1 && arms.len() % 2 == 0 {
+            arms.reverse();
+        }
+        for arm in arms {
             if session.is_none() {
                 match ScenarioSession::start(env, &spec).await {
                     Ok(x) => session = Some(x),
@@ -312,7 +319,7 @@ pub async fn run_set(env: &LabEnvironment, set: &ScenarioSet, opts: &RunOptions)
         }
     }
     machine.loadavg_at_end = read_trim("/proc/loadavg");
-    let overhead = scenarios.iter().filter_map(OverheadResult::of).collect();
+    let overhead = scenarios.iter().flat_map(OverheadResult::of).collect();
     BenchResult {
         format: RESULT_FORMAT,
         set: set.name.clone(),

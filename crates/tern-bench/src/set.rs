@@ -99,8 +99,9 @@ pub struct ScenarioEntry {
     /// Policies to compare (default: the set's). `"all"` means every policy.
     #[serde(default)]
     pub policies: Option<Vec<String>>,
-    /// Measure the post-copy capability's overhead instead of comparing policies: the
-    /// set's first policy (normally `tern`) with the capability on vs off, alternating.
+    /// Measure the post-copy capability's overhead instead of comparing policies: each listed
+    /// policy with the capability on (VM permits post-copy) and off (VM forbids it), run back
+    /// to back.
     #[serde(default)]
     pub postcopy_overhead: bool,
     /// Repeats per arm (default: the set's).
@@ -356,19 +357,23 @@ fn policies_of(entry: &ScenarioEntry, names: &[String]) -> Result<Vec<String>, S
 fn expand(file: &SetFile, e: &ScenarioEntry) -> Result<Vec<Scenario>, SetError> {
     let policies = policies_of(e, e.policies.as_ref().unwrap_or(&file.policies))?;
     let arms: Vec<Arm> = if e.postcopy_overhead {
-        let p = policies.first().cloned().unwrap_or_else(|| "tern".into());
-        vec![
-            Arm {
-                label: format!("{p} (post-copy capable)"),
-                policy: p.clone(),
-                post_copy: true,
-            },
-            Arm {
-                label: format!("{p} (post-copy off)"),
-                policy: p,
-                post_copy: false,
-            },
-        ]
+        policies
+            .iter()
+            .flat_map(|p| {
+                [
+                    Arm {
+                        label: format!("{p} (post-copy capable)"),
+                        policy: p.clone(),
+                        post_copy: true,
+                    },
+                    Arm {
+                        label: format!("{p} (post-copy off)"),
+                        policy: p.clone(),
+                        post_copy: false,
+                    },
+                ]
+            })
+            .collect()
     } else {
         policies
             .iter()
@@ -508,8 +513,9 @@ mod tests {
             .iter()
             .find(|s| s.name == "postcopy-overhead")
             .unwrap();
-        assert_eq!(o.arms.len(), 2);
+        assert_eq!(o.arms.len(), 4, "tern and nova, each on and off");
         assert!(o.arms[0].post_copy && !o.arms[1].post_copy);
+        assert_eq!(o.arms[0].policy, o.arms[1].policy);
         assert!(
             o.nominal_rho().unwrap() < 0.5,
             "overhead guests must converge"

@@ -86,7 +86,7 @@ pub struct DemoArgs {
 fn secs(v: Option<f64>, flag: &str) -> Result<Option<Duration>, Failure> {
     match v {
         None => Ok(None),
-        Some(s) if s >= 0.0 && s < 86_400.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) if (0.0..86_400.0).contains(&s) => Ok(Some(Duration::from_secs_f64(s))),
         Some(s) => Err(Failure::input(anyhow::anyhow!(
             "{flag} {s} is invalid: give seconds between 0 and 86400"
         ))),
@@ -218,11 +218,9 @@ async fn show_progress(mut rx: mpsc::UnboundedReceiver<ScenarioProgress>, text: 
                     );
                     b
                 });
-                let pct = if m.total_bytes > 0 {
-                    100 - (m.remaining_bytes.min(m.total_bytes) * 100 / m.total_bytes)
-                } else {
-                    0
-                };
+                let pct = (m.remaining_bytes.min(m.total_bytes) * 100)
+                    .checked_div(m.total_bytes)
+                    .map_or(0, |left| 100 - left);
                 b.set_prefix(m.qemu_status.clone());
                 b.set_position(pct);
                 let eta = m

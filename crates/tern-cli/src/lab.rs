@@ -133,9 +133,10 @@ pub fn run(cmd: LabCommand) -> Result<(), Failure> {
                 None
             };
             match a.out.output {
-                OutputFormat::Json => {
-                    print_json(&serde_json::json!({"lab": status, "agents": agents}))?
-                }
+                OutputFormat::Json => match &agents {
+                    Some(ag) => print_json(&serde_json::json!({"lab": status, "agents": ag}))?,
+                    None => print_json(&status)?,
+                },
                 OutputFormat::Text => {
                     print!("{status}");
                     if let Some(ag) = &agents {

@@ -375,8 +375,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         "already migrating",
     );
     expect_code(&lab.tern(&["vm", "stop", "vm1"]), 2, "is migrating");
+    // Abort once the stream really flows (QEMU may report a cancel during its setup phase as
+    // `failed` rather than `cancelled`).
     wait_migration(&lab, &id, Duration::from_secs(20), |v| {
-        v["state"] == "precopy"
+        v["state"] == "precopy" && v["progress"]["transferred_bytes"].as_u64().unwrap_or(0) > 0
     });
     // Abort is accepted before the switch; the guest stays on h1 and h2's QEMU goes.
     let out = lab.tern(&["migration", "abort", &id]);
@@ -384,7 +386,15 @@ fn bad_input_is_refused_and_changes_nothing() {
     let v = wait_migration(&lab, &id, Duration::from_secs(30), |v| {
         v["finished_ms"].is_u64()
     });
-    assert_eq!(v["state"], "aborted", "{}", serde_json::to_string_pretty(&v["events"]).unwrap_or_default());
+    // QEMU sometimes reports a cancelled stream as `failed` ("Unable to write to socket:
+    // Broken pipe" when the destination closes first); either way the abort was accepted and
+    // the guest must stay on the source.
+    let events = serde_json::to_string_pretty(&v["events"]).unwrap_or_default();
+    assert!(
+        v["state"] == "aborted"
+            || (v["state"] == "failed" && events.contains("accepted: abort requested")),
+        "{events}"
+    );
     expect_code(&lab.tern(&["migration", "abort", &id]), 2, "already ended");
     let after = lab.vms();
     assert_eq!(after.len(), 1, "{after:?}");
@@ -573,7 +583,7 @@ fn migrate_with_watch_completes_and_events_are_kept() {
 fn operator_commands_bandwidth_force_complete_and_abort_after_the_switch() {
     let _lock = GuestLock::take();
     let t0 = Instant::now();
-    let lab = AgentLab::up("agop", "20mbit", 2048);
+    let lab = AgentLab::up("agop", "50mbit", 2048);
     boot(
         &lab,
         "hot",
@@ -585,7 +595,7 @@ fn operator_commands_bandwidth_force_complete_and_abort_after_the_switch() {
     wait_migration(&lab, &id, Duration::from_secs(20), |v| {
         v["state"] != "pending" && v["state"] != "preparing"
     });
-    let out = lab.tern(&["migration", "set-bandwidth", &id, "50mbit"]);
+    let out = lab.tern(&["migration", "set-bandwidth", &id, "100mbit"]);
     assert!(out.status.success(), "{}", text(&out));
     expect_code(&lab.tern(&["migration", "set-bandwidth", &id, "0"]), 2, "0");
     let fc = lab.tern(&["migration", "force-complete", &id, "-o", "json"]);
@@ -605,6 +615,11 @@ fn operator_commands_bandwidth_force_complete_and_abort_after_the_switch() {
     let v = wait_migration(&lab, &id, Duration::from_secs(60), |v| {
         v["finished_ms"].is_u64()
     });
+    for e in v["events"].as_array().into_iter().flatten() {
+        if e["event"] == "state" || e["event"] == "operator" {
+            eprintln!("{:>7} ms {e}", e["at_ms"]);
+        }
+    }
     assert_eq!(v["state"], "completed", "{v:#}");
     let report = &v["report"];
     assert_eq!(report["switched_to_postcopy"], true, "{report:#}");
@@ -618,4 +633,62 @@ fn operator_commands_bandwidth_force_complete_and_abort_after_the_switch() {
     assert_eq!((vms[0].0.as_str(), vms[0].2.as_str()), ("h2", "running"));
     assert!(lab.qemus_on("h1").is_empty(), "source QEMU left behind");
     eprintln!("operator test took {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn agent_killed_during_postcopy_is_monitored_to_completion_after_restart() {
+    let _lock = GuestLock::take();
+    let t0 = Instant::now();
+    let lab = AgentLab::up("agpc", "50mbit", 2048);
+    boot(
+        &lab,
+        "pc",
+        "h1",
+        &["--working-set", "32", "--dirty-rate", "max"],
+    );
+    let rec = lab.json(&["migrate", "pc", "--to", "h2"]);
+    let id = rec["id"].as_str().expect("id").to_string();
+    wait_migration(&lab, &id, Duration::from_secs(20), |v| {
+        v["state"] == "precopy" && v["progress"]["transferred_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    let fc = lab.tern(&["migration", "force-complete", &id]);
+    assert!(fc.status.success(), "{}", text(&fc));
+    wait_migration(&lab, &id, Duration::from_secs(20), |v| {
+        v["state"] == "postcopy"
+    });
+    // Post-copy: the destination runs the guest, the source holds the missing pages. Kill the
+    // source agent now; its QEMU keeps serving pages.
+    let agent = lab.agent_pid("h1");
+    tern_lab::kill_process(agent, tern_lab::Signal::SIGKILL).expect("kill -9 the source agent");
+    let t = Instant::now();
+    while tern_qemu::process::pid_alive(agent) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    lab.start_agents(2048);
+    let v = wait_migration(&lab, &id, Duration::from_secs(60), |v| {
+        v["finished_ms"].is_u64()
+    });
+    let events = v["events"].to_string();
+    assert!(events.contains("agent restarted"), "{events}");
+    assert_eq!(v["state"], "completed", "{events}");
+    let vms = lab.vms();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!((vms[0].0.as_str(), vms[0].2.as_str()), ("h2", "running"));
+    assert!(lab.qemus_on("h1").is_empty(), "source QEMU left behind");
+    // The source's serial log ended at the switch; the guest lives on in h2's.
+    let h2_log = PathBuf::from(
+        lab.json(&["vm", "show", "pc"])["serial_log"]
+            .as_str()
+            .expect("log"),
+    );
+    let hb = heartbeats(&h2_log);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        heartbeats(&h2_log) > hb + 50,
+        "the guest is not running on h2"
+    );
+    eprintln!(
+        "post-copy restart test took {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }

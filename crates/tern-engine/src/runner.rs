@@ -221,6 +221,8 @@ pub struct MigrationRunner {
     last_info: Option<MigrationInfo>,
     error: Option<String>,
     recovery: RecoveryTracker,
+    /// An abort was requested (by the policy or an operator) and QEMU accepted it.
+    abort_requested: bool,
 }
 
 impl MigrationRunner {
@@ -250,6 +252,7 @@ impl MigrationRunner {
             last_info: None,
             error: None,
             recovery: RecoveryTracker::default(),
+            abort_requested: false,
         }
     }
 
@@ -686,6 +689,16 @@ impl MigrationRunner {
                         MigrationState::Lost,
                         format!("failed after the switch: {why}"),
                     );
+                } else if self.abort_requested {
+                    // `migrate_cancel` tears the socket down; QEMU may report that as
+                    // `failed` ("Broken pipe") rather than `cancelled`. It was our abort.
+                    self.resume_source_if_paused().await;
+                    self.transition(
+                        MigrationState::Aborted,
+                        format!(
+                            "aborted as requested; the guest keeps running on the source (QEMU: {why})"
+                        ),
+                    );
                 } else {
                     self.resume_source_if_paused().await;
                     self.transition(
@@ -1034,7 +1047,9 @@ impl MigrationRunner {
             }
             Action::Abort => {
                 self.take_action("abort", &reason);
-                self.source.migrate_cancel().await
+                let r = self.source.migrate_cancel().await;
+                self.abort_requested |= r.is_ok();
+                r
             }
         };
         if let Err(e) = result {
@@ -1059,7 +1074,10 @@ impl MigrationRunner {
                 } else {
                     self.take_action("abort", "operator requested abort");
                     match self.source.migrate_cancel().await {
-                        Ok(()) => Ok("abort requested; the guest stays on the source".to_string()),
+                        Ok(()) => {
+                            self.abort_requested = true;
+                            Ok("abort requested; the guest stays on the source".to_string())
+                        }
                         Err(e) => Err(format!("QEMU refused migrate_cancel: {e}")),
                     }
                 }

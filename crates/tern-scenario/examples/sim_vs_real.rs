@@ -29,18 +29,34 @@ struct Case {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::env::args().nth(1);
-    let env = tokio::task::spawn_blocking(|| LabEnvironment::prepare(|s| eprintln!("setup: {s}"))).await??;
+    let env = tokio::task::spawn_blocking(|| LabEnvironment::prepare(|s| eprintln!("setup: {s}")))
+        .await??;
     let cases = [
         // 2 000 pages/s ≈ 8 MB/s against 25 MB/s: ρ ≈ 0.3.
-        Case { name: "converging", link_mbit: 200, working_set_mib: 32, pages_per_s: Some(2_000) },
+        Case {
+            name: "converging",
+            link_mbit: 200,
+            working_set_mib: 32,
+            pages_per_s: Some(2_000),
+        },
         // 6 000 pages/s ≈ 24.6 MB/s against 23.9 MB/s of payload: ρ ≈ 1.
-        Case { name: "borderline", link_mbit: 200, working_set_mib: 48, pages_per_s: Some(6_000) },
-        Case { name: "non-converging", link_mbit: 100, working_set_mib: 64, pages_per_s: None },
+        Case {
+            name: "borderline",
+            link_mbit: 200,
+            working_set_mib: 48,
+            pages_per_s: Some(6_000),
+        },
+        Case {
+            name: "non-converging",
+            link_mbit: 100,
+            working_set_mib: 64,
+            pages_per_s: None,
+        },
     ];
     let mut rows = Vec::new();
     for c in &cases {
         let spec = ScenarioSpec {
-            lab_name: format!("svr-{}", c.name.replace("-", "")[..5].to_string()),
+            lab_name: format!("svr-{}", &c.name.replace("-", "")[..5]),
             link_rate: Some(format!("{}mbit", c.link_mbit).parse()?),
             memory_mib: 192,
             workload: WorkloadParams {
@@ -72,8 +88,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let t = (total_ms as f64 * frac) as u64;
             let (at, eta, _) = series
                 .iter()
-                .filter(|(at, eta, _)| *at <= t && eta.is_some())
-                .last()?;
+                .rev()
+                .find(|(at, eta, _)| *at <= t && eta.is_some())?;
             let predicted = at + eta.unwrap_or(0);
             Some((predicted as f64 - total_ms as f64).abs() / total_ms as f64 * 100.0)
         };
@@ -83,9 +99,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .events
             .iter()
             .filter_map(|e| match e.kind {
-                MigrationEventKind::Pass { transferred_bytes, dirty_bytes_per_s, .. } => {
-                    Some((transferred_bytes, dirty_bytes_per_s))
-                }
+                MigrationEventKind::Pass {
+                    transferred_bytes,
+                    dirty_bytes_per_s,
+                    ..
+                } => Some((transferred_bytes, dirty_bytes_per_s)),
                 _ => None,
             })
             .collect();
@@ -108,7 +126,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ram_bytes: ram,
             nonzero_fraction: (first_pass as f64 / ram as f64).min(1.0),
             wws_bytes: u64::from(c.working_set_mib) * MIB,
-            dirty_phases: vec![DirtyPhase { from_ms: 0, pages_per_s }],
+            dirty_phases: vec![DirtyPhase {
+                from_ms: 0,
+                pages_per_s,
+            }],
             page_size: 4096,
             vcpus: 1,
             link_bytes_per_s: (c.link_mbit as f64 * 1e6 / 8.0 * TBF_EFFICIENCY) as u64,

@@ -12,7 +12,9 @@ use tern_scenario::{LabEnvironment, MigrationSummary, ScenarioSpec, run_scenario
 
 fn env() -> &'static LabEnvironment {
     static ENV: OnceLock<LabEnvironment> = OnceLock::new();
-    ENV.get_or_init(|| LabEnvironment::prepare(|s| eprintln!("setup: {s}")).expect("lab environment"))
+    ENV.get_or_init(|| {
+        LabEnvironment::prepare(|s| eprintln!("setup: {s}")).expect("lab environment")
+    })
 }
 
 fn run(spec: ScenarioSpec) -> MigrationSummary {
@@ -23,8 +25,17 @@ fn run(spec: ScenarioSpec) -> MigrationSummary {
         .expect("scenario");
     eprintln!(
         "{name}: outcome={} postcopy={} paused={} total={:.1}s blackout={:?} passes={} corrupt={} continuous={} after={} src_running={} ops={:?}",
-        s.outcome, s.switched_to_postcopy, s.paused_guest, s.total_time_s, s.blackout_ms, s.passes,
-        s.corrupt_pages, s.heartbeat_continuous, s.verify_passes_after, s.source_running, s.operator_results
+        s.outcome,
+        s.switched_to_postcopy,
+        s.paused_guest,
+        s.total_time_s,
+        s.blackout_ms,
+        s.passes,
+        s.corrupt_pages,
+        s.heartbeat_continuous,
+        s.verify_passes_after,
+        s.source_running,
+        s.operator_results
     );
     for a in &s.actions {
         eprintln!("  action @{} {}: {}", a.at_ms, a.action, a.reason);
@@ -50,7 +61,11 @@ fn dirtier(name: &str) -> ScenarioSpec {
 
 fn switch_pass(s: &MigrationSummary) -> Option<u64> {
     // The pass count when the switch was decided: passes completed before the action.
-    let at = s.actions.iter().find(|a| a.action == "switch-to-postcopy")?.at_ms;
+    let at = s
+        .actions
+        .iter()
+        .find(|a| a.action == "switch-to-postcopy")?
+        .at_ms;
     s.events
         .iter()
         .filter(|e| e.at_ms <= at)
@@ -80,7 +95,10 @@ fn converging_guest_completes_in_precopy_within_its_downtime() {
     assert!(!s.switched_to_postcopy, "a converging guest never switches");
     assert!(s.integrity_ok());
     let blackout = s.blackout_ms.expect("switchover measured");
-    assert!(blackout <= 500.0 + 100.0, "blackout {blackout:.0} ms > max downtime 500 + 100 ms");
+    assert!(
+        blackout <= 500.0 + 100.0,
+        "blackout {blackout:.0} ms > max downtime 500 + 100 ms"
+    );
 }
 
 #[test]
@@ -93,7 +111,12 @@ fn non_converging_guest_switches_to_postcopy_within_three_passes() {
     assert!(s.switched_to_postcopy);
     let passes = switch_pass(&s).expect("a switch decision after a pass");
     assert!(passes <= 3, "switched after {passes} completed passes");
-    let why = &s.actions.iter().find(|a| a.action == "switch-to-postcopy").expect("switch").reason;
+    let why = &s
+        .actions
+        .iter()
+        .find(|a| a.action == "switch-to-postcopy")
+        .expect("switch")
+        .reason;
     assert!(!why.is_empty(), "the event log says why it switched");
     assert!(s.integrity_ok());
 }
@@ -106,8 +129,16 @@ fn postcopy_forbidden_by_destination_host_never_switches() {
         ..dirtier("t-denyhost")
     });
     assert!(!s.switched_to_postcopy);
-    assert!(s.post_copy_verdict.contains("destination"), "{}", s.post_copy_verdict);
-    assert!(matches!(s.outcome.as_str(), "completed" | "aborted"), "{}", s.outcome);
+    assert!(
+        s.post_copy_verdict.contains("destination"),
+        "{}",
+        s.post_copy_verdict
+    );
+    assert!(
+        matches!(s.outcome.as_str(), "completed" | "aborted"),
+        "{}",
+        s.outcome
+    );
     if s.outcome == "aborted" {
         assert!(s.source_running);
         assert_eq!(s.guest_location.as_deref(), Some("h1"));
@@ -124,8 +155,16 @@ fn postcopy_forbidden_by_the_vm_never_switches() {
         ..dirtier("t-denyvm")
     });
     assert!(!s.switched_to_postcopy);
-    assert!(s.post_copy_verdict.to_lowercase().contains("vm"), "{}", s.post_copy_verdict);
-    assert!(matches!(s.outcome.as_str(), "completed" | "aborted"), "{}", s.outcome);
+    assert!(
+        s.post_copy_verdict.to_lowercase().contains("vm"),
+        "{}",
+        s.post_copy_verdict
+    );
+    assert!(
+        matches!(s.outcome.as_str(), "completed" | "aborted"),
+        "{}",
+        s.outcome
+    );
     if s.outcome == "aborted" {
         assert!(s.source_running);
     }
@@ -182,7 +221,10 @@ fn abort_after_the_switch_is_refused() {
         .iter()
         .find(|r| r.starts_with("Abort"))
         .expect("abort answered");
-    assert!(abort.contains("refused") && abort.contains("destination holds the only"), "{abort}");
+    assert!(
+        abort.contains("refused") && abort.contains("destination holds the only"),
+        "{abort}"
+    );
     assert!(s.integrity_ok());
 }
 
@@ -193,10 +235,17 @@ fn evacuate_finishes_by_stop_and_copy_when_the_destination_denies_postcopy() {
         destination_permits_post_copy: false,
         ..dirtier("t-evac-deny")
     });
-    assert_eq!(s.outcome, "completed", "evacuate must finish: {:?}", s.error);
+    assert_eq!(
+        s.outcome, "completed",
+        "evacuate must finish: {:?}",
+        s.error
+    );
     assert!(!s.switched_to_postcopy);
     assert!(
-        s.paused_guest || s.actions.iter().any(|a| a.action.starts_with("set-downtime-limit")),
+        s.paused_guest
+            || s.actions
+                .iter()
+                .any(|a| a.action.starts_with("set-downtime-limit")),
         "finished by stop-and-copy (pause or a raised downtime): {:?}",
         s.actions
     );

@@ -13,7 +13,9 @@ use tern_scenario::{LabEnvironment, MigrationSummary, ScenarioSpec, run_scenario
 
 fn env() -> &'static LabEnvironment {
     static ENV: OnceLock<LabEnvironment> = OnceLock::new();
-    ENV.get_or_init(|| LabEnvironment::prepare(|s| eprintln!("setup: {s}")).expect("lab environment"))
+    ENV.get_or_init(|| {
+        LabEnvironment::prepare(|s| eprintln!("setup: {s}")).expect("lab environment")
+    })
 }
 
 fn cut(trigger: FaultTrigger, secs: u64) -> FaultPlan {
@@ -64,8 +66,18 @@ fn run(spec: ScenarioSpec) -> MigrationSummary {
         .expect("scenario");
     eprintln!(
         "{name}: outcome={} postcopy={} recoveries={} recovery_s={:?} blackout={:?} max_dest_gap_ms={:.0} corrupt={} ctl={} continuous={} after={} src_running={} total={:.1}s",
-        s.outcome, s.switched_to_postcopy, s.recoveries, s.recovery_s, s.blackout_ms, s.max_dest_gap_ms,
-        s.corrupt_pages, s.control_mismatches, s.heartbeat_continuous, s.verify_passes_after, s.source_running, s.total_time_s
+        s.outcome,
+        s.switched_to_postcopy,
+        s.recoveries,
+        s.recovery_s,
+        s.blackout_ms,
+        s.max_dest_gap_ms,
+        s.corrupt_pages,
+        s.control_mismatches,
+        s.heartbeat_continuous,
+        s.verify_passes_after,
+        s.source_running,
+        s.total_time_s
     );
     for f in &s.faults_injected {
         eprintln!("  fault {f:?}");
@@ -76,17 +88,34 @@ fn run(spec: ScenarioSpec) -> MigrationSummary {
 fn assert_recovered(s: &MigrationSummary, cuts: u32) {
     assert!(s.switched_to_postcopy);
     assert_eq!(s.outcome, "completed", "{:?}", s.error);
-    assert!(s.recoveries >= 1, "at least one recovery: {:?}", s.faults_injected);
-    assert!(s.faults_injected.iter().filter(|f| f.fired_at_ms.is_some()).count() as u32 >= cuts);
+    assert!(
+        s.recoveries >= 1,
+        "at least one recovery: {:?}",
+        s.faults_injected
+    );
+    assert!(
+        s.faults_injected
+            .iter()
+            .filter(|f| f.fired_at_ms.is_some())
+            .count() as u32
+            >= cuts
+    );
     assert_eq!(s.corrupt_pages, 0);
     assert_eq!(s.control_mismatches, 0);
-    assert!(s.heartbeat_continuous, "heartbeats continue on the destination");
+    assert!(
+        s.heartbeat_continuous,
+        "heartbeats continue on the destination"
+    );
     assert!(s.verify_passes_after >= 1);
     assert_eq!(s.guest_location.as_deref(), Some("h2"));
 }
 
 fn assert_source_kept(s: &MigrationSummary) {
-    assert!(matches!(s.outcome.as_str(), "failed" | "aborted" | "completed"), "{}", s.outcome);
+    assert!(
+        matches!(s.outcome.as_str(), "failed" | "aborted" | "completed"),
+        "{}",
+        s.outcome
+    );
     if s.outcome != "completed" {
         assert!(s.source_running, "the guest keeps running on the source");
         assert_eq!(s.guest_location.as_deref(), Some("h1"));
@@ -172,7 +201,12 @@ fn link_cut_during_recovery_itself_is_retried() {
         "t-pc-inrecov",
         vec![
             cut(postcopy(0.5), 6),
-            cut(FaultTrigger::Recovering { after: Duration::ZERO }, 6),
+            cut(
+                FaultTrigger::Recovering {
+                    after: Duration::ZERO,
+                },
+                6,
+            ),
         ],
     ));
     assert_recovered(&s, 1);
@@ -186,11 +220,17 @@ fn recovery_window_exceeded_strands_the_migration_for_the_operator() {
     });
     assert_eq!(s.outcome, "stranded", "{:?}", s.error);
     assert!(s.guest_location.is_none());
-    assert!(s.destination_vm_present, "the destination QEMU is kept for the operator");
+    assert!(
+        s.destination_vm_present,
+        "the destination QEMU is kept for the operator"
+    );
     let why = s.events.iter().rev().find_map(|e| match &e.kind {
         tern_engine::MigrationEventKind::State { reason, .. } => Some(reason.clone()),
         _ => None,
     });
     let why = why.expect("a final transition");
-    assert!(why.contains("migrate-recover") && why.contains("resume=true"), "{why}");
+    assert!(
+        why.contains("migrate-recover") && why.contains("resume=true"),
+        "{why}"
+    );
 }
