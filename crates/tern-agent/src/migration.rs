@@ -195,8 +195,35 @@ pub async fn migrate(
     progress: Option<tokio::sync::oneshot::Sender<watch::Receiver<MigrationProgress>>>,
     event_sink: Option<mpsc::UnboundedSender<tern_engine::MigrationEvent>>,
 ) -> Result<MigrationOutcome, AgentError> {
+    migrate_with(
+        source,
+        destination,
+        order,
+        catalog,
+        control,
+        progress,
+        event_sink,
+        |_| {},
+    )
+    .await
+}
+
+/// [`migrate`], with a hook that adjusts the policy's input before planning (experiments that
+/// change a permission between migrations of the same guest, whose boot-time spec is fixed).
+#[allow(clippy::too_many_arguments)]
+pub async fn migrate_with(
+    source: &HostRuntime,
+    destination: &HostRuntime,
+    order: MigrationOrder,
+    catalog: &SlaCatalog,
+    control: mpsc::Receiver<OperatorRequest>,
+    progress: Option<tokio::sync::oneshot::Sender<watch::Receiver<MigrationProgress>>>,
+    event_sink: Option<mpsc::UnboundedSender<tern_engine::MigrationEvent>>,
+    adjust: impl FnOnce(&mut PlanInput),
+) -> Result<MigrationOutcome, AgentError> {
     check_order(source, destination, &order, catalog)?;
-    let input = plan_input(source, destination, &order, catalog)?;
+    let mut input = plan_input(source, destination, &order, catalog)?;
+    adjust(&mut input);
     let policy = tern_policy::policy_by_name(&order.policy)
         .map_err(|e| AgentError::Invalid(e.to_string()))?;
     let spec = source.spec(&order.vm)?;

@@ -8,6 +8,10 @@ use std::fmt::Write as _;
 
 use crate::results::{ArmSummary, BenchResult, Spread};
 
+/// Blackout changes smaller than this are not reported (heartbeats come every 10 ms and a TCG
+/// vCPU on shared cores jitters by tens of ms).
+pub const BLACKOUT_FLOOR_MS: f64 = 50.0;
+
 /// One compared metric.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
@@ -86,6 +90,29 @@ pub fn compare(old: &BenchResult, new: &BenchResult, tol: f64) -> Comparison {
             notes.push(format!("scenario {} is new", ns.scenario.name));
             continue;
         };
+        let (a, b) = (&os.scenario, &ns.scenario);
+        if (
+            a.memory_mib,
+            a.working_set_mib,
+            a.dirty_pages_per_s,
+            a.pattern,
+            a.link,
+            a.context,
+            a.time_cap_s,
+        ) != (
+            b.memory_mib,
+            b.working_set_mib,
+            b.dirty_pages_per_s,
+            b.pattern,
+            b.link,
+            b.context,
+            b.time_cap_s,
+        ) {
+            notes.push(format!(
+                "scenario {} is defined differently in the two results (guest, link, context or cap): compare with care",
+                b.name
+            ));
+        }
         for na in &ns.arms {
             let Some(oa) = os.arm(&na.arm.label) else {
                 notes.push(format!("{}: {} is new", ns.scenario.name, na.arm.label));
@@ -116,10 +143,19 @@ pub fn compare(old: &BenchResult, new: &BenchResult, tol: f64) -> Comparison {
                 "× bound",
                 judge_lower_is_better(oa.time_vs_bound, na.time_vs_bound, tol),
             );
-            push(
-                "blackout ms",
-                judge_lower_is_better(oa.blackout_ms, na.blackout_ms, tol),
-            );
+            // Blackout only means something when the guest moved (a timed-out run's largest
+            // heartbeat gap is scheduling noise), and tens of ms are within TCG's jitter.
+            if oa.arrived() == oa.runs && na.arrived() == na.runs {
+                push(
+                    "blackout ms",
+                    judge_lower_is_better(oa.blackout_ms, na.blackout_ms, tol).map(
+                        |(o, n, worse, better)| {
+                            let big = (n - o).abs() > BLACKOUT_FLOOR_MS;
+                            (o, n, worse && big, better && big)
+                        },
+                    ),
+                );
+            }
             push(
                 "bytes ÷ RAM",
                 judge_lower_is_better(oa.bytes_vs_ram, na.bytes_vs_ram, tol),

@@ -43,6 +43,8 @@ enum Command {
     Check(output::OutputArgs),
     /// Simulate migrations: compare tern's policy with the baselines on generated scenarios.
     Sim(tern_sim::SimArgs),
+    /// Benchmark tern against every baseline policy on real lab migrations.
+    Bench(tern_bench::BenchArgs),
     /// Run the host agent (HTTP API; owns this host's QEMUs and outgoing migrations).
     Agent(agent::AgentArgs),
     /// Hosts as their agents report them.
@@ -124,6 +126,14 @@ fn main() {
             Command::Guest(c) => guest::run(c),
             Command::Lab(c) => lab::run(c),
             Command::Check(o) => output::check(o),
+            Command::Bench(a) => match tern_bench::run(a).await {
+                Ok(0) => Ok(()),
+                Ok(code) => Err(Failure {
+                    code,
+                    error: anyhow::anyhow!("benchmark finished with regressions or failures"),
+                }),
+                Err(e) => Err(Failure::failed(e)),
+            },
             Command::Sim(a) => match tern_sim::run(&a) {
                 Ok(text) => {
                     print!("{text}");

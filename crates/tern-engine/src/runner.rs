@@ -330,7 +330,14 @@ impl MigrationRunner {
 
     async fn detect_features(
         &self,
-    ) -> Result<(QemuFeatures, BTreeSet<MigrationCapability>), EngineError> {
+    ) -> Result<
+        (
+            QemuFeatures,
+            BTreeSet<MigrationCapability>,
+            BTreeSet<MigrationCapability>,
+        ),
+        EngineError,
+    > {
         let src = self.source.supported_capabilities().await?;
         let dst_facts = self.destination.facts().await?;
         let dst = dst_facts.capabilities.clone();
@@ -354,11 +361,11 @@ impl MigrationRunner {
             xbzrle: src.contains(&MigrationCapability::Xbzrle),
             calc_dirty_rate: src_cmds.contains("calc-dirty-rate"),
         };
-        Ok((features, both))
+        Ok((features, src, dst))
     }
 
     async fn prepare(&mut self) -> Result<(), EngineError> {
-        let (features, _both) = self.detect_features().await?;
+        let (features, src_supported, dst_supported) = self.detect_features().await?;
         let mut input = self.setup.plan_input.clone();
         input.features = features;
         // Safety gate: a paused guest must not be migrated post-copy (Nova LP#1671011: the
@@ -410,22 +417,26 @@ impl MigrationRunner {
             (MigrationCapability::DirtyLimit, caps.dirty_limit),
             (MigrationCapability::Xbzrle, caps.xbzrle),
         ];
+        // Every capability tern manages is set explicitly, off as well as on: a QEMU that
+        // arrived by an earlier migration still carries that migration's capabilities, and a
+        // mismatch between the two ends fails the stream ("Sibling indicated error").
         let src_caps: Vec<MigrationCapabilityStatus> = both_sides
             .iter()
             .chain(source_only.iter())
-            .filter(|(_, on)| *on)
+            .filter(|(c, on)| *on || src_supported.contains(c))
             .map(|(c, on)| MigrationCapabilityStatus::new(c.clone(), *on))
             .collect();
         let dst_caps: Vec<MigrationCapabilityStatus> = both_sides
             .iter()
             .chain([(MigrationCapability::Events, true)].iter())
-            .filter(|(_, on)| *on)
+            .filter(|(c, on)| *on || dst_supported.contains(c))
             .map(|(c, on)| MigrationCapabilityStatus::new(c.clone(), *on))
             .collect();
         self.source.migrate_set_capabilities(&src_caps).await?;
         self.destination.set_capabilities(&dst_caps).await?;
         let used: Vec<String> = src_caps
             .iter()
+            .filter(|c| c.state)
             .map(|c| c.capability.as_str().to_string())
             .collect();
         self.record(MigrationEventKind::Note {

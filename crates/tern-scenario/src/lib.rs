@@ -906,19 +906,22 @@ impl ScenarioSession {
             series
         });
         let post_copy = hop.post_copy;
-        let outcome = migrate_adjusted(
+        let outcome = tern_agent::migration::migrate_with(
             &source,
             &destination,
             order,
+            &SlaCatalog::builtin(),
             ctl_rx,
-            prog_tx,
+            Some(prog_tx),
+            None,
             move |input| {
                 if post_copy == PostCopyPermission::Forbidden {
                     input.vm.post_copy = tern_policy::PostCopyPermission::Forbidden;
                 }
             },
         )
-        .await;
+        .await
+        .map_err(ScenarioError::from);
         let ended_mono_ns = tern_qemu::host_monotonic_ns();
         if let Some(t) = cap_timer {
             t.abort();
@@ -973,150 +976,6 @@ impl ScenarioSession {
         }
         drop(self.lab.take());
     }
-}
-
-/// [`tern_agent::migrate`] with a hook that adjusts the policy's input before planning (the
-/// agent's own function takes the permission from the VM's boot-time spec, which a session
-/// cannot change between hops). Same admission checks, same cleanup, same invariant: the guest
-/// runs on exactly one host afterwards, or the outcome says it was lost.
-async fn migrate_adjusted(
-    source: &HostRuntime,
-    destination: &HostRuntime,
-    order: MigrationOrder,
-    control: mpsc::Receiver<OperatorRequest>,
-    progress: oneshot::Sender<tokio::sync::watch::Receiver<MigrationProgress>>,
-    adjust: impl FnOnce(&mut tern_policy::PlanInput),
-) -> Result<tern_agent::MigrationOutcome, ScenarioError> {
-    use tern_agent::migration::{check_order, plan_input};
-    let catalog = SlaCatalog::builtin();
-    check_order(source, destination, &order, &catalog)?;
-    let mut input = plan_input(source, destination, &order, &catalog)?;
-    adjust(&mut input);
-    let policy = tern_policy::policy_by_name(&order.policy)
-        .map_err(|e| ScenarioError::Agent(tern_agent::AgentError::Invalid(e.to_string())))?;
-    let spec = source.spec(&order.vm)?;
-    source.begin_outbound(&order.vm)?;
-    let port = match destination.begin_inbound(&order.vm) {
-        Ok(p) => p,
-        Err(e) => {
-            source.end_migration(&order.vm);
-            return Err(e.into());
-        }
-    };
-    let release = || {
-        source.end_migration(&order.vm);
-        destination.end_migration(&order.vm);
-    };
-    let source_log = match source.show(&order.vm).await {
-        Ok(i) => i.serial_log,
-        Err(e) => {
-            release();
-            return Err(e.into());
-        }
-    };
-    let dest_qmp = match destination.prepare_incoming(spec).await {
-        Ok(q) => q,
-        Err(e) => {
-            release();
-            return Err(e.into());
-        }
-    };
-    let dest_log = destination.show(&order.vm).await.ok().map(|i| i.serial_log);
-    let source_qmp = match source.qmp(&order.vm) {
-        Ok(q) => q,
-        Err(e) => {
-            let _ = destination.kill_vm(&order.vm).await;
-            release();
-            return Err(e.into());
-        }
-    };
-    // A guest that arrived by migration keeps the capabilities its QEMU was given as a
-    // destination (`postcopy-ram`, `postcopy-preempt`, `multifd`); the engine only switches on
-    // what the plan wants, so without this reset a later hop would offer the new destination
-    // capabilities it never enabled and fail ("Sibling indicated error").
-    if let Err(e) = reset_migration_settings(&source_qmp).await {
-        let _ = destination.kill_vm(&order.vm).await;
-        release();
-        return Err(ScenarioError::Io(format!(
-            "resetting the source's migration capabilities failed: {e}"
-        )));
-    }
-    let mut setup = tern_engine::MigrationSetup::new(
-        format!(
-            "{}-{}-to-{}",
-            order.vm,
-            source.identity().name,
-            destination.identity().name
-        ),
-        format!("tcp:{}:{}", destination.identity().migration_address, port),
-        input,
-    );
-    setup.probe_seconds = order.probe_seconds;
-    let runner = tern_engine::MigrationRunner::new(source_qmp, Box::new(dest_qmp), policy, setup);
-    let _ = progress.send(runner.progress());
-    let report = runner.run(control).await;
-    let source_final_run_state = match source.qmp(&order.vm) {
-        Ok(q) => q
-            .query_status()
-            .await
-            .ok()
-            .map(|s| s.status.as_str().to_string()),
-        Err(_) => None,
-    };
-    let (guest_location, source_running) = match report.state {
-        MigrationState::Completed => {
-            let _ = source.stop_vm(&order.vm).await;
-            let _ = destination.promote_incoming(&order.vm);
-            (Some(destination.identity().name.clone()), false)
-        }
-        MigrationState::Lost => (None, source.has_vm(&order.vm)),
-        _ => {
-            let _ = destination.kill_vm(&order.vm).await;
-            let running = match source.qmp(&order.vm) {
-                Ok(q) => q.query_status().await.map(|s| s.running).unwrap_or(false),
-                Err(_) => false,
-            };
-            (Some(source.identity().name.clone()), running)
-        }
-    };
-    release();
-    let destination_vm_present = destination.has_vm(&order.vm);
-    Ok(tern_agent::MigrationOutcome {
-        source_final_run_state,
-        destination_vm_present,
-        report,
-        source_host: source.identity().name.clone(),
-        destination_host: destination.identity().name.clone(),
-        guest_location,
-        source_running,
-        source_serial_log: source_log,
-        destination_serial_log: dest_log,
-    })
-}
-
-/// Switches off every capability a policy may have turned on in an earlier migration of this
-/// QEMU, and the post-copy bandwidth cap, so that each hop starts from QEMU's defaults.
-async fn reset_migration_settings(qmp: &tern_qmp::QmpClient) -> Result<(), tern_qmp::QmpError> {
-    use tern_qmp::{MigrationCapability as C, MigrationCapabilityStatus};
-    let supported = qmp.supported_capabilities().await?;
-    let off: Vec<MigrationCapabilityStatus> = [
-        C::PostcopyRam,
-        C::PostcopyPreempt,
-        C::Multifd,
-        C::AutoConverge,
-        C::DirtyLimit,
-        C::Xbzrle,
-    ]
-    .into_iter()
-    .filter(|c| supported.contains(c))
-    .map(|c| MigrationCapabilityStatus::new(c, false))
-    .collect();
-    qmp.migrate_set_capabilities(&off).await?;
-    qmp.migrate_set_parameters(&tern_qmp::MigrationParameters {
-        max_postcopy_bandwidth: Some(0),
-        ..Default::default()
-    })
-    .await
 }
 
 /// The summary of an engine outcome, before the serial logs are judged.
