@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
-# Fails if tests left a QEMU process or a lab network namespace behind.
+# Fails if the tests left a QEMU process, a lab network namespace or a tern temp dir behind.
+#
+#   scripts/check-leaks.sh --before FILE   record what already exists (not the tests' doing)
+#   scripts/check-leaks.sh --after FILE    fail on anything new since --before
+#   scripts/check-leaks.sh                 fail on anything at all
 set -u
-leaks=0
-if pgrep -a qemu-system >/dev/null 2>&1; then
-  echo "LEAK: QEMU processes still running:" >&2
-  pgrep -a qemu-system >&2
-  leaks=1
+
+inventory() {
+  pgrep -a qemu-system 2>/dev/null | sed 's/^/qemu: /'
+  ip netns list 2>/dev/null | awk '{print $1}' | grep '^tern-' | sed 's/^/netns: /'
+  find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'tern-*' 2>/dev/null | sed 's/^/tmp: /'
+}
+
+case "${1:-}" in
+  --before)
+    inventory | sort > "$2"
+    exit 0
+    ;;
+  --after)
+    new=$(comm -13 "$2" <(inventory | sort))
+    ;;
+  *)
+    new=$(inventory)
+    ;;
+esac
+
+if [ -n "$new" ]; then
+  echo "LEAK: the tests left these behind:" >&2
+  echo "$new" >&2
+  exit 1
 fi
-if ip netns list 2>/dev/null | grep -q '^tern-'; then
-  echo "LEAK: lab namespaces still present:" >&2
-  ip netns list | grep '^tern-' >&2
-  leaks=1
-fi
-tmp=$(find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'tern-*' 2>/dev/null)
-if [ -n "$tmp" ]; then
-  echo "LEAK: temp dirs still present:" >&2
-  echo "$tmp" >&2
-  leaks=1
-fi
-if [ $leaks -eq 0 ]; then echo "no leaks: no QEMU process, no tern-* namespace, no tern-* temp dir left"; fi
-exit $leaks
+echo "no leaks: no QEMU process, no tern-* namespace, no tern-* temp dir left"
