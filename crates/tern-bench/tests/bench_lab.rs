@@ -97,8 +97,7 @@ fn tiny_set_produces_json_markdown_and_plots_with_sane_values() {
     assert_eq!(back.scenarios.len(), 1, "the JSON round-trips");
     assert_eq!(back.scenarios[0].runs.len(), 2);
     assert_eq!(
-        back.scenarios[0].arms,
-        result.scenarios[0].arms,
+        back.scenarios[0].arms, result.scenarios[0].arms,
         "floats round-trip exactly (serde_json's float_roundtrip)"
     );
     let text = std::fs::read_to_string(&md).expect("md");
