@@ -542,54 +542,21 @@ async fn run_on_hosts(
     ));
     tokio::time::sleep(spec.settle).await;
     let report = &outcome.report;
-    let summary = MigrationSummary {
-        outcome: match report.state {
-            MigrationState::Completed => "completed",
-            MigrationState::Aborted => "aborted",
-            MigrationState::Lost => "lost",
-            MigrationState::Stranded => "stranded",
-            _ => "failed",
-        }
-        .to_string(),
-        switched_to_postcopy: report.switched_to_postcopy,
-        paused_guest: report.paused_guest,
-        total_time_s: report.total_time_ms as f64 / 1000.0,
-        blackout_ms: None,
-        bytes_sent: report.bytes_sent,
-        ram_bytes: report.ram_bytes,
-        corrupt_pages: 0,
-        control_mismatches: 0,
-        heartbeat_continuous: false,
-        verify_passes_before: 0,
-        verify_passes_after: 0,
-        max_dest_gap_ms: 0.0,
-        accelerator: env.accelerator.accelerator.to_string(),
-        qemu_version: env.qemu.version.to_string(),
-        context: spec.context.to_string(),
-        policy: report.policy.clone(),
-        actions: report.actions.clone(),
-        source_running: outcome.source_running,
-        source_final_run_state: outcome.source_final_run_state.clone(),
-        destination_vm_present: outcome.destination_vm_present,
-        guest_location: outcome.guest_location.clone(),
-        capabilities: report.capabilities.clone(),
-        post_copy_verdict: report.post_copy_verdict.clone(),
-        passes: report.passes,
-        link_rate: spec.link_rate.map(|r| r.to_string()),
-        working_set_mib: spec.workload.working_set_mib,
-        dirty_rate: spec.workload.rate.to_string(),
-        memory_mib: spec.memory_mib,
+    let mut summary = summary_from(
+        env,
+        &outcome,
+        spec.context,
+        spec.link_rate,
+        &spec.workload,
+        spec.memory_mib,
         operator_results,
-        recovery_s: faults_injected
-            .iter()
-            .filter_map(|f| f.resumed_after_restore_ms)
-            .max()
-            .map(|ms| ms as f64 / 1000.0),
-        faults_injected,
-        recoveries: report.recoveries,
-        error: report.error.clone(),
-        events: report.events.clone(),
-    };
+    );
+    summary.recovery_s = faults_injected
+        .iter()
+        .filter_map(|f| f.resumed_after_restore_ms)
+        .max()
+        .map(|ms| ms as f64 / 1000.0);
+    summary.faults_injected = faults_injected;
     let dest_log = if report.state == MigrationState::Completed || report.state.is_after_switch() {
         outcome.destination_serial_log.clone()
     } else {
