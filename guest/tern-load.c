@@ -28,7 +28,11 @@
  * and does not pass them to init.
  *   tern_ws_mib=N        working set in MiB (default 64)
  *   tern_rate=N|max      page writes per second (default max)
- *   tern_pattern=seq|random   which page to write next (default seq)
+ *   tern_pattern=seq|random|bursty   which page to write next (default seq);
+ *                        bursty writes sequentially at tern_rate for 2 s, then
+ *                        nothing for 2 s, and again: a dirty rate that swings
+ *                        between passes, which a policy must not mistake for
+ *                        convergence (or for a stall)
  *   tern_verify=1|0      run the verifier (default 1)
  *   tern_inject=stale    self-test: 2 s after READY, roll one page back to its
  *                        previous generation and the stack counter back by one,
@@ -54,6 +58,8 @@
 #define PATTERN_STRIDE_WORDS 64u
 #define SLICE_NS 10000000ull      /* rate budget and heartbeat period: 10 ms */
 #define STATUS_NS 1000000000ull   /* STATUS period: 1 s */
+#define BURST_ON_NS 2000000000ull  /* tern_pattern=bursty: writing for 2 s ... */
+#define BURST_OFF_NS 2000000000ull /* ... then idle for 2 s */
 #define MAX_CATCHUP_SLICES 10u    /* rate budget made up after a short stall: 100 ms */
 /* Work per loop iteration is bounded so the loop comes back to the clock often
  * enough to keep heartbeats on time even at max rate on a slow (TCG) vCPU. */
@@ -133,6 +139,7 @@ struct params {
     uint64_t ws_mib;
     uint64_t rate; /* page writes per second; 0 = max */
     int random;
+    int bursty;
     int verify;
     int inject_stale;
 };
@@ -143,6 +150,7 @@ static int parse_params(struct params *p)
     p->ws_mib = 64;
     p->rate = 0;
     p->random = 0;
+    p->bursty = 0;
     p->verify = 1;
     p->inject_stale = 0;
 
@@ -178,8 +186,10 @@ static int parse_params(struct params *p)
                 p->random = 0;
             } else if (strcmp(tok + 13, "random") == 0) {
                 p->random = 1;
+            } else if (strcmp(tok + 13, "bursty") == 0) {
+                p->bursty = 1;
             } else {
-                emit("ERROR bad %s: expected seq or random", tok);
+                emit("ERROR bad %s: expected seq, random or bursty", tok);
                 return -1;
             }
         } else if (strncmp(tok, "tern_inject=", 12) == 0) {
@@ -237,7 +247,7 @@ int main(void)
     else
         snprintf(rate_str, sizeof rate_str, "max");
     emit("READY ws_mib=%llu rate=%s pattern=%s pages=%llu", (unsigned long long)prm.ws_mib,
-         rate_str, prm.random ? "random" : "seq", (unsigned long long)pages);
+         rate_str, prm.random ? "random" : prm.bursty ? "bursty" : "seq", (unsigned long long)pages);
 
     /* The stack twin of ctl_bss. volatile forces it into the stack frame
      * instead of a register, so a stale stack page shows up as a mismatch. */
@@ -332,6 +342,12 @@ int main(void)
         uint64_t batch = WRITE_BATCH;
         if (prm.rate && tokens < batch)
             batch = tokens;
+        if (prm.bursty && (now - start) % (BURST_ON_NS + BURST_OFF_NS) >= BURST_ON_NS) {
+            /* Idle half of the burst cycle: no writes, and no budget saved up
+             * for a catch-up spike when the next burst starts. */
+            batch = 0;
+            tokens = 0;
+        }
         for (uint64_t k = 0; k < batch; k++) {
             uint64_t i;
             if (prm.random) {

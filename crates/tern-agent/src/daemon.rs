@@ -18,6 +18,9 @@
 //! - post-copy: the destination runs the guest and only the source has the missing pages, so
 //!   cancelling is impossible; the agent keeps monitoring until QEMU reports `completed`;
 //! - completed: only the bookkeeping (quit the source, promote the destination) is left.
+//!
+//! A migration finished this way gets a report rebuilt from QEMU's final statistics and the
+//! events persisted before the restart (the engine that would have written it died).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -25,7 +28,7 @@ use std::time::Duration;
 
 use tern_engine::{
     MigrationEvent, MigrationEventKind, MigrationProgress, MigrationReport, MigrationRunner,
-    MigrationSetup, MigrationState, OperatorCommand, OperatorRequest,
+    MigrationSetup, MigrationState, OperatorCommand, OperatorRequest, TakenAction,
 };
 use tern_policy::SlaCatalog;
 use tern_qemu::QemuBinary;
@@ -917,8 +920,8 @@ impl Agent {
                 return;
             }
         };
-        let status = match qmp.query_migrate().await {
-            Ok(i) => i.status_or_none(),
+        let info = match qmp.query_migrate().await {
+            Ok(i) => i,
             Err(e) => {
                 let why = format!("agent restarted; the source QEMU does not answer: {e}");
                 self.transition(&rec, from, MigrationState::Failed, &why)
@@ -927,8 +930,9 @@ impl Agent {
                 return;
             }
         };
+        let status = info.status_or_none();
         match status {
-            MigrationStatus::Completed => self.recover_completed(&rec, from).await,
+            MigrationStatus::Completed => self.recover_completed(&rec, from, Some(&info)).await,
             MigrationStatus::PostcopyActive
             | MigrationStatus::PostcopyPaused
             | MigrationStatus::PostcopyRecover
@@ -953,9 +957,13 @@ impl Agent {
                 // Pre-copy (setup, active, device, …): cancel; the source keeps the guest.
                 let _ = qmp.migrate_cancel().await;
                 let mut last = status.clone();
+                let mut last_info = info.clone();
                 for _ in 0..100 {
                     match qmp.query_migrate().await {
-                        Ok(i) => last = i.status_or_none(),
+                        Ok(i) => {
+                            last = i.status_or_none();
+                            last_info = i;
+                        }
                         Err(_) => break,
                     }
                     if matches!(
@@ -971,7 +979,7 @@ impl Agent {
                 }
                 if matches!(last, MigrationStatus::Completed) {
                     // It finished before the cancel took effect.
-                    self.recover_completed(&rec, from).await;
+                    self.recover_completed(&rec, from, Some(&last_info)).await;
                     return;
                 }
                 if last.as_str().starts_with("postcopy") {
@@ -1008,7 +1016,12 @@ impl Agent {
         }
     }
 
-    async fn recover_completed(&self, rec: &MigrationRecord, from: MigrationState) {
+    async fn recover_completed(
+        &self,
+        rec: &MigrationRecord,
+        from: MigrationState,
+        info: Option<&tern_qmp::MigrationInfo>,
+    ) {
         self.transition(
             rec,
             from,
@@ -1016,7 +1029,88 @@ impl Agent {
             "agent restarted; QEMU reports the migration completed",
         )
         .await;
-        self.conclude(rec, MigrationState::Completed, None).await;
+        self.settle(rec, MigrationState::Completed).await;
+        let report = self
+            .report_after_restart(rec, MigrationState::Completed, info)
+            .await;
+        let _ = self
+            .inner
+            .store
+            .finish(&rec.id, MigrationState::Completed, None, Some(&report))
+            .await;
+        self.inner.host.end_migration(&rec.vm);
+        self.inner
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.id);
+    }
+
+    /// The report of a migration the agent finished after a restart. The engine that ran it
+    /// died with the old process, so its report is rebuilt from what survived: QEMU's final
+    /// statistics (bytes, total time, passes) and the events already persisted (states,
+    /// decisions and actions up to the kill, then the restart's own). Capabilities and the
+    /// plan are not known any more and are left empty.
+    async fn report_after_restart(
+        &self,
+        rec: &MigrationRecord,
+        state: MigrationState,
+        info: Option<&tern_qmp::MigrationInfo>,
+    ) -> MigrationReport {
+        let events: Vec<MigrationEvent> = self
+            .inner
+            .store
+            .events(&rec.id, 0)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.event)
+            .collect();
+        let mut switched = false;
+        let mut paused_guest = false;
+        let mut actions = Vec::new();
+        let mut recoveries = 0;
+        for e in &events {
+            match &e.kind {
+                MigrationEventKind::State { to, from, .. } => {
+                    switched |= *to == MigrationState::Postcopy;
+                    if *from == MigrationState::Recovering && *to == MigrationState::Postcopy {
+                        recoveries += 1;
+                    }
+                }
+                MigrationEventKind::Decision { action, reason } if action != "continue" => {
+                    paused_guest |= action == "pause-guest";
+                    actions.push(TakenAction {
+                        at_ms: e.at_ms,
+                        action: action.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        let ram = info.and_then(|i| i.ram.as_ref());
+        MigrationReport {
+            id: rec.id.clone(),
+            policy: rec.policy.clone(),
+            state,
+            switched_to_postcopy: switched,
+            paused_guest,
+            total_time_ms: info
+                .and_then(|i| i.total_time)
+                .unwrap_or_else(|| Self::since(rec)),
+            bytes_sent: ram.and_then(|r| r.transferred).unwrap_or(0),
+            ram_bytes: ram.and_then(|r| r.total).unwrap_or(0),
+            passes: ram.and_then(|r| r.dirty_sync_count).unwrap_or(0),
+            qemu_downtime_ms: info.and_then(|i| i.downtime),
+            capabilities: Vec::new(),
+            post_copy_verdict: "unknown after the agent restart".into(),
+            actions,
+            events,
+            error: None,
+            recoveries,
+            plan: None,
+        }
     }
 
     async fn monitor_postcopy(&self, rec: &MigrationRecord, qmp: &tern_qmp::QmpClient) {
@@ -1025,7 +1119,8 @@ impl Agent {
             match qmp.query_migrate().await {
                 Ok(i) => match i.status_or_none() {
                     MigrationStatus::Completed => {
-                        self.recover_completed(rec, MigrationState::Postcopy).await;
+                        self.recover_completed(rec, MigrationState::Postcopy, Some(&i))
+                            .await;
                         return;
                     }
                     MigrationStatus::Failed | MigrationStatus::Cancelled => {

@@ -47,7 +47,7 @@ pub struct DemoArgs {
     /// Page writes per second, or `max`.
     #[arg(long, default_value = "max")]
     dirty_rate: PageRate,
-    /// Write pattern: seq or random.
+    /// Write pattern: seq, random or bursty (2 s of writes at the rate, 2 s idle).
     #[arg(long, default_value = "seq")]
     pattern: WritePattern,
     /// Link rate between the two hosts (e.g. 200mbit, 1gbit).
@@ -73,7 +73,8 @@ pub struct DemoArgs {
     settle: u64,
     /// Inject a fault (repeatable): link-cut-precopy:SECS, link-cut-postcopy:SECS,
     /// link-cut-recovery:SECS, kill-dest-qemu-precopy, kill-dest-qemu-postcopy,
-    /// kill-source-qemu-postcopy.
+    /// kill-source-qemu-postcopy, kill-source-agent-postcopy (this one runs the demo through
+    /// one agent process per host, and cannot be combined with the others).
     #[arg(long = "fault")]
     faults: Vec<tern_scenario::faults::FaultPlan>,
     /// Lab name used for the demo's hosts.
@@ -143,6 +144,24 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
             .recommended_memory_mib()
         )));
     }
+    let through_agents = a.faults.iter().any(|f| f.needs_agents());
+    if through_agents && a.faults.iter().any(|f| !f.needs_agents()) {
+        return Err(Failure::input(anyhow::anyhow!(
+            "--fault {} runs the demo through agent processes and cannot be combined with \
+             other faults ({}): give it alone",
+            a.faults
+                .iter()
+                .find(|f| f.needs_agents())
+                .map(|f| f.to_string())
+                .unwrap_or_default(),
+            a.faults
+                .iter()
+                .filter(|f| !f.needs_agents())
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let text = a.out.output == OutputFormat::Text;
     let env = tokio::task::spawn_blocking(move || {
         LabEnvironment::prepare(|s| {
@@ -163,12 +182,19 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
     let (tx, rx) = mpsc::unbounded_channel();
     let link = a.link_rate.bytes_per_sec();
     let ui = tokio::spawn(show_progress(rx, text, link));
-    let result = tern_scenario::run_scenario(&env, &spec, Some(tx)).await;
-    let _ = ui.await;
-    let summary = result.map_err(|e| match e {
-        tern_scenario::ScenarioError::Agent(_) => Failure::input(e),
-        other => Failure::failed(other),
-    })?;
+    let summary = if through_agents {
+        let result = crate::demo_agents::run(&env, &spec, tx).await;
+        let _ = ui.await;
+        result?
+    } else {
+        let result = tern_scenario::run_scenario(&env, &spec, Some(tx)).await;
+        let _ = ui.await;
+        result.map_err(|e| match e {
+            tern_scenario::ScenarioError::Agent(_)
+            | tern_scenario::ScenarioError::Unsupported(_) => Failure::input(e),
+            other => Failure::failed(other),
+        })?
+    };
     match a.out.output {
         OutputFormat::Json => print_json(&summary)?,
         OutputFormat::Text => print_summary(&summary),
@@ -291,7 +317,31 @@ fn print_summary(s: &MigrationSummary) {
             a.reason
         );
     }
-    for f in &s.faults_injected {
+    for f in s
+        .faults_injected
+        .iter()
+        .filter(|f| f.fault.starts_with("kill-source-agent"))
+    {
+        println!(
+            "fault                {} at {} ms: agent back after {} ms, re-attached {} ms later{}",
+            f.fault,
+            f.fired_at_ms.map_or("-".into(), |v| v.to_string()),
+            f.restored_at_ms
+                .zip(f.fired_at_ms)
+                .map_or("-".into(), |(r, k)| r.saturating_sub(k).to_string()),
+            f.resumed_after_restore_ms
+                .map_or("-".into(), |v| v.to_string()),
+            f.error
+                .as_ref()
+                .map(|e| format!(" (error: {e})"))
+                .unwrap_or_default()
+        );
+    }
+    for f in s
+        .faults_injected
+        .iter()
+        .filter(|f| !f.fault.starts_with("kill-source-agent"))
+    {
         println!(
             "fault                {} at {} ms: detected after {} ms, resumed {} ms after the link came back{}",
             f.fault,

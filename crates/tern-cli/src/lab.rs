@@ -39,6 +39,7 @@ impl AgentOpts {
         crate::lab_agents::LabAgentSettings {
             port_base: self.agent_port_base,
             memory_mib: self.agent_memory_mib,
+            deny_post_copy_hosts: Vec::new(),
         }
     }
 }

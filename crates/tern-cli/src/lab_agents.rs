@@ -19,12 +19,14 @@ use tern_lab::Lab;
 use crate::Failure;
 
 /// Settings shared by the agents of a lab.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LabAgentSettings {
     /// Agent of host hN listens on 127.0.0.1:(port_base + N).
     pub port_base: u16,
     /// Memory each host offers to guests (MiB).
     pub memory_mib: u64,
+    /// Hosts whose agent is configured with `permit_post_copy = false`.
+    pub deny_post_copy_hosts: Vec<String>,
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -66,7 +68,7 @@ pub fn ensure_agents(lab: &Lab, settings: LabAgentSettings) -> Result<LabAgents,
                     ))
                 })?;
                 let config = dir.join(format!("{}.toml", h.name()));
-                let text = format!(
+                let mut text = format!(
                     "# written by `tern lab agents` for lab {lab}\n\
                      host = \"{host}\"\n\
                      listen = \"127.0.0.1:{port}\"\n\
@@ -81,6 +83,9 @@ pub fn ensure_agents(lab: &Lab, settings: LabAgentSettings) -> Result<LabAgents,
                     mem = settings.memory_mib,
                     rt = dir.join(h.name()).display(),
                 );
+                if settings.deny_post_copy_hosts.iter().any(|d| d == h.name()) {
+                    text.push_str("\n[migration]\npermit_post_copy = false\n");
+                }
                 std::fs::write(&config, text).map_err(|e| {
                     Failure::environment(anyhow::anyhow!("writing {}: {e}", config.display()))
                 })?;

@@ -8,6 +8,7 @@
 mod agent;
 mod client;
 mod demo;
+mod demo_agents;
 mod guest;
 mod host;
 mod lab;

@@ -59,7 +59,7 @@ pub struct CreateArgs {
     /// Page writes per second, or `max`.
     #[arg(long, default_value = "1000")]
     dirty_rate: PageRate,
-    /// Write pattern: seq or random.
+    /// Write pattern: seq, random or bursty (2 s of writes at the rate, 2 s idle).
     #[arg(long, default_value = "seq")]
     pattern: WritePattern,
     /// The VM's post-copy permission (allowed or forbidden).

@@ -32,6 +32,10 @@ pub enum WritePattern {
     Sequential,
     /// Uniformly random pages (xorshift64 in the guest).
     Random,
+    /// Sequential pages at the given rate for 2 s, then no writes for 2 s, repeated: the
+    /// dirty rate swings between passes, as a guest with periodic batch work does. A policy
+    /// that judges convergence from one pass sees a converging guest in the idle half.
+    Bursty,
 }
 
 /// A workload parameter given as text could not be understood.
@@ -42,8 +46,8 @@ pub enum ParamError {
         "invalid page rate {0:?}: expected `max` or a positive number of page writes per second, e.g. `1000`"
     )]
     Rate(String),
-    /// The pattern was neither `seq` nor `random`.
-    #[error("invalid write pattern {0:?}: expected `seq` (or `sequential`) or `random`")]
+    /// The pattern was none of `seq`, `random`, `bursty`.
+    #[error("invalid write pattern {0:?}: expected `seq` (or `sequential`), `random` or `bursty`")]
     Pattern(String),
 }
 
@@ -79,17 +83,19 @@ impl FromStr for WritePattern {
         match s.trim().to_ascii_lowercase().as_str() {
             "seq" | "sequential" => Ok(WritePattern::Sequential),
             "random" | "rand" => Ok(WritePattern::Random),
+            "bursty" => Ok(WritePattern::Bursty),
             _ => Err(ParamError::Pattern(s.to_string())),
         }
     }
 }
 
 impl fmt::Display for WritePattern {
-    /// The form `tern-load` reads and prints in `READY`: `seq` or `random`.
+    /// The form `tern-load` reads and prints in `READY`: `seq`, `random` or `bursty`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             WritePattern::Sequential => "seq",
             WritePattern::Random => "random",
+            WritePattern::Bursty => "bursty",
         })
     }
 }
@@ -179,7 +185,11 @@ mod tests {
         for r in [PageRate::Max, PageRate::PerSecond(12345)] {
             assert_eq!(r.to_string().parse::<PageRate>(), Ok(r));
         }
-        for p in [WritePattern::Sequential, WritePattern::Random] {
+        for p in [
+            WritePattern::Sequential,
+            WritePattern::Random,
+            WritePattern::Bursty,
+        ] {
             assert_eq!(p.to_string().parse::<WritePattern>(), Ok(p));
         }
     }

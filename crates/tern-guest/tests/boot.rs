@@ -126,6 +126,54 @@ fn rate_limit_and_random_pattern_are_honoured() {
     assert_eq!(h.control_mismatches, 0);
 }
 
+/// `bursty`: 2 s of writes at the rate, then 2 s of none. STATUS comes once a second, so
+/// over 8 s some seconds must show (almost) no writes and others the full rate.
+#[test]
+fn bursty_pattern_alternates_writing_and_idle() {
+    let img = image(&GuestImageSpec::default());
+    let params = WorkloadParams {
+        working_set_mib: 8,
+        rate: PageRate::PerSecond(10_000),
+        pattern: WritePattern::Bursty,
+        verify: true,
+    };
+    let mut guest = RunningGuest::boot(
+        &img,
+        &img.cmdline(&params),
+        params.recommended_memory_mib(),
+        &[],
+    );
+    let ok = guest.wait_for(BOOT_TIMEOUT, |log| status_points(log).len() >= 9);
+    let h = analyze_boot(&guest.log());
+    report("10000/bursty", &guest, &h);
+    assert!(
+        ok,
+        "no 9 STATUS lines within {BOOT_TIMEOUT:?}\n{}",
+        guest.diagnostics()
+    );
+    let ready = h
+        .ready
+        .unwrap_or_else(|| panic!("no READY\n{}", guest.diagnostics()));
+    assert_eq!(ready.pattern, WritePattern::Bursty);
+    let pts = status_points(&guest.log());
+    let wps: Vec<u64> = pts[1..].iter().map(|p| p.3).collect();
+    // A STATUS second can straddle a burst edge; whole burst seconds hold the rate, whole
+    // idle seconds show no writes at all.
+    assert!(wps.contains(&0), "no idle second in {wps:?}");
+    assert!(
+        wps.iter().any(|&w| (9_000..=11_000).contains(&w)),
+        "no second at the burst rate in {wps:?}"
+    );
+    let total: u64 = wps.iter().sum();
+    let mean = total as f64 / wps.len() as f64;
+    assert!(
+        (3_500.0..=6_500.0).contains(&mean),
+        "mean {mean:.0} writes/s is not about half the rate: {wps:?}"
+    );
+    assert_eq!(h.corrupt_pages, 0);
+    assert_eq!(h.control_mismatches, 0);
+}
+
 #[test]
 fn injected_stale_page_and_stack_counter_are_detected() {
     // tern_inject=stale makes the workload do to itself what a lost dirty page does:

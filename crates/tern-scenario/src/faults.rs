@@ -49,6 +49,12 @@ pub enum FaultAction {
     KillDestinationQemu,
     /// Kill the source QEMU (SIGKILL).
     KillSourceQemu,
+    /// Kill the source host's agent process (SIGKILL) and start it again: QEMU keeps
+    /// migrating without it, and the restarted agent must re-attach to its QEMU and see the
+    /// migration through. Needs real agent processes, so only `tern demo` (which then runs
+    /// the migration through agents) and the agent tests can inject it; an in-process
+    /// scenario refuses it ([`FaultPlan::needs_agents`]).
+    KillSourceAgent,
 }
 
 /// One planned fault.
@@ -73,13 +79,15 @@ impl fmt::Display for FaultPlan {
             }
             FaultAction::KillDestinationQemu => write!(f, "kill-dest-qemu-{phase}"),
             FaultAction::KillSourceQemu => write!(f, "kill-source-qemu-{phase}"),
+            FaultAction::KillSourceAgent => write!(f, "kill-source-agent-{phase}"),
         }
     }
 }
 
 /// Valid `--fault` forms, for error messages.
 pub const FAULT_FORMS: &str = "link-cut-precopy:SECS, link-cut-postcopy:SECS, \
-link-cut-recovery:SECS, kill-dest-qemu-precopy, kill-dest-qemu-postcopy, kill-source-qemu-postcopy";
+link-cut-recovery:SECS, kill-dest-qemu-precopy, kill-dest-qemu-postcopy, kill-source-qemu-postcopy, \
+kill-source-agent-postcopy";
 
 /// A `--fault` value that is not one of [`FAULT_FORMS`].
 #[derive(Debug, thiserror::Error)]
@@ -136,12 +144,23 @@ impl FromStr for FaultPlan {
                 trigger: FaultTrigger::Postcopy { after: one },
                 action: FaultAction::KillSourceQemu,
             },
+            "kill-source-agent-postcopy" => FaultPlan {
+                trigger: FaultTrigger::Postcopy { after: one },
+                action: FaultAction::KillSourceAgent,
+            },
             _ => return Err(bad()),
         };
         if arg.is_some() && !matches!(plan.action, FaultAction::LinkCut { .. }) {
             return Err(bad());
         }
         Ok(plan)
+    }
+}
+
+impl FaultPlan {
+    /// Whether the fault needs the migration to run in agent processes (it kills one).
+    pub fn needs_agents(&self) -> bool {
+        self.action == FaultAction::KillSourceAgent
     }
 }
 
@@ -270,6 +289,13 @@ pub async fn inject(
                 }
             }
         }
+        FaultAction::KillSourceAgent => {
+            rec.error = Some(
+                "kill-source-agent needs agent processes; this scenario runs in-process \
+                 (`tern demo` runs it through agents)"
+                    .into(),
+            );
+        }
         FaultAction::KillDestinationQemu | FaultAction::KillSourceQemu => {
             let side = if plan.action == FaultAction::KillDestinationQemu {
                 &destination
@@ -303,6 +329,7 @@ mod tests {
             "kill-dest-qemu-precopy",
             "kill-dest-qemu-postcopy",
             "kill-source-qemu-postcopy",
+            "kill-source-agent-postcopy",
         ] {
             let p: FaultPlan = f.parse().unwrap_or_else(|e| panic!("{f}: {e}"));
             assert!(

@@ -47,6 +47,9 @@ pub enum ScenarioError {
     /// Local I/O.
     #[error("{0}")]
     Io(String),
+    /// The scenario asks for something this runner cannot do (names what and where it can).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// What every scenario on this machine shares: the QEMU binary, the guest image and the
@@ -284,6 +287,12 @@ pub async fn run_scenario(
     spec: &ScenarioSpec,
     progress: Option<mpsc::UnboundedSender<ScenarioProgress>>,
 ) -> Result<MigrationSummary, ScenarioError> {
+    if let Some(f) = spec.faults.iter().find(|f| f.needs_agents()) {
+        return Err(ScenarioError::Unsupported(format!(
+            "fault {f} kills an agent process, but this scenario runs the migration in-process; \
+             `tern demo --fault {f}` runs it through agent processes"
+        )));
+    }
     let step = |s: &str| {
         if let Some(p) = &progress {
             let _ = p.send(ScenarioProgress::Step(s.to_string()));
@@ -353,7 +362,10 @@ pub async fn run_scenario(
     Ok(summary)
 }
 
-fn vm_spec(env: &LabEnvironment, spec: &ScenarioSpec) -> VmSpec {
+/// The guest a scenario boots on `h1`: the environment's image running the scenario's
+/// workload, with the VM's migration settings. Public so that runners outside this crate
+/// (`tern demo` through agent processes) boot exactly the same guest.
+pub fn vm_spec(env: &LabEnvironment, spec: &ScenarioSpec) -> VmSpec {
     VmSpec {
         name: "guest".into(),
         memory_mib: spec.memory_mib,
@@ -565,8 +577,9 @@ async fn run_on_hosts(
     Ok((summary, outcome.source_serial_log.clone(), dest_log))
 }
 
-/// Fills the integrity fields from the serial logs.
-fn judge(
+/// Fills the integrity fields from the serial logs: the source's, and the destination's when
+/// the guest was handed over (`None`: judge the source alone).
+pub fn judge(
     summary: &mut MigrationSummary,
     src: &Path,
     dst: Option<&Path>,
@@ -945,8 +958,8 @@ impl ScenarioSession {
     }
 }
 
-/// The summary of an engine outcome, before the serial logs are judged.
-fn summary_from(
+/// The summary of an engine outcome, before the serial logs are judged ([`judge`]).
+pub fn summary_from(
     env: &LabEnvironment,
     outcome: &tern_agent::MigrationOutcome,
     context: MigrationContext,
