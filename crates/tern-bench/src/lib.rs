@@ -49,7 +49,8 @@ enum BenchCommand {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// `quick` (< 10 min on 2 cores), `full` (hours), or a path to a scenario TOML file.
+    /// `quick` (< 10 min on 2 cores), `full` (hours), `faults` (post-copy link cuts, ~6 min),
+    /// or a path to a scenario TOML file.
     #[arg(long, default_value = "quick")]
     set: String,
     /// Repeats per (scenario, policy), overriding the set's.

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use tern_engine::{MigrationEventKind, MigrationProgress, MigrationState};
 use tern_guest::{GuestLine, HostSerialLog, LineKind, parse_guest_line};
 use tern_scenario::HopRecord;
+use tern_scenario::faults::FaultRecord;
 
 /// How a run ended, in the benchmark's vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -112,6 +113,28 @@ pub struct RunMetrics {
     pub capabilities: Vec<String>,
     /// Engine error text, if any.
     pub error: Option<String>,
+    /// Faults injected in this run, with detection and recovery times (empty without
+    /// faults).
+    #[serde(default)]
+    pub faults: Vec<FaultRecord>,
+    /// Post-copy recoveries the engine performed.
+    #[serde(default)]
+    pub recoveries: u32,
+}
+
+impl RunMetrics {
+    /// The slowest detection of a cut (cut → migration seen paused), ms.
+    pub fn fault_detection_ms(&self) -> Option<u64> {
+        self.faults.iter().filter_map(|f| f.detected_after_ms).max()
+    }
+
+    /// The slowest recovery (link restored → post-copy running again), ms.
+    pub fn fault_resume_ms(&self) -> Option<u64> {
+        self.faults
+            .iter()
+            .filter_map(|f| f.resumed_after_restore_ms)
+            .max()
+    }
 }
 
 /// The outcome class of a hop.
@@ -323,6 +346,8 @@ pub fn compute(
         max_dest_gap_ms: dest_gap,
         bytes_vs_ram: bytes_sent as f64 / ram_bytes.max(1) as f64,
         bytes_sent,
+        faults: s.faults_injected.clone(),
+        recoveries: s.recoveries,
         postcopy_s: postcopy_at.map(|at| total_ms.saturating_sub(at) as f64 / 1000.0),
         wps_before,
         wps_postcopy,

@@ -136,6 +136,8 @@ fn error_run(arm: &crate::set::Arm, repeat: u32, e: &str) -> RunRecord {
             actions: Vec::new(),
             capabilities: Vec::new(),
             error: Some(e.to_string()),
+            faults: Vec::new(),
+            recoveries: 0,
         },
         series: Vec::new(),
     }
@@ -201,6 +203,7 @@ pub async fn run_scenario(
                 },
                 probe_seconds: 0,
                 time_cap: Some(crate::set::cap(s)),
+                faults: s.faults.clone(),
             };
             let record = match sess.migrate_once(&hop, None).await {
                 Ok(h) => {

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tern_guest::{PageRate, WorkloadParams, WritePattern};
 use tern_lab::LinkRate;
 use tern_policy::MigrationContext;
+use tern_scenario::faults::{FaultAction, FaultPlan};
 
 /// What is wrong with a scenario set. Every variant names the bad value and what is valid.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,11 @@ pub struct ScenarioEntry {
     /// Seconds between hops (default: the set's).
     #[serde(default)]
     pub settle_s: Option<u64>,
+    /// Faults injected in every run, as `tern demo --fault` spells them
+    /// (`["link-cut-postcopy:5@0.5", "link-cut-postcopy:5@8"]`: two cuts). Only link cuts:
+    /// the guest stays booted across runs.
+    #[serde(default)]
+    pub faults: Vec<String>,
 }
 
 fn default_pattern() -> OneOrMany<String> {
@@ -213,6 +219,9 @@ pub struct Scenario {
     pub deadline_s: Option<u64>,
     /// Seconds between hops.
     pub settle_s: u64,
+    /// Faults injected in every run (link cuts).
+    #[serde(default)]
+    pub faults: Vec<FaultPlan>,
 }
 
 impl Scenario {
@@ -262,17 +271,22 @@ pub struct ScenarioSet {
 pub const QUICK_SET: &str = include_str!("../../../bench/scenarios/quick.toml");
 /// The full matrix.
 pub const FULL_SET: &str = include_str!("../../../bench/scenarios/full.toml");
+/// The post-copy fault matrix (link cuts during post-copy and recovery, under tern).
+pub const FAULTS_SET: &str = include_str!("../../../bench/scenarios/faults.toml");
 
 impl ScenarioSet {
-    /// `quick`, `full`, or a path to a TOML file.
+    /// `quick`, `full`, `faults`, or a path to a TOML file.
     pub fn load(which: &str) -> Result<Self, SetError> {
         match which {
             "quick" => Self::parse(QUICK_SET, "quick"),
             "full" => Self::parse(FULL_SET, "full"),
+            "faults" => Self::parse(FAULTS_SET, "faults"),
             path => {
                 let text =
                     std::fs::read_to_string(Path::new(path)).map_err(|source| SetError::Read {
-                        path: format!("{path} (valid: quick, full, or a path to a .toml file)"),
+                        path: format!(
+                            "{path} (valid: quick, full, faults, or a path to a .toml file)"
+                        ),
                         source,
                     })?;
                 Self::parse(&text, path)
@@ -384,6 +398,24 @@ fn expand(file: &SetFile, e: &ScenarioEntry) -> Result<Vec<Scenario>, SetError> 
             })
             .collect()
     };
+    let mut faults = Vec::new();
+    for f in &e.faults {
+        let plan: FaultPlan =
+            f.parse()
+                .map_err(|err: tern_scenario::faults::FaultParseError| {
+                    invalid(&e.name, err.to_string())
+                })?;
+        if !matches!(plan.action, FaultAction::LinkCut { .. }) {
+            return Err(invalid(
+                &e.name,
+                format!(
+                    "fault {f:?}: a benchmark keeps its guest booted across runs, so only link cuts \
+                     (link-cut-precopy:SECS, link-cut-postcopy:SECS, link-cut-recovery:SECS) can be injected"
+                ),
+            ));
+        }
+        faults.push(plan);
+    }
     let mems = e.memory_mib.values();
     let wss = e.working_set_mib.values();
     let rates = e.dirty_rate.values();
@@ -469,6 +501,7 @@ fn expand(file: &SetFile, e: &ScenarioEntry) -> Result<Vec<Scenario>, SetError> 
                                 time_cap_s: e.time_cap_s.unwrap_or(file.time_cap_s).max(1),
                                 deadline_s: e.deadline_s,
                                 settle_s: e.settle_s.unwrap_or(file.settle_s).max(1),
+                                faults: faults.clone(),
                             });
                         }
                     }
@@ -516,6 +549,14 @@ mod tests {
         );
         let f = ScenarioSet::load("full").unwrap();
         assert!(f.scenarios.len() > q.scenarios.len());
+        let faults = ScenarioSet::load("faults").unwrap();
+        assert!(faults.scenarios.iter().all(|s| !s.faults.is_empty()));
+        let two = faults
+            .scenarios
+            .iter()
+            .find(|s| s.name == "postcopy-two-cuts")
+            .unwrap();
+        assert_eq!(two.faults.len(), 2);
     }
 
     #[test]
@@ -566,6 +607,26 @@ link = "100mbit"
             .unwrap_err()
             .to_string();
         assert!(e.contains("zigzag") && e.contains("bursty"), "{e}");
+        let e = ScenarioSet::parse(
+            &base("dirty_rate = 10\nfaults = [\"kill-dest-qemu-postcopy\"]"),
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("kill-dest-qemu-postcopy") && e.contains("link-cut-postcopy"),
+            "{e}"
+        );
+        let e = ScenarioSet::parse(
+            &base("dirty_rate = 10\nfaults = [\"link-cut-sideways:3\"]"),
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("link-cut-sideways") && e.contains("@SECS"),
+            "{e}"
+        );
         let e = ScenarioSet::parse(&base("dirty_rate = 10\ncontext = \"panic\""), "t")
             .unwrap_err()
             .to_string();

@@ -116,3 +116,62 @@ fn tiny_set_produces_json_markdown_and_plots_with_sane_values() {
         "a result does not regress against itself"
     );
 }
+
+const TINY_FAULT: &str = r#"
+name = "ci-fault"
+description = "CI: one post-copy hop under tern with a 4 s link cut"
+repeat = 1
+time_cap_s = 90
+settle_s = 1
+policies = ["tern"]
+
+[[scenario]]
+name = "cut"
+title = "4 s cut 0.5 s into post-copy (longer than the 2 s stall detection)"
+memory_mib = 192
+working_set_mib = 64
+dirty_rate = "max"
+link = "100mbit"
+context = "evacuate"
+faults = ["link-cut-postcopy:4@0.5"]
+"#;
+
+/// A fault scenario through the harness: the cut is injected in the session's hop, tern
+/// recovers, and the report carries detection, resume and the guest's longest stall.
+#[test]
+fn fault_scenario_records_detection_resume_and_stall() {
+    let set = ScenarioSet::parse(TINY_FAULT, "ci-fault").expect("fault set parses");
+    let env = tern_scenario::LabEnvironment::prepare(|s| eprintln!("setup: {s}"))
+        .expect("lab environment (run as root after ./x setup)");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let opts = RunOptions {
+        repeat: None,
+        lab_prefix: "tb-cif".into(),
+        verbose: true,
+    };
+    let result = rt.block_on(tern_bench::run_set(&env, &set, &opts));
+    no_lab_left("tb-cif");
+    let s = &result.scenarios[0];
+    assert_eq!(s.error, None);
+    assert_eq!(s.runs.len(), 1, "{:?}", s.runs);
+    let m = &s.runs[0].metrics;
+    assert_eq!(m.outcome, OutcomeClass::Recovered, "{m:?}");
+    assert!(m.recoveries >= 1, "{m:?}");
+    assert!(m.integrity_ok, "{m:?}");
+    assert_eq!(m.faults.len(), 1, "{m:?}");
+    let f = &m.faults[0];
+    assert_eq!(f.error, None);
+    let detected = f.detected_after_ms.expect("the cut was detected");
+    assert!(detected < 4_000, "detected after {detected} ms: {f:?}");
+    assert!(m.fault_resume_ms().is_some(), "{f:?}");
+    // The longest stall, switchover included: the cut comes 0.5 s after the switch, often
+    // before the guest's first heartbeat on the destination.
+    let stall = m.blackout_ms.expect("heartbeats");
+    assert!(stall >= 2_000.0, "a 4 s cut stalls the guest: {stall} ms");
+    let md = tern_bench::report::markdown(&result, None);
+    assert!(md.contains("Faults injected in every run"), "{md}");
+    assert!(md.contains("| recovered | "), "{md}");
+}

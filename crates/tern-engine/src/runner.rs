@@ -382,6 +382,26 @@ impl MigrationRunner {
                 ),
             });
         }
+        // Safety gate: no post-copy with a VFIO device (state in host hardware that cannot be
+        // fetched page by page; Nova forbids post-copy with PCI passthrough too). A QEMU
+        // that cannot list its devices is treated as having one.
+        if input.vm.post_copy == tern_policy::PostCopyPermission::Allowed {
+            let refused = match self.source.vfio_devices().await {
+                Ok(devs) if devs.is_empty() => None,
+                Ok(devs) => Some(format!(
+                    "VFIO device(s) on the source: {}: post-copy refused for this migration",
+                    devs.join(", ")
+                )),
+                Err(e) => Some(format!(
+                    "cannot list the guest's devices to rule out VFIO ({e}): post-copy refused \
+                     for this migration"
+                )),
+            };
+            if let Some(text) = refused {
+                input.vm.post_copy = tern_policy::PostCopyPermission::Forbidden;
+                self.record(MigrationEventKind::Note { text });
+            }
+        }
         if self.setup.probe_seconds > 0 && features.calc_dirty_rate {
             match probe_dirty_rate(&self.source, self.setup.probe_seconds).await {
                 Ok(p) => input.probe = Some(p),

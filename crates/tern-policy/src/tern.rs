@@ -478,11 +478,17 @@ impl State {
             && !(plan.may_switch_to_postcopy() && postcopy_cost_ms < throttle_cost_ms);
         // Evidence needed before acting on a predicted non-convergence: the probe is one (T, D)
         // point, each boundary after the first pass another; two points fix the fit. An
-        // evacuation acts on the minimum, the others wait one more pass.
+        // evacuation acts on the minimum. So does any context whose answer is post-copy: the
+        // switch costs the same whenever it happens (remaining ÷ link of degraded running),
+        // so a third point only buys one more pass of the working set over the link (the quick
+        // bench saw +1.4 s and +0.5 × RAM at ρ ≈ 1 waiting for it). A stop-and-copy or an
+        // abort is harder to take back, and waits one more pass.
         let probe = u64::from(input.probe.is_some());
-        let needed = match input.context {
-            MigrationContext::Evacuate => 2,
-            _ => 3,
+        let needed = if input.context == MigrationContext::Evacuate || plan.may_switch_to_postcopy()
+        {
+            2
+        } else {
+            3
         };
         let confirmed =
             status.stalled || (!now_pred.converges && self.model.boundaries() + probe >= needed);

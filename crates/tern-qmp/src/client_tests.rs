@@ -237,6 +237,46 @@ async fn supported_capabilities_include_unknown_ones() {
 }
 
 #[tokio::test]
+async fn vfio_devices_are_found_under_both_peripheral_containers() {
+    let (client, _events, mut fake) = connected().await;
+    let (devs, _fake) = with_server!(
+        fake,
+        {
+            let (args, id) = fake.expect("qom-list").await;
+            assert_eq!(args["path"], "/machine/peripheral");
+            fake.reply(
+                &id,
+                json!([
+                    {"name": "type", "type": "string"},
+                    {"name": "net0", "type": "child<virtio-net-pci>"},
+                    {"name": "gpu0", "type": "child<vfio-pci>"}
+                ]),
+            )
+            .await;
+            let (args, id) = fake.expect("qom-list").await;
+            assert_eq!(args["path"], "/machine/peripheral-anon");
+            fake.reply(
+                &id,
+                json!([
+                    {"name": "device[0]", "type": "child<vfio-ap>"},
+                    {"name": "device[1]", "type": "child<isa-serial>"},
+                    {"name": "device[2]", "type": "link<vfio-pci>"}
+                ]),
+            )
+            .await;
+        },
+        client.vfio_devices().await.unwrap()
+    );
+    assert_eq!(
+        devs,
+        vec![
+            "/machine/peripheral/gpu0 (child<vfio-pci>)".to_string(),
+            "/machine/peripheral-anon/device[0] (child<vfio-ap>)".to_string(),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn missing_optional_fields_and_empty_query_migrate() {
     let (client, _events, mut fake) = connected().await;
     let (info, _fake) = with_server!(

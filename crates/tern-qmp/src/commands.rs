@@ -14,7 +14,8 @@ use crate::error::{QmpError, Result};
 use crate::event::QmpEventKind;
 use crate::types::{
     CalcDirtyRateArgs, DirtyRateInfo, MigrateArgs, MigrationCapabilityStatus, MigrationInfo,
-    MigrationParameters, QemuVersion, SetCapabilitiesArgs, StatusInfo, UriArgs, VersionInfoWire,
+    MigrationParameters, ObjectPropertyInfo, QemuVersion, SetCapabilitiesArgs, StatusInfo, UriArgs,
+    VersionInfoWire,
 };
 
 /// Default polling period of [`QmpClient::wait_for_migration_status`]: events normally
@@ -262,6 +263,35 @@ impl QmpClient {
                 }
             }
         }
+    }
+
+    /// `qom-list PATH`: the properties and children of one QOM object.
+    pub async fn qom_list(&self, path: &str) -> Result<Vec<ObjectPropertyInfo>> {
+        self.execute("qom-list", serde_json::json!({ "path": path }))
+            .await
+    }
+
+    /// The guest's VFIO devices (`vfio-pci`, `vfio-ccw`, `vfio-ap`, …), as QOM paths.
+    ///
+    /// A device passed through from the host keeps state in hardware that post-copy cannot
+    /// fetch on demand; QEMU refuses `postcopy-ram` next to VFIO migration, and Nova forbids
+    /// post-copy for instances with PCI passthrough. Devices added with `-device` or
+    /// `device_add` live under `/machine/peripheral` (with an id) or
+    /// `/machine/peripheral-anon` (without), which is where this looks.
+    pub async fn vfio_devices(&self) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        for parent in ["/machine/peripheral", "/machine/peripheral-anon"] {
+            for p in self.qom_list(parent).await? {
+                let is_vfio = p
+                    .type_name
+                    .strip_prefix("child<")
+                    .is_some_and(|t| t.starts_with("vfio-"));
+                if is_vfio {
+                    found.push(format!("{parent}/{} ({})", p.name, p.type_name));
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// `execute_raw` for commands without arguments.

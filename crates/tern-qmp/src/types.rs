@@ -86,6 +86,17 @@ pub struct QmpGreeting {
     pub capabilities: Vec<String>,
 }
 
+/// One entry of `qom-list` (QAPI `ObjectPropertyInfo`): a property, or a child object whose
+/// type reads `child<TYPE>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectPropertyInfo {
+    /// Property (or child) name.
+    pub name: String,
+    /// Its type: `str`, `link<…>`, or `child<vfio-pci>` for a child device.
+    #[serde(rename = "type")]
+    pub type_name: String,
+}
+
 /// Reply of `query-status` (QAPI `StatusInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {

@@ -5,6 +5,7 @@
 //! seconds, or post-copy started N seconds ago), acts, and records host-monotonic times so
 //! the report can say how long detection and recovery took.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -66,6 +67,34 @@ pub struct FaultPlan {
     pub action: FaultAction,
 }
 
+impl FaultTrigger {
+    /// How long into its phase the fault fires.
+    pub fn after(&self) -> Duration {
+        match *self {
+            FaultTrigger::Precopy { after }
+            | FaultTrigger::Postcopy { after }
+            | FaultTrigger::Recovering { after } => after,
+        }
+    }
+
+    /// The delay a `--fault` form without `@SECS` gets: one second into pre-copy or
+    /// post-copy, at once in recovery.
+    fn default_after(&self) -> Duration {
+        match self {
+            FaultTrigger::Recovering { .. } => Duration::ZERO,
+            _ => Duration::from_secs(1),
+        }
+    }
+
+    fn with_after(self, after: Duration) -> Self {
+        match self {
+            FaultTrigger::Precopy { .. } => FaultTrigger::Precopy { after },
+            FaultTrigger::Postcopy { .. } => FaultTrigger::Postcopy { after },
+            FaultTrigger::Recovering { .. } => FaultTrigger::Recovering { after },
+        }
+    }
+}
+
 impl fmt::Display for FaultPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let phase = match self.trigger {
@@ -73,6 +102,16 @@ impl fmt::Display for FaultPlan {
             FaultTrigger::Postcopy { .. } => "postcopy",
             FaultTrigger::Recovering { .. } => "recovery",
         };
+        self.fmt_action(f, phase)?;
+        if self.trigger.after() != self.trigger.default_after() {
+            write!(f, "@{}", self.trigger.after().as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
+impl FaultPlan {
+    fn fmt_action(&self, f: &mut fmt::Formatter<'_>, phase: &str) -> fmt::Result {
         match self.action {
             FaultAction::LinkCut { duration } => {
                 write!(f, "link-cut-{phase}:{}s", duration.as_secs_f64())
@@ -87,7 +126,8 @@ impl fmt::Display for FaultPlan {
 /// Valid `--fault` forms, for error messages.
 pub const FAULT_FORMS: &str = "link-cut-precopy:SECS, link-cut-postcopy:SECS, \
 link-cut-recovery:SECS, kill-dest-qemu-precopy, kill-dest-qemu-postcopy, kill-source-qemu-postcopy, \
-kill-source-agent-postcopy";
+kill-source-agent-postcopy, each optionally followed by @SECS (when in the phase it fires; \
+default 1 s, at once in recovery)";
 
 /// A `--fault` value that is not one of [`FAULT_FORMS`].
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +138,11 @@ impl FromStr for FaultPlan {
     type Err = FaultParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || FaultParseError(s.to_string());
-        let (name, arg) = match s.split_once(':') {
+        let (body, at) = match s.split_once('@') {
+            Some((b, a)) => (b, Some(a.trim_end_matches('s'))),
+            None => (s, None),
+        };
+        let (name, arg) = match body.split_once(':') {
             Some((n, a)) => (n, Some(a.trim_end_matches('s'))),
             None => (s, None),
         };
@@ -153,6 +197,19 @@ impl FromStr for FaultPlan {
         if arg.is_some() && !matches!(plan.action, FaultAction::LinkCut { .. }) {
             return Err(bad());
         }
+        let plan = match at {
+            None => plan,
+            Some(a) => {
+                let v: f64 = a.parse().map_err(|_| bad())?;
+                if !(0.0..=3600.0).contains(&v) {
+                    return Err(bad());
+                }
+                FaultPlan {
+                    trigger: plan.trigger.with_after(Duration::from_secs_f64(v)),
+                    ..plan
+                }
+            }
+        };
         Ok(plan)
     }
 }
@@ -182,12 +239,82 @@ pub struct FaultRecord {
     pub error: Option<String>,
 }
 
+/// Cuts currently holding each `(lab, host)` link down. Overlapping cuts (a cut during the
+/// recovery from another) compose as their union: the link is cut by the first and restored
+/// by the last, not by whichever ends first.
+static ACTIVE_CUTS: std::sync::Mutex<BTreeMap<(String, String), u32>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn cut_link_counted(lab: &Lab, host: &str) -> Result<(), tern_lab::LabError> {
+    let mut cuts = ACTIVE_CUTS.lock().unwrap_or_else(|p| p.into_inner());
+    let n = cuts
+        .entry((lab.name().to_string(), host.to_string()))
+        .or_insert(0);
+    if *n == 0 {
+        lab.cut_link(host, FaultMode::Blackhole)?;
+    }
+    *n += 1;
+    Ok(())
+}
+
+fn restore_link_counted(lab: &Lab, host: &str) -> Result<(), tern_lab::LabError> {
+    let mut cuts = ACTIVE_CUTS.lock().unwrap_or_else(|p| p.into_inner());
+    let key = (lab.name().to_string(), host.to_string());
+    let n = cuts.get(&key).copied().unwrap_or(0);
+    if n <= 1 {
+        cuts.remove(&key);
+        lab.restore_link(host)
+    } else {
+        cuts.insert(key, n - 1);
+        Ok(())
+    }
+}
+
 fn in_phase(p: &MigrationProgress, t: &FaultTrigger) -> bool {
     match t {
         FaultTrigger::Precopy { .. } => p.state == Some(MigrationState::Precopy),
         FaultTrigger::Postcopy { .. } => p.state == Some(MigrationState::Postcopy),
         FaultTrigger::Recovering { .. } => p.state == Some(MigrationState::Recovering),
     }
+}
+
+/// Injectors for every plan, started now on the migration's progress; [`collect`] awaits
+/// their records.
+pub fn spawn_injectors(
+    plans: Vec<FaultPlan>,
+    lab: &Lab,
+    source: &HostRuntime,
+    destination: &HostRuntime,
+    vm: &str,
+    progress: &watch::Receiver<MigrationProgress>,
+    started: Instant,
+) -> Vec<tokio::task::JoinHandle<FaultRecord>> {
+    plans
+        .into_iter()
+        .map(|plan| {
+            tokio::spawn(inject(
+                plan,
+                lab.clone(),
+                source.clone(),
+                destination.clone(),
+                vm.to_string(),
+                progress.clone(),
+                started,
+            ))
+        })
+        .collect()
+}
+
+/// The records of [`spawn_injectors`]' injectors, once each has finished (a cut link is
+/// always restored first).
+pub async fn collect(injectors: Vec<tokio::task::JoinHandle<FaultRecord>>) -> Vec<FaultRecord> {
+    let mut records = Vec::new();
+    for i in injectors {
+        if let Ok(r) = i.await {
+            records.push(r);
+        }
+    }
+    records
 }
 
 /// Runs one fault plan to completion (or until the migration ends without its trigger).
@@ -224,12 +351,7 @@ pub async fn inject(
             return rec;
         }
     }
-    let after = match plan.trigger {
-        FaultTrigger::Precopy { after }
-        | FaultTrigger::Postcopy { after }
-        | FaultTrigger::Recovering { after } => after,
-    };
-    tokio::time::sleep(after).await;
+    tokio::time::sleep(plan.trigger.after()).await;
     if progress.borrow().state.is_some_and(|s| s.is_terminal()) {
         return rec;
     }
@@ -238,8 +360,7 @@ pub async fn inject(
         FaultAction::LinkCut { duration } => {
             let l = lab.clone();
             let h = host.clone();
-            let cut =
-                tokio::task::spawn_blocking(move || l.cut_link(&h, FaultMode::Blackhole)).await;
+            let cut = tokio::task::spawn_blocking(move || cut_link_counted(&l, &h)).await;
             rec.fired_at_ms = Some(ms(Instant::now()));
             if let Ok(Err(e)) = cut {
                 rec.error = Some(e.to_string());
@@ -266,7 +387,7 @@ pub async fn inject(
                 }
             }
             let l = lab.clone();
-            let r = tokio::task::spawn_blocking(move || l.restore_link(&host)).await;
+            let r = tokio::task::spawn_blocking(move || restore_link_counted(&l, &host)).await;
             let restored = Instant::now();
             rec.restored_at_ms = Some(ms(restored));
             if let Ok(Err(e)) = r {
@@ -347,11 +468,31 @@ mod tests {
     }
 
     #[test]
+    fn at_sets_when_in_the_phase_and_round_trips() {
+        let p: FaultPlan = "link-cut-postcopy:5@8".parse().unwrap();
+        assert_eq!(
+            p.trigger,
+            FaultTrigger::Postcopy {
+                after: Duration::from_secs(8)
+            }
+        );
+        assert_eq!(p.to_string(), "link-cut-postcopy:5s@8");
+        assert_eq!(p.to_string().parse::<FaultPlan>().unwrap(), p);
+        let d: FaultPlan = "kill-dest-qemu-precopy".parse().unwrap();
+        assert_eq!(d.trigger.after(), Duration::from_secs(1));
+        assert_eq!(d.to_string(), "kill-dest-qemu-precopy");
+        let r: FaultPlan = "link-cut-recovery:3@0.5".parse().unwrap();
+        assert_eq!(r.trigger.after(), Duration::from_millis(500));
+    }
+
+    #[test]
     fn bad_forms_list_the_valid_ones() {
         for f in [
             "link-cut-postcopy",
             "link-cut-postcopy:-1",
             "kill-dest-qemu-precopy:3",
+            "link-cut-postcopy:5@soon",
+            "link-cut-postcopy:5@-1",
             "nuke",
         ] {
             let e = f.parse::<FaultPlan>().unwrap_err().to_string();

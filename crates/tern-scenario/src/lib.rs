@@ -492,24 +492,9 @@ async fn run_on_hosts(
                 }
             })
         });
-        let mut injectors = Vec::new();
-        for plan in fault_plans {
-            injectors.push(tokio::spawn(faults::inject(
-                plan,
-                lab2.clone(),
-                src2.clone(),
-                dst2.clone(),
-                vm_name.clone(),
-                rx.clone(),
-                started,
-            )));
-        }
-        let mut records = Vec::new();
-        for i in injectors {
-            if let Ok(r) = i.await {
-                records.push(r);
-            }
-        }
+        let injectors =
+            faults::spawn_injectors(fault_plans, &lab2, &src2, &dst2, &vm_name, &rx, started);
+        let records = faults::collect(injectors).await;
         if let Some(f) = forward {
             let _ = f.await;
         }
@@ -661,6 +646,11 @@ pub struct HopSpec {
     /// marks the hop as timed out. Policies that never give up (QEMU's defaults, Proxmox)
     /// would otherwise run forever on a guest that out-dirties the link.
     pub time_cap: Option<Duration>,
+    /// Faults injected during this hop. Only link cuts: a killed QEMU would end the session's
+    /// guest, and an agent kill needs agent processes ([`ScenarioSession::migrate_once`]
+    /// refuses both).
+    #[serde(default)]
+    pub faults: Vec<faults::FaultPlan>,
 }
 
 impl Default for HopSpec {
@@ -672,6 +662,7 @@ impl Default for HopSpec {
             deadline_ms: None,
             probe_seconds: 0,
             time_cap: Some(Duration::from_secs(90)),
+            faults: Vec::new(),
         }
     }
 }
@@ -827,6 +818,21 @@ impl ScenarioSession {
                 "the session's guest was lost in an earlier hop".into(),
             ));
         }
+        if let Some(f) = hop
+            .faults
+            .iter()
+            .find(|f| !matches!(f.action, faults::FaultAction::LinkCut { .. }))
+        {
+            return Err(ScenarioError::Unsupported(format!(
+                "fault {f} in a session: a session keeps one guest across hops, so only link \
+                 cuts (link-cut-precopy, link-cut-postcopy, link-cut-recovery) can be injected"
+            )));
+        }
+        let lab = self
+            .lab
+            .as_ref()
+            .map(|l| Lab::clone(l))
+            .ok_or_else(|| ScenarioError::Io("the session's lab is gone".into()))?;
         let (src_i, dst_i) = (self.location, 1 - self.location);
         let source = self.hosts[src_i].clone();
         let destination = self.hosts[dst_i].clone();
@@ -868,12 +874,24 @@ impl ScenarioSession {
             })
         });
         drop(ctl_tx);
+        let fault_plans = hop.faults.clone();
+        let (fault_src, fault_dst) = (source.clone(), destination.clone());
         let collector = tokio::spawn(async move {
             let mut series = Vec::new();
             let Ok(mut rx) = prog_rx.await else {
-                return series;
+                return (series, Vec::new());
             };
             let _ = started_tx.send(());
+            let started = Instant::now();
+            let injectors = faults::spawn_injectors(
+                fault_plans,
+                &lab,
+                &fault_src,
+                &fault_dst,
+                SESSION_VM,
+                &rx,
+                started,
+            );
             while rx.changed().await.is_ok() {
                 let v = rx.borrow().clone();
                 if series.last() != Some(&v) {
@@ -883,7 +901,7 @@ impl ScenarioSession {
                     series.push(v);
                 }
             }
-            series
+            (series, faults::collect(injectors).await)
         });
         let post_copy = hop.post_copy;
         let outcome = tern_agent::migration::migrate_with(
@@ -906,7 +924,7 @@ impl ScenarioSession {
         if let Some(t) = cap_timer {
             t.abort();
         }
-        let series = collector.await.unwrap_or_default();
+        let (series, faults_injected) = collector.await.unwrap_or_default();
         let outcome = outcome?;
         let timed_out = timed_out.load(std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(self.spec.settle).await;
@@ -925,6 +943,12 @@ impl ScenarioSession {
             self.spec.memory_mib,
             Vec::new(),
         );
+        summary.recovery_s = faults_injected
+            .iter()
+            .filter_map(|f| f.resumed_after_restore_ms)
+            .max()
+            .map(|ms| ms as f64 / 1000.0);
+        summary.faults_injected = faults_injected;
         let source_log = HostSerialLog::read(&outcome.source_serial_log)?;
         let destination_log =
             if report.state == MigrationState::Completed || report.state.is_after_switch() {
