@@ -242,14 +242,18 @@ pub fn analyze_migration(source: &HostSerialLog, dest: &HostSerialLog) -> Migrat
     let mut dest_lines: &[HostLine] = &dest.lines;
     let mut split_line_joined = false;
 
-    if let (Some(frag), Some(first)) = (
+    // The remainder is the destination's first *complete* line: a destination that stalled
+    // in the middle of it (a post-copy page fault) first wrote part of it as a fragment.
+    let first_complete = dest.lines.iter().position(|l| l.kind == LineKind::Complete);
+    if let (Some(frag), Some(i)) = (
         source.lines.last().filter(|l| l.kind == LineKind::Fragment),
-        dest.lines.first(),
+        first_complete,
     ) {
+        let first = &dest.lines[i];
         let line = parse_guest_line(&format!("{}{}", frag.text, first.text));
         let ns = estimate_joined_time(&src_events, &line).unwrap_or(frag.mono_ns);
         src_events.push(Event { ns, line });
-        dest_lines = &dest.lines[1..];
+        dest_lines = &dest.lines[i + 1..];
         split_line_joined = true;
     }
     let dest_events = complete_events(dest_lines);
@@ -460,6 +464,26 @@ mod tests {
         // Estimated arrival of beat 50: 1480 + (500 - 490) = 1490 ms; dest's first: 1700.
         assert_eq!(m.source_last_heartbeat_ns, Some(1490 * MS));
         assert!((m.blackout_ms.unwrap() - 210.0).abs() < 1e-9);
+        assert_eq!(m.dest_heartbeats, 10);
+    }
+
+    /// Fragments written during silence (the recorder no longer waits for the close): an
+    /// earlier fragment followed by its complete line counts once, and a destination that
+    /// stalled in the middle of the split line's remainder still joins it.
+    #[test]
+    fn fragments_written_during_silence_are_joined_once() {
+        let src = beats(1000, 1..=20)
+            + &format!("{} P HB 2", 1205 * MS)
+            + "\n"
+            + &beats(1210, 21..=49)
+            + &format!("{} P HB 5", 1600 * MS);
+        let dst = format!("{} P 0 5\n", 1690 * MS)
+            + &format!("{} L 0 500\n", 1695 * MS)
+            + &beats(1700, 51..=60);
+        let m = analyze_migration(&HostSerialLog::parse(&src), &HostSerialLog::parse(&dst));
+        assert!(m.split_line_joined);
+        assert_eq!((m.last_source_seq, m.first_dest_seq), (Some(50), Some(51)));
+        assert!(m.heartbeat_continuous, "{:?}", m.sequence_anomalies);
         assert_eq!(m.dest_heartbeats, 10);
     }
 

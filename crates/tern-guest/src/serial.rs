@@ -162,13 +162,15 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Whether a host log line was complete or a fragment flushed when the stream closed.
+/// Whether a host log line was complete or a fragment (text without its newline).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LineKind {
     /// `L`: a complete line.
     Complete,
-    /// `P`: a trailing fragment without newline; its timestamp is when the serial stream
-    /// closed, not when the bytes arrived.
+    /// `P`: a fragment without newline, written when the stream fell silent mid-line or
+    /// closed; its timestamp is then, not when the bytes arrived. Only a log's last line is
+    /// a fragment that matters (a switchover split the line); an earlier one is followed by
+    /// the complete line and ignored.
     Fragment,
 }
 

@@ -100,6 +100,8 @@ fn record(socket: &Path, mut out: File, stop: &AtomicBool, connect_timeout: Dura
     // A short read timeout lets the thread notice `stop` while the guest is silent.
     let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
     let mut pending: Vec<u8> = Vec::new();
+    // Length of `pending` when it was last written out as a `P` fragment (0: not written).
+    let mut fragment_written = 0usize;
     let mut buf = [0u8; 8192];
     let mut draining = false;
     let mut drain_reads = 0;
@@ -122,6 +124,7 @@ fn record(socket: &Path, mut out: File, stop: &AtomicBool, connect_timeout: Dura
                 pending.extend_from_slice(&buf[..n]);
                 let mut text = String::new();
                 while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+                    fragment_written = 0;
                     let line: Vec<u8> = pending.drain(..=pos).collect();
                     let line = String::from_utf8_lossy(&line[..line.len() - 1]);
                     let line = line.trim_end_matches('\r');
@@ -135,6 +138,19 @@ fn record(socket: &Path, mut out: File, stop: &AtomicBool, connect_timeout: Dura
                 if draining {
                     break;
                 }
+                // Silence in the middle of a line: the guest stopped mid-line (a switchover
+                // splits a line between source and destination). Write the fragment now, not
+                // only when the stream closes: whoever holds this recorder may die before that
+                // (an agent killed during post-copy, while the source QEMU keeps the serial
+                // socket open), and the analyser needs the fragment to join the split line.
+                // Should the line go on here after all, its complete `L` form follows and
+                // the earlier `P` is ignored (only a log's last line is a fragment to join).
+                if !pending.is_empty() && pending.len() != fragment_written {
+                    let frag = String::from_utf8_lossy(&pending);
+                    let frag = frag.trim_end_matches('\r');
+                    let _ = writeln!(out, "{} P {frag}", host_monotonic_ns());
+                    fragment_written = pending.len();
+                }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => break,
@@ -142,7 +158,7 @@ fn record(socket: &Path, mut out: File, stop: &AtomicBool, connect_timeout: Dura
     }
     // The stream closed (QEMU exited or the guest moved away) in the middle of a line: keep
     // the fragment, the analyser joins it with its remainder on the destination.
-    if !pending.is_empty() {
+    if !pending.is_empty() && pending.len() != fragment_written {
         let frag = String::from_utf8_lossy(&pending);
         let frag = frag.trim_end_matches('\r');
         let _ = writeln!(out, "{} P {frag}", host_monotonic_ns());
@@ -193,6 +209,46 @@ mod tests {
         assert!(
             parts[2].0 >= parts[1].0 + 40_000_000,
             "second chunk arrived later"
+        );
+    }
+
+    /// A line cut by silence is on disk as a fragment while the stream is still open (the
+    /// recorder's owner may be killed before it closes), and a line that goes on after all is
+    /// written complete.
+    #[test]
+    fn a_fragment_is_written_during_silence_without_waiting_for_the_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let log = dir.path().join("serial.log");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let mut rec = SerialRecorder::start(&sock, &log, Duration::from_secs(2)).unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.write_all(b"HB 1 10\nHB 2").unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.ends_with(" P HB 2\n"), "{text}");
+        assert_eq!(text.lines().count(), 2, "{text}");
+        conn.write_all(b" 20\nHB 3").unwrap();
+        drop(conn);
+        std::thread::sleep(Duration::from_millis(300));
+        rec.stop();
+        let text = std::fs::read_to_string(&log).unwrap();
+        let kinds: Vec<(&str, &str)> = text
+            .lines()
+            .map(|l| {
+                let mut it = l.splitn(3, ' ').skip(1);
+                (it.next().unwrap(), it.next().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("L", "HB 1 10"),
+                ("P", "HB 2"),
+                ("L", "HB 2 20"),
+                ("P", "HB 3")
+            ],
+            "{text}"
         );
     }
 
