@@ -415,7 +415,7 @@ pub fn markdown(r: &BenchResult, plot_dir: Option<&str>) -> String {
          remaining bytes did not shrink to the policy's first action after it. **blackout** the largest gap between \
          guest heartbeats as timestamped on the host (switchover, throttling and post-copy faults included). \
          **writes/s** the guest's own page-write rate in the 2.5 s before `migrate` → while in post-copy. \
-         **ETA err** (predicted end − real end) ÷ real total at 25/50/75 % of the run, from the engine's live progress ETA (remaining ÷ (throughput − dirty rate), the number `tern demo` shows; not the policy's model). \
+         **ETA err** (predicted end − real end) ÷ real total at 25/50/75 % of the run, from the engine's live progress ETA, the number `tern demo` shows: the policy's convergence model where it has one (tern), else remaining ÷ (throughput − dirty rate) (the baselines). \
          Under TCG absolute times are not comparable to KVM hardware: compare rows within a table and against the bound.\n"
     );
     if let Some(dir) = plot_dir {
