@@ -752,12 +752,7 @@ impl Agent {
         {
             tracing::error!(migration = %rec.id, error = %e, "cannot persist the report");
         }
-        self.inner.host.end_migration(&rec.vm);
-        self.inner
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&rec.id);
+        self.release(rec);
     }
 
     /// Completed: stop the source QEMU and promote the destination's. Failed/aborted: remove
@@ -881,6 +876,11 @@ impl Agent {
     async fn conclude(&self, rec: &MigrationRecord, state: MigrationState, error: Option<String>) {
         self.settle(rec, state).await;
         let _ = self.inner.store.finish(&rec.id, state, error, None).await;
+        self.release(rec);
+    }
+
+    /// The migration no longer holds its VM or a slot among the active ones.
+    fn release(&self, rec: &MigrationRecord) {
         self.inner.host.end_migration(&rec.vm);
         self.inner
             .active
@@ -1038,12 +1038,7 @@ impl Agent {
             .store
             .finish(&rec.id, MigrationState::Completed, None, Some(&report))
             .await;
-        self.inner.host.end_migration(&rec.vm);
-        self.inner
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&rec.id);
+        self.release(rec);
     }
 
     /// The report of a migration the agent finished after a restart. The engine that ran it

@@ -320,6 +320,29 @@ impl HostRuntime {
         self.with_vm(name, |v| v.process.runtime_dir().to_path_buf())
     }
 
+    /// If the VM's QEMU has exited, how (exit code or signal) and the end of its stderr: what
+    /// an operator (and a post-mortem) needs when a migration is lost because a QEMU died.
+    /// `None` while it runs or for an unknown VM.
+    pub fn exit_report(&self, name: &str) -> Option<String> {
+        self.with_vm(name, |v| {
+            let pid = v.process.pid();
+            v.process.try_wait().map(|status| {
+                let tail = v.process.stderr_tail();
+                let tail = tail.trim();
+                format!(
+                    "QEMU of {name} (pid {pid}) exited: {status}; its stderr {}",
+                    if tail.is_empty() {
+                        "is empty".to_string()
+                    } else {
+                        format!("ends: {}", tail.replace('\n', " | "))
+                    }
+                )
+            })
+        })
+        .ok()
+        .flatten()
+    }
+
     /// The role of a VM on this host.
     pub fn role(&self, name: &str) -> Result<VmRole, AgentError> {
         self.with_vm(name, |v| v.role)

@@ -272,7 +272,28 @@ pub async fn migrate_with(
     if let Some(tx) = progress {
         let _ = tx.send(runner.progress());
     }
-    let report = runner.run(control).await;
+    let mut report = runner.run(control).await;
+    if report.state == MigrationState::Lost {
+        // Say which QEMU died and how: the engine only saw its QMP connection drop.
+        let exits: Vec<String> = [(source, "source"), (destination, "destination")]
+            .iter()
+            .filter_map(|(h, side)| {
+                h.exit_report(&order.vm)
+                    .map(|r| format!("{side} {}: {r}", h.identity().name))
+            })
+            .collect();
+        if !exits.is_empty() {
+            let text = exits.join("; ");
+            report.events.push(tern_engine::MigrationEvent {
+                at_ms: report.total_time_ms,
+                kind: tern_engine::MigrationEventKind::Note { text: text.clone() },
+            });
+            report.error = Some(match report.error.take() {
+                Some(e) => format!("{e}; {text}"),
+                None => text,
+            });
+        }
+    }
     let source_final_run_state = match source.qmp(&order.vm) {
         Ok(q) => q
             .query_status()

@@ -317,38 +317,27 @@ fn print_summary(s: &MigrationSummary) {
             a.reason
         );
     }
-    for f in s
-        .faults_injected
-        .iter()
-        .filter(|f| f.fault.starts_with("kill-source-agent"))
-    {
+    for f in &s.faults_injected {
+        let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        let what = if f.fault.starts_with("kill-source-agent") {
+            format!(
+                "agent back after {} ms, re-attached {} ms later",
+                ms(f.restored_at_ms
+                    .zip(f.fired_at_ms)
+                    .map(|(r, k)| r.saturating_sub(k))),
+                ms(f.resumed_after_restore_ms)
+            )
+        } else {
+            format!(
+                "detected after {} ms, resumed {} ms after the link came back",
+                ms(f.detected_after_ms),
+                ms(f.resumed_after_restore_ms)
+            )
+        };
         println!(
-            "fault                {} at {} ms: agent back after {} ms, re-attached {} ms later{}",
+            "fault                {} at {} ms: {what}{}",
             f.fault,
-            f.fired_at_ms.map_or("-".into(), |v| v.to_string()),
-            f.restored_at_ms
-                .zip(f.fired_at_ms)
-                .map_or("-".into(), |(r, k)| r.saturating_sub(k).to_string()),
-            f.resumed_after_restore_ms
-                .map_or("-".into(), |v| v.to_string()),
-            f.error
-                .as_ref()
-                .map(|e| format!(" (error: {e})"))
-                .unwrap_or_default()
-        );
-    }
-    for f in s
-        .faults_injected
-        .iter()
-        .filter(|f| !f.fault.starts_with("kill-source-agent"))
-    {
-        println!(
-            "fault                {} at {} ms: detected after {} ms, resumed {} ms after the link came back{}",
-            f.fault,
-            f.fired_at_ms.map_or("-".into(), |v| v.to_string()),
-            f.detected_after_ms.map_or("-".into(), |v| v.to_string()),
-            f.resumed_after_restore_ms
-                .map_or("-".into(), |v| v.to_string()),
+            ms(f.fired_at_ms),
             f.error
                 .as_ref()
                 .map(|e| format!(" (error: {e})"))

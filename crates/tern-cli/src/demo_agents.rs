@@ -13,7 +13,6 @@
 //! lab, whose teardown kills every QEMU in its namespaces.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tern_agent::AgentClient;
@@ -122,15 +121,7 @@ pub async fn run(
     };
     start_agents(lab, settings.clone()).await?;
     let result = migrate_through_agents(env, spec, lab, settings, &step, &progress).await;
-    if let Some(keep) = std::env::var_os("TERN_KEEP_LOGS") {
-        let dest = PathBuf::from(keep).join(&spec.lab_name);
-        let _ = std::fs::create_dir_all(&dest);
-        let _ = std::process::Command::new("cp")
-            .arg("-r")
-            .arg(lab_agents_dir(&spec.lab_name))
-            .arg(&dest)
-            .status();
-    }
+    tern_scenario::keep_logs_for_post_mortem(&lab_agents_dir(&spec.lab_name), &spec.lab_name);
     step("agents stopped, lab down".into());
     result
 }
@@ -370,7 +361,7 @@ async fn migrate_through_agents(
         spec.memory_mib,
         operator_results,
     );
-    summary.faults_injected = plans.into_iter().map(|(_, r)| r).collect();
+    summary.record_faults(plans.into_iter().map(|(_, r)| r).collect());
     let handed_over = rec.state == MigrationState::Completed || rec.state.is_after_switch();
     tern_scenario::judge(
         &mut summary,

@@ -221,6 +221,9 @@ impl FaultPlan {
     }
 }
 
+/// How long after a cut link is restored a pause still counts as the detection of that cut.
+const LATE_DETECTION: Duration = Duration::from_secs(3);
+
 /// What an injected fault did, with times in ms since the scenario's migration started.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FaultRecord {
@@ -231,7 +234,8 @@ pub struct FaultRecord {
     /// When a cut link was restored.
     pub restored_at_ms: Option<u64>,
     /// From the cut to tern seeing the migration paused (`postcopy-paused`), ms (±250 ms,
-    /// the engine's poll interval). `None`: not detected while the link was down.
+    /// the engine's poll interval); for a short cut this can be after the link came back
+    /// (up to 3 s after). `None`: never detected.
     pub detected_after_ms: Option<u64>,
     /// From the link's restoration to post-copy running again, ms (±250 ms).
     pub resumed_after_restore_ms: Option<u64>,
@@ -392,6 +396,25 @@ pub async fn inject(
             rec.restored_at_ms = Some(ms(restored));
             if let Ok(Err(e)) = r {
                 rec.error = Some(e.to_string());
+            }
+            if rec.detected_after_ms.is_none() && !paused(&progress.borrow()) {
+                // A cut shorter than detection (2 s without bytes) can still be detected just
+                // after the link is back, before TCP's own retransmission gets bytes flowing:
+                // the engine then pauses and recovers anyway. Count it.
+                let late = tokio::time::timeout(LATE_DETECTION, async {
+                    loop {
+                        if paused(&progress.borrow()) {
+                            return true;
+                        }
+                        if progress.changed().await.is_err() {
+                            return false;
+                        }
+                    }
+                })
+                .await;
+                if late == Ok(true) {
+                    rec.detected_after_ms = Some(cut_at.elapsed().as_millis() as u64);
+                }
             }
             if rec.detected_after_ms.is_some() || paused(&progress.borrow()) {
                 // Wait for post-copy to run again (or the migration to end).

@@ -262,6 +262,16 @@ pub struct MigrationSummary {
 }
 
 impl MigrationSummary {
+    /// Records the injected faults and the slowest recovery among them.
+    pub fn record_faults(&mut self, faults: Vec<faults::FaultRecord>) {
+        self.recovery_s = faults
+            .iter()
+            .filter_map(|f| f.resumed_after_restore_ms)
+            .max()
+            .map(|ms| ms as f64 / 1000.0);
+        self.faults_injected = faults;
+    }
+
     /// Integrity as defined for every migration: zero corrupt pages and control mismatches,
     /// a continuous heartbeat sequence, and (after a switch) the verifier still running.
     pub fn integrity_ok(&self) -> bool {
@@ -347,19 +357,24 @@ pub async fn run_scenario(
     }
     step("lab down");
     drop(lab_guard);
-    if let Some(keep) = std::env::var_os("TERN_KEEP_LOGS") {
-        // Post-mortem: keep QEMU's stderr and the serial logs of both hosts.
-        let dest = std::path::PathBuf::from(keep).join(&spec.lab_name);
-        let _ = std::fs::create_dir_all(&dest);
-        let _ = std::process::Command::new("cp")
-            .arg("-r")
-            .arg(runtime.path())
-            .arg(&dest)
-            .status();
-    }
+    keep_logs_for_post_mortem(runtime.path(), &spec.lab_name);
     let (mut summary, src_log, dst_log) = result?;
     judge(&mut summary, &src_log, dst_log.as_deref())?;
     Ok(summary)
+}
+
+/// With `TERN_KEEP_LOGS=DIR`, copies `runtime` (QEMU's stderr, the serial logs of both hosts,
+/// agent databases) to `DIR/<lab>/` before it is removed: the post-mortem of a failed run.
+pub fn keep_logs_for_post_mortem(runtime: &Path, lab: &str) {
+    if let Some(keep) = std::env::var_os("TERN_KEEP_LOGS") {
+        let dest = PathBuf::from(keep).join(lab);
+        let _ = std::fs::create_dir_all(&dest);
+        let _ = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(runtime)
+            .arg(&dest)
+            .status();
+    }
 }
 
 /// The guest a scenario boots on `h1`: the environment's image running the scenario's
@@ -548,12 +563,7 @@ async fn run_on_hosts(
         spec.memory_mib,
         operator_results,
     );
-    summary.recovery_s = faults_injected
-        .iter()
-        .filter_map(|f| f.resumed_after_restore_ms)
-        .max()
-        .map(|ms| ms as f64 / 1000.0);
-    summary.faults_injected = faults_injected;
+    summary.record_faults(faults_injected);
     let dest_log = if report.state == MigrationState::Completed || report.state.is_after_switch() {
         outcome.destination_serial_log.clone()
     } else {
@@ -943,12 +953,7 @@ impl ScenarioSession {
             self.spec.memory_mib,
             Vec::new(),
         );
-        summary.recovery_s = faults_injected
-            .iter()
-            .filter_map(|f| f.resumed_after_restore_ms)
-            .max()
-            .map(|ms| ms as f64 / 1000.0);
-        summary.faults_injected = faults_injected;
+        summary.record_faults(faults_injected);
         let source_log = HostSerialLog::read(&outcome.source_serial_log)?;
         let destination_log =
             if report.state == MigrationState::Completed || report.state.is_after_switch() {
@@ -979,6 +984,7 @@ impl ScenarioSession {
             h.stop_all().await;
         }
         drop(self.lab.take());
+        keep_logs_for_post_mortem(self._runtime.path(), &self.spec.lab_name);
     }
 }
 

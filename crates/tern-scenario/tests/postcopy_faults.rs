@@ -234,3 +234,25 @@ fn recovery_window_exceeded_strands_the_migration_for_the_operator() {
         "{why}"
     );
 }
+
+/// What cannot be recovered: the destination QEMU dies in post-copy. The migration ends
+/// `lost` (not `failed`: the source no longer holds a runnable guest), both sides are left for
+/// the operator, and the error says which QEMU died and how.
+#[test]
+fn destination_qemu_killed_during_postcopy_is_reported_lost_with_how_it_died() {
+    let s = run(spec(
+        "t-pc-kill",
+        vec![FaultPlan {
+            trigger: postcopy(0.5),
+            action: FaultAction::KillDestinationQemu,
+        }],
+    ));
+    assert_eq!(s.outcome, "lost", "{:?}", s.error);
+    assert!(s.switched_to_postcopy);
+    assert!(s.guest_location.is_none(), "{:?}", s.guest_location);
+    let error = s.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("destination h2") && error.contains("exited") && error.contains("SIGKILL"),
+        "{error}"
+    );
+}
