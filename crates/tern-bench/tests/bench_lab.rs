@@ -24,6 +24,23 @@ dirty_rate = 20
 link = "1gbit"
 "#;
 
+/// Runs a set given as TOML text on labs named `tern-<prefix>-…`.
+fn run_on_lab(set_toml: &str, prefix: &str) -> BenchResult {
+    let set = ScenarioSet::parse(set_toml, prefix).expect("the set parses");
+    let env = tern_scenario::LabEnvironment::prepare(|s| eprintln!("setup: {s}"))
+        .expect("lab environment (run as root after ./x setup)");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let opts = RunOptions {
+        repeat: None,
+        lab_prefix: prefix.into(),
+        verbose: true,
+    };
+    rt.block_on(tern_bench::run_set(&env, &set, &opts))
+}
+
 fn no_lab_left(prefix: &str) {
     let out = std::process::Command::new("ip")
         .args(["netns", "list"])
@@ -38,20 +55,8 @@ fn no_lab_left(prefix: &str) {
 
 #[test]
 fn tiny_set_produces_json_markdown_and_plots_with_sane_values() {
-    let set = ScenarioSet::parse(TINY, "ci-tiny").expect("tiny set parses");
-    let env = tern_scenario::LabEnvironment::prepare(|s| eprintln!("setup: {s}"))
-        .expect("lab environment (run as root after ./x setup)");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let opts = RunOptions {
-        repeat: None,
-        lab_prefix: "tb-ci".into(),
-        verbose: true,
-    };
     let started = std::time::Instant::now();
-    let result = rt.block_on(tern_bench::run_set(&env, &set, &opts));
+    let result = run_on_lab(TINY, "tb-ci");
     assert!(
         started.elapsed() < Duration::from_secs(120),
         "the tiny set took {:?}",
@@ -140,19 +145,7 @@ faults = ["link-cut-postcopy:4@0.5"]
 /// recovers, and the report carries detection, resume and the guest's longest stall.
 #[test]
 fn fault_scenario_records_detection_resume_and_stall() {
-    let set = ScenarioSet::parse(TINY_FAULT, "ci-fault").expect("fault set parses");
-    let env = tern_scenario::LabEnvironment::prepare(|s| eprintln!("setup: {s}"))
-        .expect("lab environment (run as root after ./x setup)");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let opts = RunOptions {
-        repeat: None,
-        lab_prefix: "tb-cif".into(),
-        verbose: true,
-    };
-    let result = rt.block_on(tern_bench::run_set(&env, &set, &opts));
+    let result = run_on_lab(TINY_FAULT, "tb-cif");
     no_lab_left("tb-cif");
     let s = &result.scenarios[0];
     assert_eq!(s.error, None);

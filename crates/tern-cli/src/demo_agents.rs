@@ -19,7 +19,7 @@ use tern_agent::AgentClient;
 use tern_agent::api::StartMigrationRequest;
 use tern_agent::discovery::{LabAgents, lab_agents_dir};
 use tern_engine::{MigrationReport, MigrationState, OperatorCommand};
-use tern_lab::{Lab, LabSpec};
+use tern_lab::Lab;
 use tern_scenario::faults::{FaultAction, FaultRecord, FaultTrigger};
 use tern_scenario::{LabEnvironment, MigrationSummary, ScenarioProgress, ScenarioSpec};
 use tokio::sync::mpsc;
@@ -97,15 +97,9 @@ pub async fn run(
     };
     step(format!(
         "lab up: 2 hosts, link {}, one agent process per host",
-        spec.link_rate.map_or("unshaped".into(), |r| r.to_string())
+        spec.link_text()
     ));
-    let lab_guard = Lab::up_guarded(&LabSpec {
-        name: spec.lab_name.clone(),
-        hosts: 2,
-        link_rate: spec.link_rate,
-        link_delay: None,
-    })
-    .map_err(Failure::environment)?;
+    let lab_guard = spec.lab_up().map_err(Failure::environment)?;
     let lab: &Lab = &lab_guard;
     let _agents_guard = AgentsGuard {
         lab: spec.lab_name.clone(),

@@ -181,6 +181,24 @@ impl Default for ScenarioSpec {
     }
 }
 
+impl ScenarioSpec {
+    /// The scenario's two lab hosts (`h1`, `h2`) and their shaped link; taken down when the
+    /// guard drops.
+    pub fn lab_up(&self) -> Result<tern_lab::LabGuard, ScenarioError> {
+        Ok(Lab::up_guarded(&LabSpec {
+            name: self.lab_name.clone(),
+            hosts: 2,
+            link_rate: self.link_rate,
+            link_delay: None,
+        })?)
+    }
+
+    /// The link rate as given, or `unshaped`.
+    pub fn link_text(&self) -> String {
+        self.link_rate.map_or("unshaped".into(), |r| r.to_string())
+    }
+}
+
 fn unreachable_rate() -> LinkRate {
     // 200 Mbit/s is within LinkRate's range; this is only the type-level fallback.
     LinkRate::from_bits_per_sec(100_000_000).expect("100 Mbit/s is a valid link rate")
@@ -308,16 +326,8 @@ pub async fn run_scenario(
             let _ = p.send(ScenarioProgress::Step(s.to_string()));
         }
     };
-    step(&format!(
-        "lab up: 2 hosts, link {}",
-        spec.link_rate.map_or("unshaped".into(), |r| r.to_string())
-    ));
-    let lab_guard = Lab::up_guarded(&LabSpec {
-        name: spec.lab_name.clone(),
-        hosts: 2,
-        link_rate: spec.link_rate,
-        link_delay: None,
-    })?;
+    step(&format!("lab up: 2 hosts, link {}", spec.link_text()));
+    let lab_guard = spec.lab_up()?;
     let lab: &Lab = &lab_guard;
     let runtime = tempfile::Builder::new()
         .prefix("tern-run-")
