@@ -96,7 +96,7 @@ pub struct StatusArgs {
 /// `lab fault`.
 #[derive(Debug, Args)]
 pub struct FaultArgs {
-    /// Host whose link to cut (h1, h2, …).
+    /// Host whose link to cut, or whose process to kill (h1, h2, …).
     host: String,
     /// blackhole (silently drop everything) or link-down (carrier loss).
     #[arg(long, default_value = "blackhole")]
@@ -107,13 +107,185 @@ pub struct FaultArgs {
     /// Restore the host's link now.
     #[arg(long)]
     restore: bool,
+    /// Instead of cutting the link, kill (SIGKILL, by PID) a process of the host:
+    /// `agent` (the host's agent) or `qemu:VM` (the QEMU of VM on this host). Needs the lab's
+    /// agents (`tern lab up --agents`).
+    #[arg(long)]
+    kill: Option<KillTarget>,
+    /// Wait until migration `--migration ID` is in this phase (precopy, postcopy,
+    /// postcopy-paused, recovering) before acting.
+    #[arg(long, requires = "migration")]
+    when: Option<FaultPhase>,
+    /// The migration `--when` watches (through the lab's agents).
+    #[arg(long, requires = "when")]
+    migration: Option<String>,
+    /// With `--when`: act this many seconds into the phase.
+    #[arg(long, requires = "when", default_value_t = 0.0)]
+    after: f64,
     /// Lab name.
     #[arg(long, default_value = "tern")]
     name: String,
 }
 
+/// A process `tern lab fault --kill` kills.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KillTarget {
+    /// The host's agent.
+    Agent,
+    /// The QEMU running this VM on the host.
+    Qemu(String),
+}
+
+impl std::str::FromStr for KillTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            None if s == "agent" => Ok(Self::Agent),
+            Some(("qemu", vm)) if !vm.is_empty() => Ok(Self::Qemu(vm.to_string())),
+            _ => Err(format!(
+                "unknown process {s:?}: valid are `agent` or `qemu:VM` (e.g. qemu:web)"
+            )),
+        }
+    }
+}
+
+/// A migration phase `tern lab fault --when` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultPhase {
+    /// Pre-copy passes are running.
+    Precopy,
+    /// The guest runs on the destination, pages still arrive.
+    Postcopy,
+    /// Post-copy paused by a broken channel.
+    PostcopyPaused,
+    /// tern is re-establishing a paused post-copy.
+    Recovering,
+}
+
+impl FaultPhase {
+    fn state(self) -> tern_engine::MigrationState {
+        use tern_engine::MigrationState as S;
+        match self {
+            Self::Precopy => S::Precopy,
+            Self::Postcopy => S::Postcopy,
+            Self::PostcopyPaused => S::PostcopyPaused,
+            Self::Recovering => S::Recovering,
+        }
+    }
+}
+
+/// Waits until migration `id` is in `phase` (polling the lab's agents every 200 ms), then
+/// `after` more. Fails, injecting nothing, when the migration ends first.
+async fn wait_for_phase(lab: &str, id: &str, phase: FaultPhase, after: f64) -> Result<(), Failure> {
+    use crate::client::ClusterClient;
+    if !(0.0..86_400.0).contains(&after) {
+        return Err(Failure::input(anyhow::anyhow!(
+            "--after {after} is invalid: give seconds between 0 and 86400"
+        )));
+    }
+    let client = crate::client::AgentsClient::connect(&[], lab).await?;
+    let want = phase.state();
+    eprintln!("waiting for migration {id} to be in {want} …");
+    loop {
+        let view = client.migration(id, u64::MAX).await?;
+        let state = view.record.state;
+        if state == want {
+            break;
+        }
+        if state.is_terminal() {
+            return Err(Failure::failed(anyhow::anyhow!(
+                "migration {id} ended ({state}) before it was in {want}: nothing injected"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs_f64(after)).await;
+    Ok(())
+}
+
+/// `lab fault`: cut or restore a link, or kill a process, at once or at a migration phase.
+async fn fault(a: FaultArgs) -> Result<(), Failure> {
+    let lab = Lab::load(&a.name).map_err(Failure::input)?;
+    lab.host(&a.host).map_err(Failure::input)?;
+    if a.restore && (a.kill.is_some() || a.when.is_some() || a.duration.is_some()) {
+        return Err(Failure::input(anyhow::anyhow!(
+            "--restore restores the link now: it takes no --kill, --when or --duration"
+        )));
+    }
+    if a.kill.is_some() && a.duration.is_some() {
+        return Err(Failure::input(anyhow::anyhow!(
+            "--duration applies to link cuts, not to --kill"
+        )));
+    }
+    if let (Some(phase), Some(id)) = (a.when, &a.migration) {
+        wait_for_phase(&a.name, id, phase, a.after).await?;
+    }
+    match &a.kill {
+        Some(target) => {
+            let (what, pid) = match target {
+                KillTarget::Agent => {
+                    let agents = tern_agent::discovery::LabAgents::load(&a.name)
+                        .map_err(Failure::environment)?;
+                    let agent = agents.agents.get(&a.host).ok_or_else(|| {
+                        Failure::input(anyhow::anyhow!(
+                            "lab {} has no agent for {} (start them with `tern lab agents --name {}`)",
+                            a.name,
+                            a.host,
+                            a.name
+                        ))
+                    })?;
+                    (format!("the agent of {}", a.host), agent.pid)
+                }
+                KillTarget::Qemu(vm) => {
+                    let client = crate::client::AgentsClient::connect(&[], &a.name).await?;
+                    let info = client
+                        .agent(&a.host)?
+                        .show_vm(vm)
+                        .await
+                        .map_err(crate::client::ClusterError::from)?;
+                    (format!("the QEMU of {vm} on {}", a.host), info.pid)
+                }
+            };
+            tern_lab::kill_process(pid, tern_lab::Signal::SIGKILL).map_err(Failure::failed)?;
+            println!("{}: killed {what} (pid {pid}, SIGKILL)", a.host);
+            if *target == KillTarget::Agent {
+                println!(
+                    "restart it with `tern lab agents --name {}` (it re-attaches to its QEMUs)",
+                    a.name
+                );
+            }
+        }
+        None if a.restore => {
+            lab.restore_link(&a.host).map_err(Failure::input)?;
+            println!("{}: link restored", a.host);
+        }
+        None => match a.duration {
+            Some(secs) => {
+                if !(secs > 0.0 && secs < 86_400.0) {
+                    return Err(Failure::input(anyhow::anyhow!(
+                        "--duration {secs} is invalid: give seconds between 0 and 86400"
+                    )));
+                }
+                println!("{}: link cut ({}) for {secs} s", a.host, a.mode);
+                lab.cut_link(&a.host, a.mode).map_err(Failure::input)?;
+                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+                lab.restore_link(&a.host).map_err(Failure::input)?;
+                println!("{}: link restored", a.host);
+            }
+            None => {
+                lab.cut_link(&a.host, a.mode).map_err(Failure::input)?;
+                println!(
+                    "{}: link cut ({}); restore with `tern lab fault {} --restore`",
+                    a.host, a.mode, a.host
+                );
+            }
+        },
+    }
+    Ok(())
+}
+
 /// Runs a lab command.
-pub fn run(cmd: LabCommand) -> Result<(), Failure> {
+pub async fn run(cmd: LabCommand) -> Result<(), Failure> {
     require_root("tern lab")?;
     match cmd {
         LabCommand::Up(a) => {
@@ -191,29 +363,7 @@ pub fn run(cmd: LabCommand) -> Result<(), Failure> {
             let agents = crate::lab_agents::ensure_agents(&lab, a.opts.settings())?;
             crate::lab_agents::print_agents(&agents);
         }
-        LabCommand::Fault(a) => {
-            let lab = Lab::load(&a.name).map_err(Failure::input)?;
-            if a.restore {
-                lab.restore_link(&a.host).map_err(Failure::input)?;
-                println!("{}: link restored", a.host);
-            } else if let Some(secs) = a.duration {
-                if !(secs > 0.0 && secs < 86_400.0) {
-                    return Err(Failure::input(anyhow::anyhow!(
-                        "--duration {secs} is invalid: give seconds between 0 and 86400"
-                    )));
-                }
-                println!("{}: link cut ({}) for {secs} s", a.host, a.mode);
-                lab.fault_for(&a.host, a.mode, Duration::from_secs_f64(secs))
-                    .map_err(Failure::input)?;
-                println!("{}: link restored", a.host);
-            } else {
-                lab.cut_link(&a.host, a.mode).map_err(Failure::input)?;
-                println!(
-                    "{}: link cut ({}); restore with `tern lab fault {} --restore`",
-                    a.host, a.mode, a.host
-                );
-            }
-        }
+        LabCommand::Fault(a) => fault(a).await?,
     }
     Ok(())
 }

@@ -125,7 +125,7 @@ fn main() {
         match cli.command {
             Command::Demo(a) => demo::run(a).await,
             Command::Guest(c) => guest::run(c),
-            Command::Lab(c) => lab::run(c),
+            Command::Lab(c) => lab::run(c).await,
             Command::Check(o) => output::check(o),
             Command::Bench(a) => match tern_bench::run(a).await {
                 Ok(0) => Ok(()),

@@ -323,6 +323,32 @@ fn bad_input_is_refused_and_changes_nothing() {
     let before = lab.vms();
     assert_eq!(before.len(), 1, "{before:?}");
 
+    // The fault tool refuses what it cannot do, and kills nothing.
+    let fault = |args: &[&str]| {
+        let mut a = vec!["lab", "fault"];
+        a.extend_from_slice(args);
+        a.extend(["--name", "agbad"]);
+        tern(&a)
+    };
+    expect_code(
+        &fault(&["h1", "--kill", "nonsense"]),
+        2,
+        "`agent` or `qemu:VM`",
+    );
+    expect_code(&fault(&["h9", "--kill", "agent"]), 2, "h9");
+    expect_code(&fault(&["h1", "--kill", "qemu:ghost"]), 2, "ghost");
+    expect_code(
+        &fault(&["h1", "--kill", "agent", "--when", "postcopy"]),
+        2,
+        "--migration",
+    );
+    expect_code(
+        &fault(&["h1", "--when", "postcopy", "--migration", "nope"]),
+        2,
+        "nope",
+    );
+    assert_eq!(lab.vms(), before, "a refused fault changed something");
+
     expect_code(
         &lab.tern(&["migrate", "ghost", "--to", "h2"]),
         2,
@@ -436,14 +462,25 @@ fn agent_killed_during_precopy_leaves_the_guest_on_exactly_one_host() {
     assert_eq!(source_qemu.len(), 1);
     let rec = lab.json(&["migrate", "busy", "--to", "h2"]);
     let id = rec["id"].as_str().expect("id").to_string();
-    wait_migration(&lab, &id, Duration::from_secs(20), |v| {
-        v["state"] == "precopy"
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(lab.qemus_on("h2").len(), 1, "destination QEMU receiving");
-
+    // The operator's fault tool: kill -9 the source agent 2 s into pre-copy.
     let agent = lab.agent_pid("h1");
-    tern_lab::kill_process(agent, tern_lab::Signal::SIGKILL).expect("kill -9 the source agent");
+    let out = tern(&[
+        "lab",
+        "fault",
+        "h1",
+        "--kill",
+        "agent",
+        "--when",
+        "precopy",
+        "--migration",
+        &id,
+        "--after",
+        "2",
+        "--name",
+        &lab.name,
+    ]);
+    expect_code(&out, 0, &format!("killed the agent of h1 (pid {agent}"));
+    assert_eq!(lab.qemus_on("h2").len(), 1, "destination QEMU receiving");
     let t = Instant::now();
     while tern_qemu::process::pid_alive(agent) && t.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(10));
