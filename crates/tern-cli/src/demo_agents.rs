@@ -45,10 +45,8 @@ impl Drop for AgentsGuard {
 
 /// A port base whose two agent ports (base+1, base+2) are free on 127.0.0.1 right now.
 ///
-/// Searched below Linux's ephemeral range (32768–60999 by default): a port in that range can
-/// be taken as the local end of some outgoing connection while the killed agent is down, and
-/// its TIME-WAIT then keeps the restarted agent from binding (seen: 47001 in TIME-WAIT as a
-/// client port right after the kill).
+/// Searched below Linux's ephemeral range (32768–60999 by default), where no outgoing
+/// connection can be holding the port when the killed agent is started again.
 fn free_port_base() -> Result<u16, Failure> {
     (17_000u16..32_000)
         .step_by(10)

@@ -101,7 +101,7 @@ pub fn ensure_agents(lab: &Lab, settings: LabAgentSettings) -> Result<LabAgents,
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+        if !port_free_within(port, Duration::from_secs(3)) {
             return Err(Failure::environment(anyhow::anyhow!(
                 "port {port} on 127.0.0.1 (agent of {}) is taken by another process: \
                  choose another --agent-port-base",
@@ -123,6 +123,22 @@ pub fn ensure_agents(lab: &Lab, settings: LabAgentSettings) -> Result<LabAgents,
     }
     agents.save().map_err(Failure::environment)?;
     Ok(agents)
+}
+
+/// Whether 127.0.0.1:`port` can be bound, retrying for `patience`. An agent just killed can
+/// look dead (its main thread is a zombie) while its other threads are still exiting and the
+/// listening socket is still open: the port frees itself a few milliseconds later.
+fn port_free_within(port: u16, patience: Duration) -> bool {
+    let deadline = Instant::now() + patience;
+    loop {
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn spawn_agent(exe: &Path, config: &Path, log: &Path) -> Result<u32, Failure> {

@@ -60,8 +60,7 @@ impl AgentLab {
         // Distinct ports per test and per run of the test binary.
         let salt: u32 = name.bytes().map(u32::from).sum::<u32>() % 5;
         // Below Linux's ephemeral range (32768+): a restarted agent must be able to bind its port
-        // again, and a port in that range can meanwhile be the local end of an outgoing
-        // connection.
+        // again, and no outgoing connection can take a port below that range.
         let port_base = (20000 + (std::process::id() % 600) * 20 + salt * 3) as u16;
         let me = Self {
             name: name.into(),
