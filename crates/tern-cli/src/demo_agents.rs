@@ -277,16 +277,7 @@ async fn migrate_through_agents(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let mut operator_results = Vec::new();
-    for t in timers {
-        if t.is_finished() {
-            if let Ok(s) = t.await {
-                operator_results.push(s);
-            }
-        } else {
-            t.abort();
-        }
-    }
+    let operator_results = tern_scenario::operator_results(timers).await;
     step(format!(
         "migration {}; watching the guest for {} s",
         final_view.record.state,

@@ -546,16 +546,7 @@ async fn run_on_hosts(
     .await;
     // The runner (and its progress channel) is gone: injectors and the forwarder end.
     let faults_injected = watcher.await.unwrap_or_default();
-    let mut operator_results = Vec::new();
-    for t in timers {
-        if t.is_finished() {
-            if let Ok(s) = t.await {
-                operator_results.push(s);
-            }
-        } else {
-            t.abort();
-        }
-    }
+    let operator_results = operator_results(timers).await;
     let outcome = outcome?;
     step(&format!(
         "migration {}; watching the guest for {} s",
@@ -580,6 +571,22 @@ async fn run_on_hosts(
         None
     };
     Ok((summary, outcome.source_serial_log.clone(), dest_log))
+}
+
+/// The answers of operator-command timers that fired before the migration ended; timers
+/// still waiting are cancelled (their command came too late to matter).
+pub async fn operator_results(timers: Vec<tokio::task::JoinHandle<String>>) -> Vec<String> {
+    let mut results = Vec::new();
+    for t in timers {
+        if t.is_finished() {
+            if let Ok(s) = t.await {
+                results.push(s);
+            }
+        } else {
+            t.abort();
+        }
+    }
+    results
 }
 
 /// Fills the integrity fields from the serial logs: the source's, and the destination's when
