@@ -7,7 +7,9 @@
 set -u
 
 inventory() {
-  pgrep -a qemu-system 2>/dev/null | sed 's/^/qemu: /'
+  # -f: tern names its QEMUs (`-name ...,process=tern-guest`), so the process name is not
+  # qemu-system-*; match the command line.
+  pgrep -af "^[^ ]*qemu-system" 2>/dev/null | sed 's/^/qemu: /'
   ip netns list 2>/dev/null | awk '{print $1}' | grep '^tern-' | sed 's/^/netns: /'
   find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'tern-*' 2>/dev/null | sed 's/^/tmp: /'
 }
