@@ -1,0 +1,256 @@
+//! tern's evacuation planner: which VM goes where, in what order, how many at once, and when the
+//! last one lands. Pure: no I/O, no clock, no async; the same request always gives the same plan.
+//!
+//! Nobody predicts an evacuation today: Nova loops over servers client-side
+//! (`host-evacuate-live`, one outgoing migration per compute by default), KubeVirt drains with
+//! fixed caps (2 outbound per node, 5 per cluster), Proxmox `migrateall --maxworkers N`, CERN
+//! drains serially. Glikson et al. (IBM) show minimising the makespan under per-host limits is
+//! NP-hard and bound list scheduling and LPT; mVM (Kherbache et al., BtrPlace) models each
+//! migration's duration from its dirty rate and link share and reports schedules 28 % shorter
+//! than parallelism-capped ones. tern's planner does what mVM does with a heuristic instead of a
+//! solver: a duration model from tern-policy's convergence model (`duration.rs`), bandwidth
+//! shared max-min between concurrent migrations (`bandwidth.rs`), and an event-driven list
+//! scheduler (`schedule.rs`) that keeps each source's egress busy without splitting it further
+//! than needed, trying several orders and concurrency caps and keeping the fastest.
+//!
+//! The controller's calls:
+//! 1. build an [`EvacuationRequest`] from the fleet ([`HostFacts`]), the VMs ([`VmFacts`]) and
+//!    the context; [`plan_evacuation`] → [`EvacuationPlan`]: show it (dry run) or run it:
+//!    start each [`PlannedMigration`] when its [`StartTrigger`] fires (at once, after another
+//!    VM's migration ends, or at a time), never more than the plan runs at once;
+//! 2. as migrations progress, [`replan`] with a [`Progress`] (VMs done, in flight, failed,
+//!    hosts gone, observed dirty rates and link rates) → a new plan whose
+//!    [`EvacuationPlan::deviations`] say what changed and what tern does about it;
+//! 3. [`EvacuationPlan::deadline`] and [`EvacuationPlan::suggestions`] tell the operator early
+//!    when the deadline is at risk and what would help.
+//!
+//! [`baselines`] implements today's schedulers over the same model and [`evaluate`] replays any
+//! plan in an independent time-stepped simulation, so the comparison (`examples/compare.rs`)
+//! does not trust any scheduler's own prediction. [`cases`] generates seeded fleets.
+
+mod bandwidth;
+pub mod baselines;
+pub mod cases;
+pub mod duration;
+pub mod evaluate;
+mod facts;
+mod plan;
+mod problem;
+mod replan;
+mod schedule;
+
+pub use facts::*;
+pub use plan::*;
+pub use problem::Refusal;
+pub use replan::{FailedAttempt, Progress, Replanned, replan};
+pub use schedule::StartTrigger;
+
+use problem::{PlacementRule, Problem, assign};
+use schedule::{Dispatch, simulate};
+
+/// Above this many VMs the planner tries fewer candidate schedules (plan time stays well under
+/// a second per 1,000 VMs; issue 12's scale targets).
+const LARGE_PLAN_VMS: usize = 2_000;
+
+/// Plans the evacuation of `req.hosts_to_empty`.
+///
+/// Destinations: largest VMs first, each to the compatible host (memory counting this plan's
+/// other placements, QEMU not older, required features, not draining/unreachable) whose ingress
+/// would finish its assigned bytes earliest, preferring post-copy-capable hosts for VMs that may
+/// need post-copy. Schedule: for each order ([`OrderKey`]) and each per-source cap up to the
+/// hosts' `max_outbound`, the saturating list scheduler is simulated; the plan with the lowest
+/// predicted makespan wins (ties: the earlier candidate, so the result is deterministic).
+pub fn plan_evacuation(req: &EvacuationRequest) -> Result<EvacuationPlan, RequestError> {
+    let p = Problem::new(req)?;
+    let mut plan = plan_problem(&p, true);
+    if matches!(plan.deadline, DeadlineVerdict::AtRisk { .. }) {
+        plan.suggestions = suggestions(req, &p, &plan);
+    }
+    Ok(plan)
+}
+
+/// All candidates tried and the best plan.
+fn plan_problem(p: &Problem, keep_tried: bool) -> EvacuationPlan {
+    let skip = vec![false; p.vms.len()];
+    let assignment = assign(p, PlacementRule::BalancedIngress, &skip);
+    let max_cap = p
+        .req
+        .hosts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| p.is_source[*i])
+        .map(|(_, h)| h.max_outbound)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let large = p.vms.len() > LARGE_PLAN_VMS;
+    let orders: &[OrderKey] = if large {
+        &[OrderKey::LongestFirst]
+    } else {
+        &[
+            OrderKey::LongestFirst,
+            OrderKey::DirtiestFirst,
+            OrderKey::DirtiestLast,
+        ]
+    };
+    let caps: Vec<u32> = if large {
+        let mut c = vec![max_cap, 2.min(max_cap)];
+        c.dedup();
+        c
+    } else {
+        (1..=max_cap.min(8)).rev().collect()
+    };
+    let mut best: Option<(EvacuationPlan, f64)> = None;
+    let mut tried: Vec<(OrderKey, f64)> = Vec::new();
+    for &order in orders {
+        let mut best_for_order = f64::INFINITY;
+        for &cap in &caps {
+            let dispatch = Dispatch {
+                order: priority_order(p, order, &assignment.dest),
+                dest: assignment.dest.clone(),
+                per_source_cap: cap,
+                cluster_cap: None,
+                saturate: true,
+            };
+            let sim = simulate(p, &dispatch);
+            best_for_order = best_for_order.min(sim.makespan_s);
+            // A candidate must beat the best by a hair to replace it (stable under float noise).
+            if best
+                .as_ref()
+                .is_none_or(|(_, m)| sim.makespan_s < m * (1.0 - 1e-9))
+            {
+                let plan = build_plan(
+                    p,
+                    SchedulerKind::Tern,
+                    order,
+                    &assignment,
+                    &dispatch,
+                    &sim,
+                    true,
+                );
+                best = Some((plan, sim.makespan_s));
+            }
+        }
+        tried.push((order, best_for_order));
+    }
+    let (mut plan, _) = best.unwrap_or_else(|| unreachable_plan(p));
+    if keep_tried && matches!(plan.deadline, DeadlineVerdict::AtRisk { .. }) {
+        plan.suggestions.push(Suggestion::OrdersTried { tried });
+    }
+    plan
+}
+
+fn unreachable_plan(p: &Problem) -> (EvacuationPlan, f64) {
+    // Only reached with no orders or caps, which plan_problem never builds; kept total.
+    let skip = vec![true; p.vms.len()];
+    let assignment = assign(p, PlacementRule::BalancedIngress, &skip);
+    let dispatch = Dispatch {
+        order: Vec::new(),
+        dest: assignment.dest.clone(),
+        per_source_cap: 1,
+        cluster_cap: None,
+        saturate: true,
+    };
+    let sim = simulate(p, &dispatch);
+    (
+        build_plan(
+            p,
+            SchedulerKind::Tern,
+            OrderKey::LongestFirst,
+            &assignment,
+            &dispatch,
+            &sim,
+            true,
+        ),
+        0.0,
+    )
+}
+
+/// VM indices in `order` (deterministic tie-break: listing index).
+pub(crate) fn priority_order(p: &Problem, order: OrderKey, dest: &[Option<usize>]) -> Vec<usize> {
+    let dur = |v: usize| -> f64 {
+        let d = dest[v].unwrap_or(p.vms[v].src);
+        let pc = usize::from(p.pair_post_copy(p.vms[v].src, d));
+        p.vms[v].alone[pc].duration_s
+    };
+    let rho = |v: usize| -> f64 {
+        let bw = p.egress[p.vms[v].src].min(p.stream_cap).max(1.0);
+        p.vms[v].rule[0].dirty_rate / bw
+    };
+    let mut idx: Vec<usize> = (0..p.vms.len()).collect();
+    match order {
+        OrderKey::Listing => {}
+        OrderKey::LongestFirst => {
+            idx.sort_by(|&a, &b| dur(b).total_cmp(&dur(a)).then(a.cmp(&b)));
+        }
+        OrderKey::DirtiestFirst => idx.sort_by(|&a, &b| {
+            rho(b)
+                .total_cmp(&rho(a))
+                .then(dur(b).total_cmp(&dur(a)))
+                .then(a.cmp(&b))
+        }),
+        OrderKey::DirtiestLast => idx.sort_by(|&a, &b| {
+            rho(a)
+                .total_cmp(&rho(b))
+                .then(dur(b).total_cmp(&dur(a)))
+                .then(a.cmp(&b))
+        }),
+    }
+    idx
+}
+
+/// What-if plans for a deadline at risk.
+fn suggestions(req: &EvacuationRequest, p: &Problem, plan: &EvacuationPlan) -> Vec<Suggestion> {
+    let mut out = plan.suggestions.clone();
+    if let Some(d) = req.deadline_s
+        && plan.lower_bound.any_schedule_s > d
+    {
+        out.push(Suggestion::DeadlineBelowLowerBound {
+            lower_bound_s: plan.lower_bound.any_schedule_s,
+        });
+    }
+    // More post-copy: permit it on every host that denies it.
+    let denying: Vec<String> = req
+        .hosts
+        .iter()
+        .filter(|h| !h.permit_post_copy && h.reachable && !h.draining)
+        .map(|h| h.name.clone())
+        .collect();
+    if !denying.is_empty() {
+        let mut what_if = req.clone();
+        for h in &mut what_if.hosts {
+            h.permit_post_copy = h.permit_post_copy || (h.reachable && !h.draining);
+        }
+        if let Ok(q) = Problem::new(&what_if) {
+            let m = plan_problem(&q, false).predicted_makespan_s;
+            if m < plan.predicted_makespan_s * 0.99 {
+                out.push(Suggestion::PermitPostCopy {
+                    hosts: denying,
+                    predicted_makespan_s: m,
+                });
+            }
+        }
+    }
+    // More concurrency: +2 outbound on the sources, +1 inbound everywhere.
+    let mut what_if = req.clone();
+    let mut outbound = Vec::new();
+    for (i, h) in what_if.hosts.iter_mut().enumerate() {
+        if p.is_source[i] {
+            h.max_outbound += 2;
+            outbound.push((h.name.clone(), h.max_outbound));
+        } else if h.max_inbound > 0 {
+            h.max_inbound += 1;
+        }
+    }
+    if let Ok(q) = Problem::new(&what_if) {
+        let m = plan_problem(&q, false).predicted_makespan_s;
+        if m < plan.predicted_makespan_s * 0.99 {
+            out.push(Suggestion::RaiseConcurrency {
+                outbound,
+                inbound_increase: 1,
+                predicted_makespan_s: m,
+            });
+        }
+    }
+    out
+}
