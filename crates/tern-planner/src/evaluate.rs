@@ -4,7 +4,7 @@
 //! (start each migration when its trigger fires, in plan order, only while the hosts' own
 //! outbound/inbound limits allow) and simulates each migration's memory: bytes sent at the
 //! max-min fair share of the links at that instant, pages dirtied continuously by the saturating
-//! curve `D' = r(1 − D/W)`, the pass-boundary rule of `duration.rs` applied with the bandwidth
+//! curve `D' = r(1 − D/W)` (integrated exactly over each step), the pass-boundary rule of `duration.rs` applied with the bandwidth
 //! of that instant (the runtime policy every scheduler shares). The planner instead predicts
 //! each migration in closed form at piecewise-constant rates; the difference between the two is
 //! the prediction error the comparison reports.
@@ -17,8 +17,12 @@ use crate::facts::{EvacuationRequest, POSTCOPY_RAM, RequestError};
 use crate::plan::EvacuationPlan;
 use crate::schedule::StartTrigger;
 
-/// Steps per lower-bound duration: fine enough that step error is ≪ 1 %.
+/// Largest step, per lower-bound duration. Steps end exactly at pass boundaries and migration
+/// ends; between them rates are constant and dirtying is integrated exactly, so this only
+/// bounds how long a step may be.
 const STEPS_PER_BOUND: f64 = 4000.0;
+/// Bytes left below which a pass or a migration counts as done (float noise).
+const EPS_BYTES: f64 = 1e-3;
 /// Hard stop: simulated time beyond this many lower bounds is reported as not finished.
 const MAX_BOUNDS: f64 = 200.0;
 
@@ -230,12 +234,24 @@ pub fn evaluate(
             }
             flows_changed = false;
         }
+        // Step to the next pass boundary or end (exact), at most `dt`.
+        let mut step = dt;
+        for &i in &running {
+            let left = match live[i].phase {
+                Phase::PreCopy { left, .. } | Phase::Final { left } => left,
+                _ => continue,
+            };
+            if rates[i] > 0.0 {
+                step = step.min(left.max(0.0) / rates[i]);
+            }
+        }
+        let step = step.max(1e-9);
         for &i in &running {
             let rate = rates[i];
-            let sent = rate * dt;
+            let sent = rate * step;
             let l = &mut live[i];
             l.out.bytes += sent;
-            let mut end_at: Option<f64> = None;
+            let mut ended = false;
             match &mut l.phase {
                 Phase::PreCopy {
                     pass,
@@ -246,10 +262,9 @@ pub fn evaluate(
                 } => {
                     let r = l.rule.dirty_rate * (1.0 - f64::from(*throttle) / 100.0);
                     let w = l.rule.working_set;
-                    *dirty = w - (w - *dirty) * (-r * dt / w).exp();
+                    *dirty = w - (w - *dirty) * (-r * step / w).exp();
                     *left -= sent;
-                    if *left <= 0.0 {
-                        let carry = -*left;
+                    if *left <= EPS_BYTES {
                         let next = *dirty;
                         match l
                             .rule
@@ -257,20 +272,18 @@ pub fn evaluate(
                         {
                             PassStep::Continue => {}
                             PassStep::RaiseThrottle(p) => *throttle = p,
-                            PassStep::FinalCopy => {
-                                l.phase = Phase::Final { left: next - carry };
-                            }
+                            PassStep::FinalCopy => l.phase = Phase::Final { left: next },
                             PassStep::StopAndCopy => {
                                 l.out.stop_and_copy = true;
-                                l.phase = Phase::Final { left: next - carry };
+                                l.phase = Phase::Final { left: next };
                             }
                             PassStep::SwitchToPostCopy => {
                                 l.out.post_copy = true;
-                                l.phase = Phase::Final { left: next - carry };
+                                l.phase = Phase::Final { left: next };
                             }
                             PassStep::GiveUp => {
                                 l.out.gave_up = true;
-                                end_at = Some(t + dt);
+                                ended = true;
                             }
                         }
                         if let Phase::PreCopy {
@@ -283,36 +296,31 @@ pub fn evaluate(
                         {
                             *pass += 1;
                             *pass_size = next;
-                            *left = next - carry;
+                            *left = next;
                             *dirty = 0.0;
                         }
                     }
                 }
                 Phase::Final { left } => {
-                    let before = *left;
                     *left -= sent;
-                    if *left <= 0.0 {
-                        let frac = if sent > 0.0 { before / sent } else { 1.0 };
-                        end_at = Some(t + dt * frac.clamp(0.0, 1.0));
-                    }
+                    ended = *left <= EPS_BYTES;
                 }
                 Phase::Waiting | Phase::Done => {}
             }
             if let Phase::Final { left } = l.phase
-                && left <= 0.0
-                && end_at.is_none()
+                && left <= EPS_BYTES
             {
-                end_at = Some(t + dt);
+                ended = true;
             }
-            if let Some(e) = end_at {
-                l.out.end_s = e;
+            if ended {
+                l.out.end_s = t + step;
                 l.phase = Phase::Done;
                 outbound[l.src] -= 1;
                 inbound[l.dst] -= 1;
                 flows_changed = true;
             }
         }
-        t += dt;
+        t += step;
     }
     let makespan_s = live
         .iter()

@@ -72,7 +72,16 @@ pub fn plan_evacuation(req: &EvacuationRequest) -> Result<EvacuationPlan, Reques
 /// All candidates tried and the best plan.
 fn plan_problem(p: &Problem, keep_tried: bool) -> EvacuationPlan {
     let skip = vec![false; p.vms.len()];
-    let assignment = assign(p, PlacementRule::BalancedIngress, &skip);
+    let placements = [
+        (
+            PlacementRule::BalancedIngress,
+            assign(p, PlacementRule::BalancedIngress, &skip),
+        ),
+        (
+            PlacementRule::MostFreeMemory,
+            assign(p, PlacementRule::MostFreeMemory, &skip),
+        ),
+    ];
     let max_cap = p
         .req
         .hosts
@@ -91,44 +100,55 @@ fn plan_problem(p: &Problem, keep_tried: bool) -> EvacuationPlan {
             OrderKey::LongestFirst,
             OrderKey::DirtiestFirst,
             OrderKey::DirtiestLast,
+            OrderKey::Listing,
         ]
     };
-    let caps: Vec<u32> = if large {
-        let mut c = vec![max_cap, 2.min(max_cap)];
-        c.dedup();
-        c
+    // (cap, saturating): every cap with the saturating rule, and the hosts' own limit without
+    // it (what all-at-once and LPT do), so tern never settles for less than they would get.
+    let mut caps: Vec<(u32, bool)> = if large {
+        vec![(max_cap, true), (2.min(max_cap), true)]
     } else {
-        (1..=max_cap.min(8)).rev().collect()
+        (1..=max_cap.min(8)).rev().map(|c| (c, true)).collect()
     };
+    caps.dedup();
+    caps.push((max_cap, false));
     let mut best: Option<(EvacuationPlan, f64)> = None;
     let mut tried: Vec<(OrderKey, f64)> = Vec::new();
+    let placements: &[(PlacementRule, problem::Assignment)] =
+        if large { &placements[..1] } else { &placements };
     for &order in orders {
         let mut best_for_order = f64::INFINITY;
-        for &cap in &caps {
-            let dispatch = Dispatch {
-                order: priority_order(p, order, &assignment.dest),
-                dest: assignment.dest.clone(),
-                per_source_cap: cap,
-                cluster_cap: None,
-                saturate: true,
-            };
-            let sim = simulate(p, &dispatch);
-            best_for_order = best_for_order.min(sim.makespan_s);
-            // A candidate must beat the best by a hair to replace it (stable under float noise).
-            if best
-                .as_ref()
-                .is_none_or(|(_, m)| sim.makespan_s < m * (1.0 - 1e-9))
-            {
-                let plan = build_plan(
-                    p,
-                    SchedulerKind::Tern,
-                    order,
-                    &assignment,
-                    &dispatch,
-                    &sim,
-                    true,
-                );
-                best = Some((plan, sim.makespan_s));
+        for (placement, assignment) in placements {
+            let priority = priority_order(p, order, &assignment.dest);
+            for &(cap, saturate) in &caps {
+                let dispatch = Dispatch {
+                    order: priority.clone(),
+                    dest: assignment.dest.clone(),
+                    per_source_cap: cap,
+                    cluster_cap: None,
+                    saturate,
+                };
+                let sim = simulate(p, &dispatch);
+                best_for_order = best_for_order.min(sim.makespan_s);
+                // Fewer VMs left unplaced first, then the makespan; a candidate must beat the
+                // best by a hair to replace it (stable under float noise, deterministic).
+                let placed = sim.per_vm.iter().filter(|m| m.is_some()).count();
+                let better = best.as_ref().is_none_or(|(b, m)| {
+                    let b_placed = b.migrations.len();
+                    placed > b_placed || (placed == b_placed && sim.makespan_s < m * (1.0 - 1e-9))
+                });
+                if better {
+                    let plan = build_plan(
+                        p,
+                        SchedulerKind::Tern,
+                        order,
+                        assignment,
+                        &dispatch,
+                        &sim,
+                        *placement == PlacementRule::BalancedIngress,
+                    );
+                    best = Some((plan, sim.makespan_s));
+                }
             }
         }
         tried.push((order, best_for_order));

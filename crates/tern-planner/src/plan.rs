@@ -344,14 +344,26 @@ impl EvacuationPlan {
 }
 
 /// Placement-independent lower bound, and per-source figures.
-pub(crate) fn lower_bound_any(p: &Problem) -> (f64, Vec<(String, f64)>) {
+/// Only VMs with `planned[v]` count (a VM nobody can place adds no work to any schedule).
+/// Sources send at most `min(egress, max_outbound × stream cap)`, destinations receive at most
+/// [`Problem::dest_rate`].
+pub(crate) fn lower_bound_any(p: &Problem, planned: &[bool]) -> (f64, Vec<(String, f64)>) {
     let nh = p.req.hosts.len();
+    // A host older than every source can take nothing (migration goes to same or newer QEMU).
+    let oldest_source = (0..nh)
+        .filter(|&s| p.is_source[s])
+        .map(|s| p.req.hosts[s].qemu_version)
+        .min();
     let open_ingress: Vec<f64> = (0..nh)
         .filter(|&d| {
             let h = &p.req.hosts[d];
-            !p.is_source[d] && h.reachable && !h.draining && h.max_inbound > 0
+            !p.is_source[d]
+                && h.reachable
+                && !h.draining
+                && h.max_inbound > 0
+                && oldest_source.is_none_or(|q| h.qemu_version >= q)
         })
-        .map(|d| p.ingress[d])
+        .map(|d| p.dest_rate(d))
         .collect();
     let max_ingress = open_ingress.iter().copied().fold(0.0, f64::max);
     let total_ingress: f64 = open_ingress.iter().sum();
@@ -365,6 +377,9 @@ pub(crate) fn lower_bound_any(p: &Problem) -> (f64, Vec<(String, f64)>) {
         f
     };
     for (v, vm) in p.vms.iter().enumerate() {
+        if !planned[v] {
+            continue;
+        }
         let bw = p.egress[vm.src].min(p.stream_cap).min(max_ingress).max(1.0);
         let bytes = in_flight[v].unwrap_or_else(|| min_bytes(&vm.rule[0], bw));
         per_source[vm.src] += bytes;
@@ -375,7 +390,8 @@ pub(crate) fn lower_bound_any(p: &Problem) -> (f64, Vec<(String, f64)>) {
     let mut bound = per_vm_bound;
     for (s, &bytes) in per_source.iter().enumerate() {
         if p.is_source[s] {
-            let b = bytes / p.egress[s].max(1.0);
+            let out = f64::from(p.req.hosts[s].max_outbound.max(1)) * p.stream_cap;
+            let b = bytes / p.egress[s].min(out).max(1.0);
             sources.push((p.req.hosts[s].name.clone(), b));
             bound = bound.max(b);
         }
@@ -482,7 +498,8 @@ pub(crate) fn build_plan(
     for (i, m) in migrations.iter_mut().enumerate() {
         m.order = i as u32;
     }
-    let (any, sources) = lower_bound_any(p);
+    let planned: Vec<bool> = sim.per_vm.iter().map(Option::is_some).collect();
+    let (any, sources) = lower_bound_any(p, &planned);
     let mut dest_bytes = vec![0.0f64; p.req.hosts.len()];
     for (v, m) in sim.per_vm.iter().enumerate() {
         if let Some(m) = m {
@@ -494,7 +511,7 @@ pub(crate) fn build_plan(
         .iter()
         .enumerate()
         .filter(|(_, b)| **b > 0.0)
-        .map(|(d, b)| (p.req.hosts[d].name.clone(), b / p.ingress[d].max(1.0)))
+        .map(|(d, b)| (p.req.hosts[d].name.clone(), b / p.dest_rate(d)))
         .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
     let this_placement_s = destination_ingress.as_ref().map_or(any, |d| d.1.max(any));
     let makespan = sim.makespan_s;

@@ -329,6 +329,14 @@ impl<'a> Problem<'a> {
         &self.vms[v].rule[usize::from(self.pair_post_copy(self.vms[v].src, dst))]
     }
 
+    /// The most a destination can receive: its ingress, or its inbound slots × the stream cap.
+    pub fn dest_rate(&self, dst: usize) -> f64 {
+        let h = &self.req.hosts[dst];
+        self.ingress[dst]
+            .min(f64::from(h.max_inbound) * self.stream_cap)
+            .max(1.0)
+    }
+
     /// The fastest a single migration from `src` to `dst` can go.
     pub fn best_bw(&self, src: usize, dst: usize) -> f64 {
         self.egress[src].min(self.ingress[dst]).min(self.stream_cap)
@@ -339,8 +347,9 @@ impl<'a> Problem<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PlacementRule {
     /// tern: largest VMs first; post-copy-capable destinations for VMs that may need post-copy;
-    /// then the destination whose ingress finishes its assigned bytes earliest (balances the
-    /// per-destination ingress bound, Glikson et al.'s machine load), then most memory left.
+    /// then the destination that finishes its assigned bytes earliest at the rate it can take
+    /// (ingress, or inbound slots × stream cap: balances the per-destination bound, Glikson et
+    /// al.'s machine load), then most memory left.
     BalancedIngress,
     /// Nova's RAM weigher / Kubernetes least-allocated: in listing order, the destination with
     /// the most free memory.
@@ -363,7 +372,7 @@ pub(crate) fn assign(p: &Problem, rule: PlacementRule, skip: &[bool]) -> Assignm
     for f in &p.in_flight {
         dest[f.vm] = Some(f.dst);
         reserved[f.dst] += p.vms[f.vm].memory;
-        load[f.dst] += f.remaining / p.ingress[f.dst].max(1.0);
+        load[f.dst] += f.remaining / p.dest_rate(f.dst);
     }
     let mut order: Vec<usize> = (0..p.vms.len())
         .filter(|&v| dest[v].is_none() && !skip[v])
@@ -394,7 +403,7 @@ pub(crate) fn assign(p: &Problem, rule: PlacementRule, skip: &[bool]) -> Assignm
                     let bytes = vm.alone[usize::from(pc)].bytes;
                     (
                         wants_pc && !pc,
-                        load[d] + bytes / p.ingress[d].max(1.0),
+                        load[d] + bytes / p.dest_rate(d),
                         u64::MAX - (h.free_memory_bytes - reserved[d]),
                     )
                 }
@@ -416,7 +425,7 @@ pub(crate) fn assign(p: &Problem, rule: PlacementRule, skip: &[bool]) -> Assignm
             let pc = p.pair_post_copy(vm.src, d);
             dest[v] = Some(d);
             reserved[d] += vm.memory;
-            load[d] += vm.alone[usize::from(pc)].bytes / p.ingress[d].max(1.0);
+            load[d] += vm.alone[usize::from(pc)].bytes / p.dest_rate(d);
         }
     }
     Assignment { dest, reserved }
