@@ -72,16 +72,17 @@ pub fn plan_evacuation(req: &EvacuationRequest) -> Result<EvacuationPlan, Reques
 /// All candidates tried and the best plan.
 fn plan_problem(p: &Problem, keep_tried: bool) -> EvacuationPlan {
     let skip = vec![false; p.vms.len()];
-    let placements = [
-        (
-            PlacementRule::BalancedIngress,
-            assign(p, PlacementRule::BalancedIngress, &skip),
-        ),
-        (
+    let large = p.vms.len() > LARGE_PLAN_VMS;
+    let mut placements = vec![(
+        PlacementRule::BalancedIngress,
+        assign(p, PlacementRule::BalancedIngress, &skip),
+    )];
+    if !large {
+        placements.push((
             PlacementRule::MostFreeMemory,
             assign(p, PlacementRule::MostFreeMemory, &skip),
-        ),
-    ];
+        ));
+    }
     let max_cap = p
         .req
         .hosts
@@ -92,7 +93,6 @@ fn plan_problem(p: &Problem, keep_tried: bool) -> EvacuationPlan {
         .max()
         .unwrap_or(1)
         .max(1);
-    let large = p.vms.len() > LARGE_PLAN_VMS;
     let orders: &[OrderKey] = if large {
         &[OrderKey::LongestFirst]
     } else {
@@ -114,11 +114,9 @@ fn plan_problem(p: &Problem, keep_tried: bool) -> EvacuationPlan {
     caps.push((max_cap, false));
     let mut best: Option<(EvacuationPlan, f64)> = None;
     let mut tried: Vec<(OrderKey, f64)> = Vec::new();
-    let placements: &[(PlacementRule, problem::Assignment)] =
-        if large { &placements[..1] } else { &placements };
     for &order in orders {
         let mut best_for_order = f64::INFINITY;
-        for (placement, assignment) in placements {
+        for (placement, assignment) in &placements {
             let priority = priority_order(p, order, &assignment.dest);
             for &(cap, saturate) in &caps {
                 let dispatch = Dispatch {

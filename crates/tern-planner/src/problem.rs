@@ -148,6 +148,10 @@ pub(crate) struct Problem<'a> {
     pub vms: Vec<VmEntry>,
     pub in_flight: Vec<InFlightEntry>,
     pub stream_cap: f64,
+    /// Per host: permits post-copy and has `postcopy-ram`.
+    pub host_post_copy: Vec<bool>,
+    /// Per VM: index of its required-feature set among the distinct sets.
+    pub feature_class: Vec<usize>,
 }
 
 impl<'a> Problem<'a> {
@@ -243,8 +247,23 @@ impl<'a> Problem<'a> {
                 in_post_copy: f.in_post_copy,
             });
         }
+        let mut classes: HashMap<&std::collections::BTreeSet<String>, usize> = HashMap::new();
+        let feature_class = req
+            .vms
+            .iter()
+            .map(|v| {
+                let n = classes.len();
+                *classes.entry(&v.required_features).or_insert(n)
+            })
+            .collect();
         Ok(Problem {
             req,
+            host_post_copy: req
+                .hosts
+                .iter()
+                .map(|h| h.permit_post_copy && h.features.contains(POSTCOPY_RAM))
+                .collect(),
+            feature_class,
             egress: req
                 .hosts
                 .iter()
@@ -264,15 +283,23 @@ impl<'a> Problem<'a> {
 
     /// Both hosts permit post-copy and both QEMUs have `postcopy-ram`.
     pub fn pair_post_copy(&self, src: usize, dst: usize) -> bool {
-        let (s, d) = (&self.req.hosts[src], &self.req.hosts[dst]);
-        s.permit_post_copy
-            && d.permit_post_copy
-            && s.features.contains(POSTCOPY_RAM)
-            && d.features.contains(POSTCOPY_RAM)
+        self.host_post_copy[src] && self.host_post_copy[dst]
     }
 
     /// Static refusal of `dst` for VM `v` (ignoring this plan's other placements).
     pub fn refusal(&self, v: usize, dst: usize) -> Option<Refusal> {
+        self.refusal_except_memory(v, dst).or_else(|| {
+            let (free, needed) = (self.req.hosts[dst].free_memory_bytes, self.vms[v].memory);
+            (free < needed).then_some(Refusal::NotEnoughMemory {
+                free_bytes: free,
+                needed_bytes: needed,
+            })
+        })
+    }
+
+    /// [`Problem::refusal`] without the memory check: the same for every VM of a
+    /// [`Problem::compat_key`], so candidate lists are computed once per key.
+    fn refusal_except_memory(&self, v: usize, dst: usize) -> Option<Refusal> {
         let vm = &self.vms[v];
         let facts = &self.req.vms[v];
         let h = &self.req.hosts[dst];
@@ -309,12 +336,6 @@ impl<'a> Problem<'a> {
         {
             return Some(Refusal::FailedBefore { attempts });
         }
-        if h.free_memory_bytes < vm.memory {
-            return Some(Refusal::NotEnoughMemory {
-                free_bytes: h.free_memory_bytes,
-                needed_bytes: vm.memory,
-            });
-        }
         if !self.req.context.must_finish() {
             let pc = self.pair_post_copy(vm.src, dst);
             if self.vms[v].alone[usize::from(pc)].ending == PredictedEnding::GivesUp {
@@ -322,6 +343,36 @@ impl<'a> Problem<'a> {
             }
         }
         None
+    }
+
+    /// What [`Problem::refusal_except_memory`] depends on besides the host.
+    fn compat_key(&self, v: usize) -> CompatKey {
+        let vm = &self.vms[v];
+        let optional = !self.req.context.must_finish();
+        CompatKey {
+            src: vm.src,
+            features: self.feature_class[v],
+            avoid: vm.avoid,
+            gives_up: [
+                optional && vm.alone[0].ending == PredictedEnding::GivesUp,
+                optional && vm.alone[1].ending == PredictedEnding::GivesUp,
+            ],
+        }
+    }
+
+    /// Hosts that pass every check but memory for VM `v`, cached per [`CompatKey`].
+    pub(crate) fn candidates<'c>(
+        &self,
+        v: usize,
+        open: &[usize],
+        cache: &'c mut HashMap<CompatKey, Vec<usize>>,
+    ) -> &'c [usize] {
+        cache.entry(self.compat_key(v)).or_insert_with(|| {
+            open.iter()
+                .copied()
+                .filter(|&d| self.refusal_except_memory(v, d).is_none())
+                .collect()
+        })
     }
 
     /// Rule for VM `v` going to `dst`.
@@ -341,6 +392,15 @@ impl<'a> Problem<'a> {
     pub fn best_bw(&self, src: usize, dst: usize) -> f64 {
         self.egress[src].min(self.ingress[dst]).min(self.stream_cap)
     }
+}
+
+/// Everything but the host that decides whether a host may take a VM (memory aside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct CompatKey {
+    src: usize,
+    features: usize,
+    avoid: Option<(usize, u32)>,
+    gives_up: [bool; 2],
 }
 
 /// How destinations are chosen.
@@ -388,13 +448,14 @@ pub(crate) fn assign(p: &Problem, rule: PlacementRule, skip: &[bool]) -> Assignm
             !p.is_source[d] && h.reachable && !h.draining && h.max_inbound > 0
         })
         .collect();
+    let mut cache = HashMap::new();
     for v in order {
         let vm = &p.vms[v];
         let wants_pc = rule == PlacementRule::BalancedIngress && vm.needs_post_copy();
         let mut best: Option<(usize, (bool, f64, u64))> = None;
-        for &d in &open {
+        for &d in p.candidates(v, &open, &mut cache) {
             let h = &p.req.hosts[d];
-            if reserved[d] + vm.memory > h.free_memory_bytes || p.refusal(v, d).is_some() {
+            if reserved[d] + vm.memory > h.free_memory_bytes {
                 continue;
             }
             let key = match rule {

@@ -148,15 +148,17 @@ pub(crate) fn simulate(p: &Problem, dispatch: &Dispatch) -> Simulated {
         id
     };
     let mut t = 0.0f64;
+    // Live run ids (the slab keeps finished ones as None).
+    let mut active: Vec<usize> = Vec::new();
     for e in &p.in_flight {
-        start_run(
+        active.push(start_run(
             &mut runs,
             &mut at_host,
             e.vm,
             e.dst,
             e.remaining,
             e.in_post_copy,
-        );
+        ));
         let src = p.vms[e.vm].src;
         outbound[src] += 1;
         inbound[e.dst] += 1;
@@ -210,7 +212,14 @@ pub(crate) fn simulate(p: &Problem, dispatch: &Dispatch) -> Simulated {
                     continue;
                 }
                 pending[s].remove(i);
-                start_run(&mut runs, &mut at_host, v, d, p.vms[v].memory as f64, false);
+                active.push(start_run(
+                    &mut runs,
+                    &mut at_host,
+                    v,
+                    d,
+                    p.vms[v].memory as f64,
+                    false,
+                ));
                 outbound[s] += 1;
                 inbound[d] += 1;
                 running_total += 1;
@@ -234,7 +243,7 @@ pub(crate) fn simulate(p: &Problem, dispatch: &Dispatch) -> Simulated {
         }
         // Next event.
         let mut next = f64::INFINITY;
-        for r in runs.iter().flatten() {
+        for r in active.iter().filter_map(|&id| runs[id].as_ref()) {
             if r.rate > 0.0 {
                 next = next.min(t + r.remaining / r.rate);
             }
@@ -252,8 +261,8 @@ pub(crate) fn simulate(p: &Problem, dispatch: &Dispatch) -> Simulated {
         let dt = new_t - t;
         t = new_t;
         let mut finished: Vec<usize> = Vec::new();
-        for (id, slot) in runs.iter_mut().enumerate() {
-            if let Some(r) = slot {
+        for &id in &active {
+            if let Some(r) = runs[id].as_mut() {
                 r.remaining -= r.rate * dt;
                 if r.remaining <= 1e-7 * r.total.max(1.0) {
                     finished.push(id);
@@ -274,6 +283,7 @@ pub(crate) fn simulate(p: &Problem, dispatch: &Dispatch) -> Simulated {
         };
         for id in finished {
             if let Some(r) = runs[id].take() {
+                active.retain(|&x| x != id);
                 outbound[r.src] -= 1;
                 inbound[r.dst] -= 1;
                 running_total -= 1;
