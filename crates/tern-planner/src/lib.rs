@@ -24,6 +24,49 @@
 //! 3. [`EvacuationPlan::deadline`] and [`EvacuationPlan::suggestions`] tell the operator early
 //!    when the deadline is at risk and what would help.
 //!
+//! ```
+//! use tern_planner::*;
+//! use tern_policy::{MigrationContext, SlaCatalog};
+//!
+//! let host = |name: &str, free_gib: u64| HostFacts {
+//!     name: name.into(),
+//!     total_memory_bytes: 256 << 30,
+//!     free_memory_bytes: free_gib << 30,
+//!     qemu_version: QemuVersion::new(10, 0, 0),
+//!     features: [POSTCOPY_RAM.to_string()].into(),
+//!     permit_post_copy: true,
+//!     max_outbound: 2,
+//!     max_inbound: 2,
+//!     egress_bytes_per_s: 1_250_000_000, // 10 Gbit/s
+//!     ingress_bytes_per_s: 1_250_000_000,
+//!     draining: false,
+//!     reachable: true,
+//! };
+//! let vm = |name: &str, gib: u64, dirty: Option<u64>| VmFacts {
+//!     name: name.into(),
+//!     host: "h1".into(),
+//!     memory_bytes: gib << 30,
+//!     dirty_bytes_per_s: dirty,
+//!     working_set_bytes: None,
+//!     sla: SlaCatalog::builtin().get("standard").unwrap().clone(),
+//!     post_copy_allowed: true,
+//!     required_features: Default::default(),
+//! };
+//! let mut req = EvacuationRequest::new(
+//!     MigrationContext::Evacuate,
+//!     vec![host("h1", 0), host("h2", 64), host("h3", 64)],
+//!     vec!["h1".into()],
+//!     vec![vm("db", 16, Some(200 << 20)), vm("web", 4, None), vm("idle", 8, Some(0))],
+//! );
+//! req.deadline_s = Some(600.0);
+//! let plan = plan_evacuation(&req).unwrap();
+//! assert_eq!(plan.migrations.len(), 3);
+//! assert!(plan.predicted_makespan_s >= plan.lower_bound.any_schedule_s);
+//! assert!(matches!(plan.deadline, DeadlineVerdict::Met { .. }));
+//! // The first migrations start now; the others when a named migration ends.
+//! assert_eq!(plan.migrations[0].trigger, StartTrigger::Now);
+//! ```
+//!
 //! [`baselines`] implements today's schedulers over the same model and [`evaluate`] replays any
 //! plan in an independent time-stepped simulation, so the comparison (`examples/compare.rs`)
 //! does not trust any scheduler's own prediction. [`cases`] generates seeded fleets.
@@ -41,11 +84,11 @@ mod schedule;
 
 pub use facts::*;
 pub use plan::*;
-pub use problem::Refusal;
+pub use problem::{PlacementRule, Refusal};
 pub use replan::{FailedAttempt, Progress, Replanned, replan};
 pub use schedule::StartTrigger;
 
-use problem::{PlacementRule, Problem, assign};
+use problem::{Problem, assign};
 use schedule::{Dispatch, simulate};
 
 /// Above this many VMs the planner tries fewer candidate schedules (plan time stays well under

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use tern_policy::MigrationContext;
 
 use crate::duration::{PredictedEnding, min_bytes};
-use crate::problem::{Assignment, Problem, Refusal, refusals_for};
+use crate::problem::{Assignment, PlacementRule, Problem, Refusal, refusals_for};
 use crate::schedule::{Dispatch, Simulated, StartTrigger};
 
 /// Which scheduler made a plan.
@@ -322,6 +322,8 @@ pub struct EvacuationPlan {
     pub unplaceable: Vec<Unplaceable>,
     /// Priority order used.
     pub order: OrderKey,
+    /// How destinations were chosen.
+    pub placement: PlacementRule,
     /// Concurrency used.
     pub concurrency: Concurrency,
     /// Predicted time until the last migration ends, s from plan time.
@@ -415,11 +417,8 @@ pub(crate) fn build_plan(
     let mut migrations = Vec::new();
     let mut unplaceable = Vec::new();
     let mut ingress_load = vec![0.0f64; p.req.hosts.len()];
-    for (v, m) in sim.per_vm.iter().enumerate() {
-        if let Some(m) = m {
-            ingress_load[m.dst] += m.bytes / p.ingress[m.dst].max(1.0);
-            let _ = v;
-        }
+    for m in sim.per_vm.iter().flatten() {
+        ingress_load[m.dst] += m.bytes / p.dest_rate(m.dst);
     }
     for (v, vm) in p.vms.iter().enumerate() {
         let facts = &p.req.vms[v];
@@ -521,6 +520,11 @@ pub(crate) fn build_plan(
         migrations,
         unplaceable,
         order,
+        placement: if placement_reasons {
+            PlacementRule::BalancedIngress
+        } else {
+            PlacementRule::MostFreeMemory
+        },
         concurrency: Concurrency {
             per_source_cap: dispatch.per_source_cap,
             cluster_cap: dispatch.cluster_cap,

@@ -404,8 +404,9 @@ pub(crate) struct CompatKey {
 }
 
 /// How destinations are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PlacementRule {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementRule {
     /// tern: largest VMs first; post-copy-capable destinations for VMs that may need post-copy;
     /// then the destination that finishes its assigned bytes earliest at the rate it can take
     /// (ingress, or inbound slots × stream cap: balances the per-destination bound, Glikson et

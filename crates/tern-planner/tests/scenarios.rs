@@ -186,7 +186,7 @@ fn mixed() -> EvacuationRequest {
         vm("b", "h0", 16, 100 * MIB, "standard"),
         vm("c", "h0", 4, 0, "batch"),
         vm("d", "h0", 8, 300 * MIB, "standard"),
-        vm("e", "h0", 2, 1 * MIB, "standard"),
+        vm("e", "h0", 2, MIB, "standard"),
     ];
     let mut req = request(MigrationContext::Evacuate, 3, vms);
     req.settings.stream_cap_bytes_per_s = Some(700_000_000);
