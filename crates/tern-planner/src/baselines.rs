@@ -54,6 +54,7 @@ pub fn plan_with(
         per_source_cap,
         cluster_cap,
         saturate: false,
+        heavy_alone: false,
     };
     let sim = simulate(&p, &dispatch);
     Ok(build_plan(

@@ -127,14 +127,16 @@ pub fn fleet(seed: u64, shape: FleetShape) -> EvacuationRequest {
             .into_iter()
             .map(String::from)
             .collect();
-        if is_source || rng.gen_range(0..5) != 0 {
+        if is_source || h == sources || rng.gen_range(0..5) != 0 {
             features.insert(CPU_FEATURE.to_string());
         }
         hosts.push(HostFacts {
             name: host_name(h),
             total_memory_bytes: total,
             free_memory_bytes: free,
-            qemu_version: if !is_source && rng.gen_range(0..8) == 0 {
+            // Host 1 (after the sources) is always a compatible destination, so every case has
+            // work to compare.
+            qemu_version: if !is_source && h != sources && rng.gen_range(0..8) == 0 {
                 QemuVersion::new(9, 2, 0)
             } else {
                 QemuVersion::new(10, 0, 0)

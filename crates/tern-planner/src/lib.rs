@@ -146,28 +146,48 @@ fn plan_problem(p: &Problem, keep_tried: bool) -> EvacuationPlan {
             OrderKey::Listing,
         ]
     };
-    // (cap, saturating): every cap with the saturating rule, and the hosts' own limit without
-    // it (what all-at-once and LPT do), so tern never settles for less than they would get.
-    let mut caps: Vec<(u32, bool)> = if large {
-        vec![(max_cap, true), (2.min(max_cap), true)]
+    // (cap, saturating): every cap with and without the saturating rule, so tern never settles
+    // for less than a fixed-parallelism scheduler (serial, KubeVirt, Proxmox, all-at-once, LPT)
+    // would get with the same model. Large plans try the hosts' limit and 2.
+    let cap_values: Vec<u32> = if large {
+        let mut c = vec![max_cap, 2.min(max_cap)];
+        c.dedup();
+        c
     } else {
-        (1..=max_cap.min(8)).rev().map(|c| (c, true)).collect()
+        (1..=max_cap.min(8)).rev().collect()
     };
-    caps.dedup();
-    caps.push((max_cap, false));
+    let mut caps: Vec<(u32, bool, bool)> = cap_values.iter().map(|&c| (c, true, false)).collect();
+    caps.extend(
+        cap_values
+            .iter()
+            .filter(|&&c| c > 1)
+            .map(|&c| (c, false, false)),
+    );
+    if large {
+        caps.retain(|&(c, saturate, _)| saturate || c == max_cap);
+    } else {
+        // The same, with heavy (throttle-only) VMs running alone on their source.
+        let with_heavy: Vec<_> = caps
+            .iter()
+            .filter(|c| c.0 > 1)
+            .map(|&(c, s, _)| (c, s, true))
+            .collect();
+        caps.extend(with_heavy);
+    }
     let mut best: Option<(EvacuationPlan, f64)> = None;
     let mut tried: Vec<(OrderKey, f64)> = Vec::new();
     for &order in orders {
         let mut best_for_order = f64::INFINITY;
         for (placement, assignment) in &placements {
             let priority = priority_order(p, order, &assignment.dest);
-            for &(cap, saturate) in &caps {
+            for &(cap, saturate, heavy_alone) in &caps {
                 let dispatch = Dispatch {
                     order: priority.clone(),
                     dest: assignment.dest.clone(),
                     per_source_cap: cap,
                     cluster_cap: None,
                     saturate,
+                    heavy_alone,
                 };
                 let sim = simulate(p, &dispatch);
                 best_for_order = best_for_order.min(sim.makespan_s);
@@ -211,6 +231,7 @@ fn unreachable_plan(p: &Problem) -> (EvacuationPlan, f64) {
         per_source_cap: 1,
         cluster_cap: None,
         saturate: true,
+        heavy_alone: false,
     };
     let sim = simulate(p, &dispatch);
     (

@@ -174,6 +174,8 @@ pub struct Concurrency {
     pub cluster_cap: Option<u32>,
     /// More start only while the source's egress has room (tern).
     pub saturating: bool,
+    /// VMs that converge only by throttling run alone on their source (tern).
+    pub heavy_alone: bool,
     /// Highest concurrency per source the plan reaches.
     pub peak_per_source: u32,
 }
@@ -347,7 +349,8 @@ impl EvacuationPlan {
 
 /// Placement-independent lower bound, and per-source figures.
 /// Only VMs with `planned[v]` count (a VM nobody can place adds no work to any schedule).
-/// Sources send at most `min(egress, max_outbound × stream cap)`, destinations receive at most
+/// Sources send at most `min(egress, max_outbound × min(stream cap, fastest ingress))`,
+/// destinations receive at most
 /// [`Problem::dest_rate`].
 pub(crate) fn lower_bound_any(p: &Problem, planned: &[bool]) -> (f64, Vec<(String, f64)>) {
     let nh = p.req.hosts.len();
@@ -392,7 +395,10 @@ pub(crate) fn lower_bound_any(p: &Problem, planned: &[bool]) -> (f64, Vec<(Strin
     let mut bound = per_vm_bound;
     for (s, &bytes) in per_source.iter().enumerate() {
         if p.is_source[s] {
-            let out = f64::from(p.req.hosts[s].max_outbound.max(1)) * p.stream_cap;
+            // Each of its at most `max_outbound` streams is capped by the stream cap and by the
+            // fastest destination's ingress.
+            let out = f64::from(p.req.hosts[s].max_outbound.max(1))
+                * p.stream_cap.min(max_ingress).max(1.0);
             let b = bytes / p.egress[s].min(out).max(1.0);
             sources.push((p.req.hosts[s].name.clone(), b));
             bound = bound.max(b);
@@ -529,6 +535,7 @@ pub(crate) fn build_plan(
             per_source_cap: dispatch.per_source_cap,
             cluster_cap: dispatch.cluster_cap,
             saturating: dispatch.saturate,
+            heavy_alone: dispatch.heavy_alone,
             peak_per_source: sim.peak_concurrency,
         },
         predicted_makespan_s: makespan,

@@ -57,6 +57,23 @@ pub(crate) struct Dispatch {
     pub cluster_cap: Option<u32>,
     /// tern's rule: start another on a source only while its egress has room.
     pub saturate: bool,
+    /// A VM that can only converge by throttling (no post-copy on its pair, ρ too high at a
+    /// full stream) runs alone on its source: sharing the link would raise its ρ further and
+    /// stretch it by more than the others gain.
+    pub heavy_alone: bool,
+}
+
+/// Whether VM `v` going to `d` converges only with throttling or a stop-and-copy.
+pub(crate) fn is_heavy(p: &Problem, v: usize, d: usize) -> bool {
+    let pc = p.pair_post_copy(p.vms[v].src, d);
+    !p.rule(v, d).post_copy
+        && !matches!(
+            p.vms[v].alone[usize::from(pc)].ending,
+            PredictedEnding::Converges {
+                throttle_pct: 0,
+                ..
+            }
+        )
 }
 
 /// One simulated migration.
@@ -116,6 +133,9 @@ pub(crate) fn simulate(p: &Problem, dispatch: &Dispatch) -> Simulated {
         }
     }
     let sources: Vec<usize> = (0..nh).filter(|&h| !pending[h].is_empty()).collect();
+    let heavy: Vec<bool> = (0..p.vms.len())
+        .map(|v| dispatch.heavy_alone && dispatch.dest[v].is_some_and(|d| is_heavy(p, v, d)))
+        .collect();
     let mut timers: Vec<f64> = p
         .vms
         .iter()
@@ -189,6 +209,16 @@ pub(crate) fn simulate(p: &Problem, dispatch: &Dispatch) -> Simulated {
             let mut i = 0;
             while i < pending[s].len() && outbound[s] < cap {
                 if dispatch.cluster_cap.is_some_and(|c| running_total >= c) {
+                    break;
+                }
+                if dispatch.heavy_alone
+                    && outbound[s] > 0
+                    && (at_host[s]
+                        .iter()
+                        .filter_map(|&id| runs[id].as_ref())
+                        .any(|r| r.src == s && heavy[r.vm])
+                        || heavy[pending[s][i]])
+                {
                     break;
                 }
                 if dispatch.saturate && outbound[s] > 0 {
