@@ -102,7 +102,9 @@ fn main() {
             ..Progress::default()
         };
         let re = replan(&req, &plans[0], &progress).expect("re-plan");
-        let re_actual = evaluate(&truth, &re.plan).expect("plans evaluate").makespan_s;
+        let re_actual = evaluate(&truth, &re.plan)
+            .expect("plans evaluate")
+            .makespan_s;
         replan_errs.push((re.plan.predicted_makespan_s - re_actual).abs() / re_actual);
         println!(" {:.1} % | {:.1} % |", err * 100.0, perr * 100.0);
         let best_baseline = evals[1..].iter().copied().fold(f64::INFINITY, f64::min);
