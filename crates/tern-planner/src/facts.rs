@@ -158,6 +158,11 @@ pub struct PlannerSettings {
     /// After this many failures on one destination, retries go elsewhere (default 2: one retry
     /// where it failed, for a transient drop; then another host).
     pub retries_per_destination: u32,
+    /// Start higher SLA priority classes first (`SlaClass::priority`), ordering within a class
+    /// for the makespan. Off by default: it can only lengthen the makespan, but an operator may
+    /// want latency-critical guests off a failing host before batch ones.
+    #[serde(default)]
+    pub sla_priority_first: bool,
 }
 
 impl Default for PlannerSettings {
@@ -166,6 +171,7 @@ impl Default for PlannerSettings {
             stream_cap_bytes_per_s: None,
             retry_backoff_base_s: 5.0,
             retries_per_destination: 2,
+            sla_priority_first: false,
         }
     }
 }

@@ -248,8 +248,23 @@ fn unreachable_plan(p: &Problem) -> (EvacuationPlan, f64) {
     )
 }
 
-/// VM indices in `order` (deterministic tie-break: listing index).
+/// VM indices in `order` (deterministic tie-break: listing index), higher SLA priority first
+/// when [`PlannerSettings::sla_priority_first`] is set.
 pub(crate) fn priority_order(p: &Problem, order: OrderKey, dest: &[Option<usize>]) -> Vec<usize> {
+    let mut ordered = priority_order_by_key(p, order, dest, (0..p.vms.len()).collect());
+    if p.req.settings.sla_priority_first {
+        // Stable: keeps the key's order within a class.
+        ordered.sort_by_key(|&v| std::cmp::Reverse(p.req.vms[v].sla.priority));
+    }
+    ordered
+}
+
+fn priority_order_by_key(
+    p: &Problem,
+    order: OrderKey,
+    dest: &[Option<usize>],
+    mut idx: Vec<usize>,
+) -> Vec<usize> {
     let dur = |v: usize| -> f64 {
         let d = dest[v].unwrap_or(p.vms[v].src);
         let pc = usize::from(p.pair_post_copy(p.vms[v].src, d));
@@ -259,7 +274,6 @@ pub(crate) fn priority_order(p: &Problem, order: OrderKey, dest: &[Option<usize>
         let bw = p.egress[p.vms[v].src].min(p.stream_cap).max(1.0);
         p.vms[v].rule[0].dirty_rate / bw
     };
-    let mut idx: Vec<usize> = (0..p.vms.len()).collect();
     match order {
         OrderKey::Listing => {}
         OrderKey::LongestFirst => {

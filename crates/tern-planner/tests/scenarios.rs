@@ -308,3 +308,27 @@ fn a_failed_migration_is_retried_with_backoff_then_elsewhere_in_must_finish_cont
         }
     )));
 }
+
+#[test]
+fn sla_priority_first_starts_latency_critical_guests_first() {
+    let mut req = request(
+        MigrationContext::Evacuate,
+        2,
+        vec![
+            vm("batch-big", "h0", 32, 0, "batch"),
+            vm("lc-small", "h0", 2, 0, "latency-critical"),
+            vm("std", "h0", 8, 0, "standard"),
+        ],
+    );
+    req.hosts[0].max_outbound = 1;
+    let fastest = plan_evacuation(&req).unwrap();
+    assert_eq!(
+        fastest.migrations[0].vm, "batch-big",
+        "longest first by default"
+    );
+    req.settings.sla_priority_first = true;
+    let plan = plan_evacuation(&req).unwrap();
+    let order: Vec<&str> = plan.migrations.iter().map(|m| m.vm.as_str()).collect();
+    assert_eq!(order, ["lc-small", "std", "batch-big"]);
+    check_invariants(&req, &plan);
+}
