@@ -94,6 +94,9 @@ use schedule::{Dispatch, simulate};
 /// Above this many VMs the planner tries fewer candidate schedules (plan time stays well under
 /// a second per 1,000 VMs; issue 12's scale targets).
 const LARGE_PLAN_VMS: usize = 2_000;
+/// Above this many VMs the fixed-parallelism and run-alone variants are tried only at the hosts'
+/// limit.
+const MEDIUM_PLAN_VMS: usize = 300;
 
 /// Plans the evacuation of `req.hosts_to_empty`.
 ///
@@ -165,6 +168,11 @@ fn plan_problem(p: &Problem, keep_tried: bool) -> EvacuationPlan {
     );
     if large {
         caps.retain(|&(c, saturate, _)| saturate || c == max_cap);
+    } else if p.vms.len() > MEDIUM_PLAN_VMS {
+        caps.retain(|&(c, saturate, _)| saturate || c == max_cap);
+        if max_cap > 1 {
+            caps.push((max_cap, true, true));
+        }
     } else {
         // The same, with heavy (throttle-only) VMs running alone on their source.
         let with_heavy: Vec<_> = caps
