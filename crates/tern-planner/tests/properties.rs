@@ -80,4 +80,55 @@ proptest! {
             common::check_invariants(&req, &plan);
         }
     }
+
+    #[test]
+    fn replanning_keeps_every_invariant(
+        req in arb_request(),
+        done in 0usize..5,
+        fail_first_running in any::<bool>(),
+        kill_a_destination in any::<bool>(),
+    ) {
+        let plan = plan_evacuation(&req).unwrap();
+        let mut progress = Progress { elapsed_s: 3.0, ..Progress::default() };
+        let mut ms = plan.migrations.iter();
+        progress.completed = ms.by_ref().take(done).map(|m| m.vm.clone()).collect();
+        if let Some(m) = ms.next() {
+            if fail_first_running {
+                progress.failed.push(FailedAttempt {
+                    vm: m.vm.clone(),
+                    destination: m.destination.clone(),
+                    attempts: 1,
+                });
+            } else {
+                progress.in_flight.push(InFlightMigration {
+                    vm: m.vm.clone(),
+                    destination: m.destination.clone(),
+                    remaining_bytes: 1 << 28,
+                    elapsed_s: 3.0,
+                    in_post_copy: false,
+                });
+            }
+        }
+        if kill_a_destination && let Some(m) = ms.next() {
+            progress.hosts_gone.push(m.destination.clone());
+        }
+        let r = replan(&req, &plan, &progress).unwrap();
+        common::check_invariants(&r.request, &r.plan);
+        for vm in &progress.completed {
+            prop_assert!(r.plan.migration(vm).is_none());
+        }
+        for gone in &progress.hosts_gone {
+            prop_assert!(r
+                .plan
+                .migrations
+                .iter()
+                .all(|m| &m.destination != gone || m.trigger == StartTrigger::AlreadyRunning));
+        }
+        let explained = r
+            .plan
+            .deviations
+            .iter()
+            .any(|d| matches!(d, Deviation::Makespan { .. }));
+        prop_assert!(explained, "the new makespan is explained");
+    }
 }
