@@ -71,6 +71,8 @@
 //! plan in an independent time-stepped simulation, so the comparison (`examples/compare.rs`)
 //! does not trust any scheduler's own prediction. [`cases`] generates seeded fleets.
 
+#![warn(missing_docs)]
+
 mod bandwidth;
 pub mod baselines;
 pub mod cases;
