@@ -92,7 +92,10 @@ impl fmt::Debug for Pki {
     }
 }
 
-/// Name of the CA, visible in `openssl x509 -text` and QEMU's error messages.
+/// Name of the CA, visible in `openssl x509 -text` and QEMU's error messages; a random
+/// suffix makes every installation's CA distinct, so that a certificate of another tern
+/// installation is reported as "unknown issuer" rather than matched by name and then
+/// failing its signature check.
 const CA_COMMON_NAME: &str = "tern installation CA";
 
 impl Pki {
@@ -106,7 +109,9 @@ impl Pki {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, CA_COMMON_NAME);
+        let id: [u8; 4] = rand::random();
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        dn.push(DnType::CommonName, format!("{CA_COMMON_NAME} {id}"));
         dn.push(DnType::OrganizationName, "tern");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
