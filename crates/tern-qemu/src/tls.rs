@@ -12,6 +12,13 @@
 //! source host allowed to send (`CN=<host>`, the DN of tern host certificates). The creds
 //! are fixed at launch, which is why they are not part of [`VmSpec`]: the spec describes the
 //! guest and must be identical on both ends, while TLS objects differ per end and per host.
+//!
+//! Enable the `return-path` capability on both ends with TLS (post-copy implies it). With
+//! TLS 1.3 the source finishes its handshake before the destination has judged the source's
+//! certificate; a destination that then refuses the source (`tls-authz`) leaves a small
+//! stream's source reporting `completed` while the destination is still in `setup`
+//! (seen with QEMU 10.0 and `-machine none`, see `tests/migration_tls.rs`). With the return
+//! path the source completes only when the destination confirms.
 
 use std::path::PathBuf;
 
