@@ -155,6 +155,19 @@ impl fmt::Display for Identity {
 }
 
 impl Identity {
+    /// The identity given to every request on a lab API served *without* TLS (plain HTTP on
+    /// loopback, `tern lab up --agents`): an admin named `lab-plain-http`, so audit records
+    /// and 403 messages say plainly that no certificate was involved. Insert it with
+    /// `router.layer(axum::Extension(Identity::lab_without_tls()))`; never outside a lab.
+    pub fn lab_without_tls() -> Identity {
+        Identity {
+            name: "lab-plain-http".to_string(),
+            kind: CertKind::User,
+            role: Role::Admin,
+            serial: "none".to_string(),
+        }
+    }
+
     /// Reads the tern identity from a DER certificate. The certificate must already be
     /// verified against the installation CA: this only parses.
     pub fn from_cert_der(der: &[u8]) -> Result<Identity, PkiError> {

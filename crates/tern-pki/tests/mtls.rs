@@ -462,3 +462,63 @@ fn init_refuses_to_overwrite_and_bad_input_names_what_is_valid() {
     let reopened = Pki::open(pki.dir()).unwrap();
     assert!(reopened.issue_host("h3", &[], Validity::days(1)).is_ok());
 }
+
+#[tokio::test]
+async fn agent_to_agent_by_host_name_verifies_the_name() {
+    let (_d, pki) = setup();
+    let server = start(pki.dir()).await;
+    pki.issue_host("h2", &[], Validity::days(1)).unwrap();
+    let h2 = TlsFiles::in_pki_dir(pki.dir(), "host", "h2");
+    // h1's certificate carries the DNS name h1: reaching it as h1 works ...
+    let c = tern_pki::reqwest_client_builder(&h2)
+        .unwrap()
+        .resolve("h1", server.addr)
+        .build()
+        .unwrap();
+    let r = c
+        .post(format!("https://h1:{}/v1/incoming", server.addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // ... but a peer that expected h3 and reached h1 refuses it (no host can pose as another).
+    let c = tern_pki::reqwest_client_builder(&h2)
+        .unwrap()
+        .resolve("h3", server.addr)
+        .build()
+        .unwrap();
+    let e = c
+        .post(format!("https://h3:{}/v1/incoming", server.addr.port()))
+        .send()
+        .await
+        .unwrap_err();
+    let chain = format!("{e:?}");
+    assert!(chain.contains("NotValidForName"), "{chain}");
+    assert_eq!(server.handled.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn router_without_identity_answers_401_and_lab_identity_is_explicit() {
+    use tower::ServiceExt;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let audit = Arc::new(MemoryAuditSink::default());
+    let app = router(handled.clone(), audit.clone());
+    let req = || {
+        axum::http::Request::post("/v1/migrations")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let r = app.clone().oneshot(req()).await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("certificate"), "{v}");
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+
+    let lab = app.layer(axum::Extension(Identity::lab_without_tls()));
+    assert_eq!(lab.oneshot(req()).await.unwrap().status(), 200);
+    let records = audit.records();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].identity, None);
+    assert_eq!(records[1].identity.as_deref(), Some("lab-plain-http"));
+}
