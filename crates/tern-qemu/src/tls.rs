@@ -34,6 +34,18 @@ pub const TLS_CREDS_IN_ID: &str = "tern-tls-in";
 /// QOM id of the destination's `authz-simple` object.
 pub const TLS_AUTHZ_ID: &str = "tern-tls-authz";
 
+/// GnuTLS priority string for both TLS objects: TLS 1.3 without AES, i.e.
+/// CHACHA20-POLY1305.
+///
+/// Why: with AES-GCM, TLS 1.3 re-keys after 2^24 records (~64 GB); GnuTLS re-keying is not
+/// thread-safe while the return path reads the same session, and QEMU crashes on the source
+/// in long migrations (QEMU issue 1937; Daniel Berrangé's qemu-devel workaround series of
+/// July 2025, the problem libvirt 11.6 warns about). ChaCha20-Poly1305 needs no re-key within
+/// any realistic migration. The series' QEMU-side workaround is not in every QEMU tern
+/// accepts (≥ 9.0), and excluding AES is the fix that works with running QEMUs; it costs
+/// some CPU per byte on hosts with AES-NI.
+pub const GNUTLS_PRIORITY: &str = "NORMAL:-AES-256-GCM:-AES-128-GCM:-AES-128-CCM";
+
 /// TLS for a QEMU's migration streams.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct MigrationTls {
@@ -87,7 +99,7 @@ impl MigrationTls {
         let mut args = vec![
             "-object".to_string(),
             format!(
-                "tls-creds-x509,id={TLS_CREDS_OUT_ID},dir={dir},endpoint=client,verify-peer=on"
+                "tls-creds-x509,id={TLS_CREDS_OUT_ID},dir={dir},endpoint=client,verify-peer=on,priority={GNUTLS_PRIORITY}"
             ),
         ];
         if mode == LaunchMode::Incoming {
@@ -101,7 +113,7 @@ impl MigrationTls {
             args.extend([
                 "-object".to_string(),
                 format!(
-                    "tls-creds-x509,id={TLS_CREDS_IN_ID},dir={dir},endpoint=server,verify-peer=on"
+                    "tls-creds-x509,id={TLS_CREDS_IN_ID},dir={dir},endpoint=server,verify-peer=on,priority={GNUTLS_PRIORITY}"
                 ),
                 "-object".to_string(),
                 format!(
@@ -170,16 +182,18 @@ mod tests {
         let boot = tls.to_args(LaunchMode::Boot).unwrap();
         assert_eq!(
             objects(&boot),
-            [
-                "tls-creds-x509,id=tern-tls-out,dir=/etc/tern/qemu-tls,endpoint=client,verify-peer=on"
-            ]
+            [format!(
+                "tls-creds-x509,id=tern-tls-out,dir=/etc/tern/qemu-tls,endpoint=client,verify-peer=on,priority={GNUTLS_PRIORITY}"
+            )]
         );
         let inc = tls.to_args(LaunchMode::Incoming).unwrap();
         assert_eq!(
             objects(&inc)[1..],
             [
-                "tls-creds-x509,id=tern-tls-in,dir=/etc/tern/qemu-tls,endpoint=server,verify-peer=on",
-                "authz-simple,id=tern-tls-authz,identity=CN=h1",
+                format!(
+                    "tls-creds-x509,id=tern-tls-in,dir=/etc/tern/qemu-tls,endpoint=server,verify-peer=on,priority={GNUTLS_PRIORITY}"
+                ),
+                "authz-simple,id=tern-tls-authz,identity=CN=h1".to_string(),
             ]
         );
     }

@@ -163,7 +163,9 @@ fn wait_for_end(src: &mut Qemu) -> String {
 
 /// A one-connection TCP relay that keeps every byte the source sent: what a packet capture
 /// on the migration link would see.
-fn capturing_relay(to: u16) -> (u16, std::thread::JoinHandle<Vec<u8>>) {
+/// Returns the port to connect to and a handle yielding (source → destination bytes, the
+/// first 4 KiB the destination sent back).
+fn capturing_relay(to: u16) -> (u16, std::thread::JoinHandle<(Vec<u8>, Vec<u8>)>) {
     let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
     let handle = std::thread::spawn(move || {
@@ -171,10 +173,25 @@ fn capturing_relay(to: u16) -> (u16, std::thread::JoinHandle<Vec<u8>>) {
         let mut to_dst = TcpStream::connect((LOCALHOST, to)).unwrap();
         let mut back_src = from_src.try_clone().unwrap();
         let mut back_dst = to_dst.try_clone().unwrap();
-        // Destination → source (TLS handshake, return path) is relayed, not kept.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut back_dst, &mut back_src);
+        // Destination → source (TLS handshake, return path): relayed, the start kept.
+        let back = std::thread::spawn(move || {
+            let mut head = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match back_dst.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if head.len() < 4096 {
+                            head.extend_from_slice(&buf[..n]);
+                        }
+                        if back_src.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
             let _ = back_src.shutdown(std::net::Shutdown::Write);
+            head
         });
         let mut seen = Vec::new();
         let mut buf = vec![0u8; 1 << 16];
@@ -189,7 +206,7 @@ fn capturing_relay(to: u16) -> (u16, std::thread::JoinHandle<Vec<u8>>) {
             }
         }
         let _ = to_dst.shutdown(std::net::Shutdown::Write);
-        seen
+        (seen, back.join().unwrap_or_default())
     });
     (port, handle)
 }
@@ -199,7 +216,7 @@ const STAMP: &[u8; 16] = b"TERN-KNOWN-PAGE!";
 
 /// Migrates a 32 MiB guest whose RAM is filled with [`STAMP`] through a capturing relay;
 /// returns the source's final status and the bytes the source sent.
-fn migrate_stamped_ram(c: &Creds, tls: bool) -> (String, Vec<u8>) {
+fn migrate_stamped_ram(c: &Creds, tls: bool) -> (String, Vec<u8>, Vec<u8>) {
     let ram_file = c.dir.join("ram");
     std::fs::write(&ram_file, STAMP.repeat(32 * 1024 * 1024 / STAMP.len())).unwrap();
     let src_machine = format!(
@@ -278,7 +295,21 @@ fn migrate_stamped_ram(c: &Creds, tls: bool) -> (String, Vec<u8>) {
     }
     drop(src);
     drop(dst);
-    (status, relay.join().unwrap())
+    let (sent, back) = relay.join().unwrap();
+    (status, sent, back)
+}
+
+/// The cipher suite of the TLS ServerHello at the start of `bytes` (sent in clear, also in
+/// TLS 1.3).
+fn server_hello_cipher(bytes: &[u8]) -> Option<u16> {
+    // record: type 22, version (2), length (2); handshake: type 2, length (3),
+    // legacy_version (2), random (32), session id (1 + n), cipher suite (2).
+    if bytes.len() < 5 + 4 + 2 + 32 + 1 || bytes[0] != 22 || bytes[5] != 2 {
+        return None;
+    }
+    let sid = 5 + 4 + 2 + 32;
+    let at = sid + 1 + usize::from(bytes[sid]);
+    Some(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]))
 }
 
 fn count_stamps(bytes: &[u8]) -> usize {
@@ -416,7 +447,7 @@ fn destination_refuses_a_source_other_than_the_pinned_host() {
 #[test]
 fn captured_stream_carries_guest_memory_only_without_tls() {
     let c = creds();
-    let (status, plain) = migrate_stamped_ram(&c, false);
+    let (status, plain, _) = migrate_stamped_ram(&c, false);
     assert_eq!(status, "completed");
     // Without TLS the guest's pages are on the wire as they are (so this check can fail).
     assert!(
@@ -425,7 +456,7 @@ fn captured_stream_carries_guest_memory_only_without_tls() {
         plain.len()
     );
 
-    let (status, encrypted) = migrate_stamped_ram(&c, true);
+    let (status, encrypted, back) = migrate_stamped_ram(&c, true);
     assert_eq!(status, "completed");
     assert!(
         encrypted.len() > 32 * 1024 * 1024,
@@ -436,5 +467,12 @@ fn captured_stream_carries_guest_memory_only_without_tls() {
         count_stamps(&encrypted),
         0,
         "guest memory visible in the TLS stream"
+    );
+    // GNUTLS_PRIORITY took effect: TLS_CHACHA20_POLY1305_SHA256, no AES re-key crash.
+    assert_eq!(
+        server_hello_cipher(&back),
+        Some(0x1303),
+        "{:02x?}",
+        &back[..back.len().min(64)]
     );
 }
