@@ -163,9 +163,12 @@ fn wait_for_end(src: &mut Qemu) -> String {
 
 /// A one-connection TCP relay that keeps every byte the source sent: what a packet capture
 /// on the migration link would see.
+/// Source → destination bytes, and the first 4 KiB the destination sent back.
+type Captured = (Vec<u8>, Vec<u8>);
+
 /// Returns the port to connect to and a handle yielding (source → destination bytes, the
 /// first 4 KiB the destination sent back).
-fn capturing_relay(to: u16) -> (u16, std::thread::JoinHandle<(Vec<u8>, Vec<u8>)>) {
+fn capturing_relay(to: u16) -> (u16, std::thread::JoinHandle<Captured>) {
     let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
     let handle = std::thread::spawn(move || {
