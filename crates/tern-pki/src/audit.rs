@@ -76,7 +76,26 @@ pub struct AuditRecord {
 pub struct AuditTarget(pub String);
 
 /// Where audit records go. The agent's store implements it (an `INSERT` into its audit
-/// table, plus a migration event when the target is a migration).
+/// table, plus a migration event when the target is a migration). The hook, for the lead
+/// wiring `tern-agent` (sketch; the store's own connection handling applies):
+///
+/// ```text
+/// CREATE TABLE IF NOT EXISTS audit (
+///     id INTEGER PRIMARY KEY, at TEXT NOT NULL, identity TEXT, kind TEXT, role TEXT,
+///     serial TEXT, method TEXT NOT NULL, path TEXT NOT NULL, target TEXT,
+///     outcome TEXT NOT NULL, status INTEGER NOT NULL);
+///
+/// impl tern_pki::AuditSink for Store {
+///     fn record(&self, r: AuditRecord) -> Result<(), Box<dyn Error + Send + Sync>> {
+///         self.conn().execute("INSERT INTO audit (...) VALUES (?1, ..., ?10)", params![
+///             r.at, r.identity, r.kind.map(|k| k.as_str()), r.role.map(|r| r.as_str()),
+///             r.serial, r.method, r.path, r.target,
+///             serde_json::to_value(r.outcome)?.as_str(), r.status])?;
+///         Ok(())
+///     }
+/// }
+/// // http.rs: router.layer(tern_pki::AuditLayer::new(store.clone()))  (outermost layer)
+/// ```
 ///
 /// Called on the request's task after the handler finished: keep it short (a local SQLite
 /// insert is fine); a failure is logged and does not change the response — the action has
