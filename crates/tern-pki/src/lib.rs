@@ -44,7 +44,7 @@ pub use lab::{LabHostTls, LabPki, provision_lab};
 pub use qemu::{QEMU_CREDS_FILES, write_qemu_creds};
 pub use revocation::{DenyList, normalize_serial};
 pub use serve::{serve_mtls, serve_mtls_until};
-pub use tls::{client_config, reqwest_client_builder, server_config};
+pub use tls::{ServerTls, client_config, reqwest_client_builder, server_config};
 
 use std::path::PathBuf;
 

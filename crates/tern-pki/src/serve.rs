@@ -12,13 +12,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
 use hyper_util::rt::TokioIo;
-use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::identity::Identity;
+use crate::revocation::DenyList;
+use crate::tls::ServerTls;
 
 /// A peer that has not finished its handshake by then is dropped (slow-loris protection: a
 /// handshake costs us a task and a socket).
@@ -28,24 +31,27 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// Each request carries the peer's [`Identity`] and `ConnectInfo<SocketAddr>` as request
 /// extensions. Refused handshakes (no certificate, another CA, expired, revoked) are logged
-/// at debug level with the peer address and reason and cost nothing else.
+/// at debug level with the peer address and reason and cost nothing else. Every request is
+/// checked against the deny list again: a certificate revoked while its keep-alive
+/// connection is open gets 401 and the connection is closed.
+///
+/// Connections already accepted run on their own tasks and end with their peers.
 pub async fn serve_mtls(
     listener: TcpListener,
     router: Router,
-    config: Arc<ServerConfig>,
+    tls: ServerTls,
 ) -> std::io::Result<()> {
-    serve_mtls_until(listener, router, config, std::future::pending()).await
+    serve_mtls_until(listener, router, tls, std::future::pending()).await
 }
 
-/// [`serve_mtls`] that stops accepting when `shutdown` completes (connections already
-/// accepted finish on their own tasks).
+/// [`serve_mtls`] that stops accepting when `shutdown` completes.
 pub async fn serve_mtls_until(
     listener: TcpListener,
     router: Router,
-    config: Arc<ServerConfig>,
+    tls: ServerTls,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let acceptor = TlsAcceptor::from(config);
+    let acceptor = TlsAcceptor::from(tls.config);
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -62,15 +68,20 @@ pub async fn serve_mtls_until(
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        tokio::spawn(serve_connection(acceptor, router, tcp, peer));
+        tokio::spawn(serve_connection(
+            acceptor.clone(),
+            router.clone(),
+            tls.deny_list.clone(),
+            tcp,
+            peer,
+        ));
     }
 }
 
 async fn serve_connection(
     acceptor: TlsAcceptor,
     router: Router,
+    deny_list: Option<Arc<DenyList>>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
 ) {
@@ -105,12 +116,30 @@ async fn serve_connection(
         }
     };
     tracing::debug!(%peer, %identity, "mTLS connection");
-    let service =
-        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+    let service = hyper::service::service_fn(
+        move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let refused = deny_list
+                .as_ref()
+                .and_then(|d| d.check(&identity.serial).err());
             req.extensions_mut().insert(identity.clone());
             req.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(req.map(axum::body::Body::new))
-        });
+            let router = router.clone();
+            async move {
+                if let Some(reason) = refused {
+                    tracing::warn!(%peer, %reason, "request on a connection whose certificate is now refused");
+                    let mut r = (
+                        StatusCode::UNAUTHORIZED,
+                        axum::Json(serde_json::json!({ "error": reason })),
+                    )
+                        .into_response();
+                    r.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    return Ok(r);
+                }
+                router.oneshot(req.map(axum::body::Body::new)).await
+            }
+        },
+    );
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(tls), service)
         .with_upgrades()

@@ -118,7 +118,7 @@ fn check_peer(
 #[derive(Debug)]
 struct TernClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    deny: Option<DenyList>,
+    deny: Option<Arc<DenyList>>,
 }
 
 impl ClientCertVerifier for TernClientVerifier {
@@ -140,7 +140,7 @@ impl ClientCertVerifier for TernClientVerifier {
         let ok = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        check_peer(end_entity, self.deny.as_ref())?;
+        check_peer(end_entity, self.deny.as_deref())?;
         Ok(ok)
     }
     fn verify_tls12_signature(
@@ -213,25 +213,45 @@ impl ServerCertVerifier for TernServerVerifier {
     }
 }
 
+/// What [`crate::serve_mtls`] needs: the rustls configuration and the deny list it was
+/// built with, so that requests on an already-open connection are re-checked (a revoked
+/// client must not keep using a keep-alive connection opened before the revocation).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The rustls server configuration (usable with any rustls acceptor).
+    pub config: Arc<ServerConfig>,
+    /// The deny list the handshake verifier consults.
+    pub deny_list: Option<Arc<DenyList>>,
+}
+
 /// A server configuration for a tern API: presents `files.cert`, *requires* a client
 /// certificate signed by `files.ca_cert`, unexpired, not on `files.deny_list`, carrying a
 /// tern identity. Anything else fails the handshake, before a single HTTP byte is read.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, PkiError> {
+pub fn server_config(files: &TlsFiles) -> Result<ServerTls, PkiError> {
     let roots = load_roots(&files.ca_cert)?;
     let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(tls_err)?;
+    let deny_list = files.deny_list.as_ref().map(|p| Arc::new(DenyList::new(p)));
     let verifier = TernClientVerifier {
         inner,
-        deny: files.deny_list.as_ref().map(DenyList::new),
+        deny: deny_list.clone(),
     };
-    let config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
         .map_err(tls_err)?;
-    Ok(Arc::new(config))
+    // No session resumption: a resumed session skips the client-certificate check, so a
+    // certificate revoked (or expired) after its first connection could come back through
+    // a cached session. Full handshakes cost little at tern's request rates.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(ServerTls {
+        config: Arc::new(config),
+        deny_list,
+    })
 }
 
 fn client_config_value(files: &TlsFiles) -> Result<ClientConfig, PkiError> {

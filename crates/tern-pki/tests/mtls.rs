@@ -522,3 +522,37 @@ async fn router_without_identity_answers_401_and_lab_identity_is_explicit() {
     assert_eq!(records[0].identity, None);
     assert_eq!(records[1].identity.as_deref(), Some("lab-plain-http"));
 }
+
+#[tokio::test]
+async fn revocation_also_stops_an_open_keep_alive_connection() {
+    let (_d, pki) = setup();
+    let server = start(pki.dir()).await;
+    let erin = pki
+        .issue_user("erin", Role::Operator, Validity::days(1))
+        .unwrap();
+    // One client: its pool keeps the connection open between requests.
+    let c = client(&files_of(&pki, &erin));
+    assert_eq!(
+        c.get(url(&server, "/whoami"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    pki.revoke(&erin.identity.serial).unwrap();
+    let r = c.post(url(&server, "/v1/migrations")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+    assert_eq!(
+        server.handled.load(Ordering::SeqCst),
+        1,
+        "the revoked call reached a handler"
+    );
+    // The next attempt needs a new handshake, which is refused.
+    assert!(c.get(url(&server, "/whoami")).send().await.is_err());
+}
