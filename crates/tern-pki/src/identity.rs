@@ -146,6 +146,9 @@ pub struct Identity {
     /// The certificate's serial number (lowercase hex): audit records name the exact
     /// certificate, which matters when the same name has a rotated and an old certificate.
     pub serial: String,
+    /// End of the certificate's validity, seconds since the Unix epoch: a keep-alive
+    /// connection opened before expiry must not outlive the certificate.
+    pub not_after_unix: i64,
 }
 
 impl fmt::Display for Identity {
@@ -165,7 +168,17 @@ impl Identity {
             kind: CertKind::User,
             role: Role::Admin,
             serial: "none".to_string(),
+            not_after_unix: i64::MAX,
         }
+    }
+
+    /// Whether the certificate has expired at `now`.
+    pub fn expired_at(&self, now: std::time::SystemTime) -> bool {
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        now > self.not_after_unix
     }
 
     /// Reads the tern identity from a DER certificate. The certificate must already be
@@ -225,6 +238,7 @@ pub(crate) fn identity_of(cert: &X509Certificate<'_>) -> Result<Identity, PkiErr
         kind,
         role,
         serial: hex_serial(cert.raw_serial()),
+        not_after_unix: cert.validity().not_after.timestamp(),
     })
 }
 

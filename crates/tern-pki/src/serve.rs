@@ -32,8 +32,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each request carries the peer's [`Identity`] and `ConnectInfo<SocketAddr>` as request
 /// extensions. Refused handshakes (no certificate, another CA, expired, revoked) are logged
 /// at debug level with the peer address and reason and cost nothing else. Every request is
-/// checked against the deny list again: a certificate revoked while its keep-alive
-/// connection is open gets 401 and the connection is closed.
+/// checked against the deny list and the certificate's expiry again: a certificate revoked
+/// or expired while its keep-alive connection is open gets 401 and the connection is closed.
 ///
 /// Connections already accepted run on their own tasks and end with their peers.
 pub async fn serve_mtls(
@@ -118,9 +118,16 @@ async fn serve_connection(
     tracing::debug!(%peer, %identity, "mTLS connection");
     let service = hyper::service::service_fn(
         move |mut req: hyper::Request<hyper::body::Incoming>| {
-            let refused = deny_list
-                .as_ref()
-                .and_then(|d| d.check(&identity.serial).err());
+            let refused = if identity.expired_at(std::time::SystemTime::now()) {
+                Some(format!(
+                    "certificate serial {} has expired",
+                    identity.serial
+                ))
+            } else {
+                deny_list
+                    .as_ref()
+                    .and_then(|d| d.check(&identity.serial).err())
+            };
             req.extensions_mut().insert(identity.clone());
             req.extensions_mut().insert(ConnectInfo(peer));
             let router = router.clone();

@@ -556,3 +556,36 @@ async fn revocation_also_stops_an_open_keep_alive_connection() {
     // The next attempt needs a new handshake, which is refused.
     assert!(c.get(url(&server, "/whoami")).send().await.is_err());
 }
+
+#[tokio::test]
+async fn a_certificate_expiring_on_an_open_connection_is_refused_from_then_on() {
+    let (_d, pki) = setup();
+    let server = start(pki.dir()).await;
+    let now = SystemTime::now();
+    let short = Validity {
+        not_before: now - Duration::from_secs(60),
+        not_after: now + Duration::from_secs(2),
+    };
+    let fay = pki.issue_user("fay", Role::Operator, short).unwrap();
+    let c = client(&files_of(&pki, &fay));
+    assert_eq!(
+        c.get(url(&server, "/whoami"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Wait for the clock, not for a fixed time: until the certificate has expired.
+    while !fay.identity.expired_at(SystemTime::now()) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = c.post(url(&server, "/v1/migrations")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
+    assert_eq!(server.handled.load(Ordering::SeqCst), 1);
+}
