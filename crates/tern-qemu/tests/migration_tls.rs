@@ -335,7 +335,7 @@ fn migrate(
     src_creds: &Path,
     dst_creds: &Path,
     accept_from: &str,
-    return_path: bool,
+    capabilities: &[&str],
 ) -> (String, String) {
     let src_tls = MigrationTls {
         creds_dir: src_creds.to_path_buf(),
@@ -348,16 +348,15 @@ fn migrate(
     let mut dst = start_qemu(dir, "dst", LaunchMode::Incoming, Some(&dst_tls));
     let mut src = start_qemu(dir, "src", LaunchMode::Boot, Some(&src_tls));
     let uri = format!("tcp:127.0.0.1:{}", free_port());
-    if return_path {
-        // The destination reports its outcome back: the source completes only if the
-        // destination loaded the stream (tern enables it with post-copy on both ends).
-        for q in [&mut src.qmp, &mut dst.qmp] {
-            q.execute(
-                "migrate-set-capabilities",
-                json!({ "capabilities": [{ "capability": "return-path", "state": true }] }),
-            )
+    // `return-path`: the destination reports its outcome back, so the source completes only
+    // if the destination loaded the stream (tern has it with post-copy on both ends).
+    let caps: Vec<Value> = capabilities
+        .iter()
+        .map(|c| json!({ "capability": c, "state": true }))
+        .collect();
+    for q in [&mut src.qmp, &mut dst.qmp] {
+        q.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
             .unwrap();
-        }
     }
     dst.qmp
         .execute(
@@ -426,7 +425,7 @@ fn creds() -> Creds {
 #[test]
 fn migration_with_tls_from_the_same_ca_completes() {
     let c = creds();
-    let (src, dst) = migrate(&c.dir, &c.h1, &c.h2, "h1", true);
+    let (src, dst) = migrate(&c.dir, &c.h1, &c.h2, "h1", &["return-path"]);
     assert_eq!(src, "completed");
     assert_eq!(dst, "completed");
 }
@@ -434,7 +433,7 @@ fn migration_with_tls_from_the_same_ca_completes() {
 #[test]
 fn destination_with_a_certificate_of_another_ca_cannot_receive() {
     let c = creds();
-    let (src, dst) = migrate(&c.dir, &c.h1, &c.foreign_h2, "h1", false);
+    let (src, dst) = migrate(&c.dir, &c.h1, &c.foreign_h2, "h1", &[]);
     assert_eq!(src, "failed");
     assert_ne!(dst, "completed");
 }
@@ -442,7 +441,7 @@ fn destination_with_a_certificate_of_another_ca_cannot_receive() {
 #[test]
 fn destination_refuses_a_source_other_than_the_pinned_host() {
     let c = creds();
-    let (src, dst) = migrate(&c.dir, &c.h1, &c.h2, "h3", true);
+    let (src, dst) = migrate(&c.dir, &c.h1, &c.h2, "h3", &["return-path"]);
     assert_eq!(src, "failed");
     assert_ne!(dst, "completed");
 }
@@ -478,4 +477,15 @@ fn captured_stream_carries_guest_memory_only_without_tls() {
         "{:02x?}",
         &back[..back.len().min(64)]
     );
+}
+
+#[test]
+fn multifd_channels_use_the_same_tls_credentials() {
+    // tern enables multifd on both ends where the plan allows it: every channel is TLS too.
+    let c = creds();
+    let (src, dst) = migrate(&c.dir, &c.h1, &c.h2, "h1", &["return-path", "multifd"]);
+    assert_eq!(src, "completed");
+    assert_eq!(dst, "completed");
+    let (src, _) = migrate(&c.dir, &c.h1, &c.foreign_h2, "h1", &["multifd"]);
+    assert_eq!(src, "failed");
 }
