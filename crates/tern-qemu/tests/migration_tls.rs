@@ -5,6 +5,8 @@
 //!   the migration completes;
 //! - the destination's certificate from another CA: the source refuses it and the migration
 //!   fails, the destination never completes;
+//! - post-copy cut mid-way by a relay, recovered on a new channel: the recovery channel is
+//!   TLS too (no guest page stamps, ChaCha20-Poly1305) and the migration completes;
 //! - the destination pins another source host (`tls-authz`): the migration fails (with the
 //!   `return-path` capability; without it the source of this tiny stream reports
 //!   `completed` while the destination refused it and stays in `setup`).
@@ -488,4 +490,187 @@ fn multifd_channels_use_the_same_tls_credentials() {
     assert_eq!(dst, "completed");
     let (src, _) = migrate(&c.dir, &c.h1, &c.foreign_h2, "h1", &["multifd"]);
     assert_eq!(src, "failed");
+}
+
+/// A relay whose connections can be cut (both directions shut down) on demand: a link
+/// failure during post-copy, without root or network namespaces.
+struct CuttableRelay {
+    port: u16,
+    streams: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl CuttableRelay {
+    fn start(to: u16) -> CuttableRelay {
+        let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let streams = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = streams.clone();
+        std::thread::spawn(move || {
+            // Every connection the source opens (main channel, return path) is relayed.
+            for from_src in listener.incoming() {
+                let Ok(from_src) = from_src else { return };
+                let Ok(to_dst) = TcpStream::connect((LOCALHOST, to)) else {
+                    return;
+                };
+                {
+                    let mut k = kept.lock().unwrap();
+                    k.push(from_src.try_clone().unwrap());
+                    k.push(to_dst.try_clone().unwrap());
+                }
+                for (mut a, mut b) in [
+                    (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap()),
+                    (to_dst, from_src),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        CuttableRelay { port, streams }
+    }
+
+    fn cut(&self) {
+        for s in self.streams.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn wait_for_status(q: &mut Qemu, wanted: &[&str], what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = q.qmp.migration_status();
+        if wanted.contains(&s.as_str()) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {s} after 60 s, wanted {wanted:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn postcopy_recovers_over_tls_after_a_link_cut() {
+    if !tern_qemu::userfaultfd_available() {
+        eprintln!("skipped: no userfaultfd on this host (post-copy cannot run here)");
+        return;
+    }
+    let c = creds();
+    let ram_file = c.dir.join("ram");
+    std::fs::write(&ram_file, STAMP.repeat(32 * 1024 * 1024 / STAMP.len())).unwrap();
+    let src_machine = format!(
+        "memory-backend-file,id=mem,size=32M,mem-path={},share=off",
+        ram_file.display()
+    );
+    let src_tls = MigrationTls {
+        creds_dir: c.h1.clone(),
+        accept_from: None,
+    };
+    let dst_tls = MigrationTls {
+        creds_dir: c.h2.clone(),
+        accept_from: Some("h1".to_string()),
+    };
+    let mut dst = start_qemu_with(
+        &c.dir,
+        "dst",
+        LaunchMode::Incoming,
+        Some(&dst_tls),
+        &[
+            "-object",
+            "memory-backend-ram,id=mem,size=32M",
+            "-machine",
+            "none,memory-backend=mem",
+        ],
+    );
+    let mut src = start_qemu_with(
+        &c.dir,
+        "src",
+        LaunchMode::Boot,
+        Some(&src_tls),
+        &[
+            "-object",
+            &src_machine,
+            "-machine",
+            "none,memory-backend=mem",
+        ],
+    );
+    let caps = json!({ "capabilities": [
+        { "capability": "return-path", "state": true },
+        { "capability": "postcopy-ram", "state": true },
+    ]});
+    for q in [&mut src.qmp, &mut dst.qmp] {
+        q.execute("migrate-set-capabilities", caps.clone()).unwrap();
+    }
+    dst.qmp
+        .execute(
+            "migrate-set-parameters",
+            serde_json::to_value(MigrationTls::destination_parameters()).unwrap(),
+        )
+        .unwrap();
+    let mut src_params = serde_json::to_value(MigrationTls::source_parameters("h2")).unwrap();
+    // 2 MB/s in both phases: 32 MiB take long enough to switch and cut in the middle.
+    src_params["max-bandwidth"] = json!(2_000_000);
+    src_params["max-postcopy-bandwidth"] = json!(2_000_000);
+    src.qmp
+        .execute("migrate-set-parameters", src_params)
+        .unwrap();
+    let dst_port = free_port();
+    dst.qmp
+        .execute(
+            "migrate-incoming",
+            json!({ "uri": format!("tcp:127.0.0.1:{dst_port}") }),
+        )
+        .unwrap();
+    let relay = CuttableRelay::start(dst_port);
+    src.qmp
+        .execute(
+            "migrate",
+            json!({ "uri": format!("tcp:127.0.0.1:{}", relay.port) }),
+        )
+        .unwrap();
+    wait_for_status(&mut src, &["active"], "source pre-copy");
+    src.qmp
+        .execute("migrate-start-postcopy", json!({}))
+        .unwrap();
+    wait_for_status(&mut src, &["postcopy-active"], "source post-copy");
+    relay.cut();
+    wait_for_status(&mut src, &["postcopy-paused"], "source after the cut");
+    wait_for_status(&mut dst, &["postcopy-paused"], "destination after the cut");
+
+    // Recovery on a new channel, with the same TLS parameters (they persist in both QEMUs).
+    let recover_port = free_port();
+    let (recover_relay, captured) = capturing_relay(recover_port);
+    dst.qmp
+        .execute(
+            "migrate-recover",
+            json!({ "uri": format!("tcp:127.0.0.1:{recover_port}") }),
+        )
+        .unwrap();
+    src.qmp
+        .execute(
+            "migrate",
+            json!({ "uri": format!("tcp:127.0.0.1:{recover_relay}"), "resume": true }),
+        )
+        .unwrap();
+    let end = wait_for_status(&mut src, &["completed", "failed"], "source after recovery");
+    assert_eq!(end, "completed");
+    wait_for_status(&mut dst, &["completed"], "destination after recovery");
+    drop(src);
+    drop(dst);
+    let (sent, back) = captured.join().unwrap();
+    assert!(
+        sent.len() > 1024 * 1024,
+        "recovery channel carried {} bytes",
+        sent.len()
+    );
+    assert_eq!(
+        count_stamps(&sent),
+        0,
+        "guest memory visible on the recovery channel"
+    );
+    assert_eq!(server_hello_cipher(&back), Some(0x1303));
 }
