@@ -15,6 +15,7 @@ mod lab;
 mod lab_agents;
 mod migrate;
 mod output;
+mod pki;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -59,6 +60,8 @@ enum Command {
     /// Inspect and steer migrations.
     #[command(subcommand)]
     Migration(migrate::MigrationCommand),
+    /// The installation's certificate authority: init, issue host/user, revoke, list.
+    Pki(pki::PkiArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -147,6 +150,7 @@ fn main() {
             Command::Vm(c) => vm::run(c).await,
             Command::Migrate(a) => migrate::migrate(a).await,
             Command::Migration(c) => migrate::run(c).await,
+            Command::Pki(a) => pki::run(a),
         }
     });
     if let Err(f) = result {

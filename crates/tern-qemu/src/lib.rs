@@ -9,6 +9,7 @@ pub mod binary;
 pub mod process;
 pub mod serial;
 pub mod spec;
+pub mod tls;
 
 pub use accel::{AcceleratorVerdict, probe_accelerator};
 pub use binary::{MIN_QEMU, QemuBinary, QemuVersion};
@@ -17,6 +18,7 @@ pub use serial::{SerialRecorder, host_monotonic_ns};
 pub use spec::{
     Accelerator, LaunchMode, PostCopyPermission, VmMigrationSettings, VmSockets, VmSpec,
 };
+pub use tls::{MigrationTls, TlsMigrationParameters};
 
 /// Errors from starting or describing QEMU processes.
 #[derive(Debug, thiserror::Error)]
