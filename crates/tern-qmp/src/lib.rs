@@ -37,6 +37,7 @@
 //! # Ok(()) }
 //! ```
 
+mod block;
 mod client;
 mod codec;
 mod commands;
@@ -45,6 +46,10 @@ mod error;
 mod event;
 mod types;
 
+pub use block::{
+    BlockExportInfo, BlockExportRemoveMode, BlockJobEvent, BlockJobInfo, BlockdevMirrorArgs,
+    InetAddr, JobStatus, JobType, MirrorCopyMode, MirrorSyncMode,
+};
 pub use client::{EVENT_CAPACITY, GREETING_TIMEOUT, QmpClient, QmpEvents};
 pub use commands::DEFAULT_STATUS_POLL;
 pub use enums::{
