@@ -23,5 +23,6 @@ pub use integrity::{
 };
 pub use params::{PageRate, ParamError, WorkloadParams, WritePattern};
 pub use serial::{
-    GuestLine, GuestStatus, HostLine, HostSerialLog, LineKind, ReadyInfo, parse_guest_line,
+    DiskReadyInfo, DiskStatus, GuestLine, GuestStatus, HostLine, HostSerialLog, LineKind,
+    ReadyInfo, parse_guest_line,
 };
