@@ -269,8 +269,13 @@ impl MirrorOptions {
     /// moment, which the destination guest would then read stale. Write-blocking mirroring
     /// keeps the target in step with every completed guest write, so the switch can happen
     /// at any time (libvirt offers the same, `VIR_MIGRATE_NON_SHARED_SYNCHRONOUS_WRITES`).
-    /// Without post-copy the background mode is enough — the final drain happens while the
-    /// source is paused for stop-and-copy — and costs the guest no write latency.
+    /// Without post-copy the background mode is enough and costs the guest no write
+    /// latency, *provided the destination's vCPUs stay stopped until
+    /// [`DiskMirrors::complete`] returned*: the last dirty areas are drained only then.
+    /// libvirt guarantees this by starting the destination with `-S` and resuming it in its
+    /// Finish phase, after the source cancelled its mirrors (`qemuMigrationSrcRun` →
+    /// `qemuMigrationSrcNBDCopyCancel`). A destination that resumes by itself at the end of
+    /// the stream (QEMU's default) needs write-blocking.
     pub fn for_migration(postcopy_possible: bool) -> Self {
         Self {
             copy_mode: if postcopy_possible {
