@@ -40,6 +40,10 @@
  *   tern_disk_rate=N|max block writes per second (default 100)
  *   tern_disk_verify_rate=N  block reads per second by the disk verifier
  *                        (default 1000: a 16 MiB disk is verified every 4 s)
+ *   tern_ip=A.B.C.D/N    network mode (default off): /init gives eth0 this address;
+ *                        tern-load then echoes every UDP datagram it receives on
+ *                        tern_udp_port back to its sender (see "Network" below)
+ *   tern_udp_port=N      UDP port of the echo service (default 7777)
  *   tern_inject=stale    self-test: 2 s after READY, roll one page back to its
  *                        previous generation and the stack counter back by one,
  *                        exactly what a lost dirty page does, so tests can prove
@@ -55,6 +59,12 @@
  * overwriting it; the verifier sweeps the whole disk in passes (DISKSTATUS
  * passes=), so a full verification on the destination is "passes grew by 2".
  *
+ * Network: a client outside the guest sends numbered datagrams every few ms and
+ * timestamps the echoes; the longest gap between echoes is the blackout a user
+ * of the VM sees (which the serial heartbeat cannot show: it does not cross the
+ * guest's network). The socket is polled once per millisecond from the main
+ * loop, so the echo adds at most ~1 ms and needs no second thread.
+ *
  * Build: gcc -static -O2 -o tern-load tern-load.c
  */
 #define _GNU_SOURCE
@@ -66,6 +76,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -156,6 +168,7 @@ static int page_matches(const uint64_t *page, uint64_t index, uint64_t gen)
 }
 
 struct params {
+    uint64_t udp_port; /* 0: no network service */
     const char *disk; /* NULL: no data disk */
     uint64_t disk_rate; /* block writes per second; 0 = max */
     uint64_t disk_verify_rate; /* block reads per second */
@@ -176,6 +189,9 @@ static int parse_params(struct params *p)
     p->bursty = 0;
     p->verify = 1;
     p->inject_stale = 0;
+    p->udp_port = 0;
+    int want_net = 0;
+    uint64_t port = 7777;
     p->disk = NULL;
     p->disk_rate = 100;
     p->disk_verify_rate = 1000;
@@ -224,6 +240,14 @@ static int parse_params(struct params *p)
                 return -1;
             }
             p->inject_stale = 1;
+        } else if (strncmp(tok, "tern_ip=", 8) == 0) {
+            want_net = 1; /* /init configured eth0 from it */
+        } else if (strncmp(tok, "tern_udp_port=", 14) == 0) {
+            port = strtoull(tok + 14, &end, 10);
+            if (*end || port == 0 || port > 65535) {
+                emit("ERROR bad %s: expected a UDP port, 1..65535", tok);
+                return -1;
+            }
         } else if (strncmp(tok, "tern_disk=", 10) == 0) {
             if (strncmp(tok + 10, "/dev/", 5) != 0) {
                 emit("ERROR bad %s: expected a block device such as /dev/vda", tok);
@@ -257,6 +281,8 @@ static int parse_params(struct params *p)
             }
         }
     }
+    if (want_net)
+        p->udp_port = port;
     return 0;
 }
 
@@ -404,6 +430,50 @@ static void disk_step(struct disk *d, const struct params *prm, uint64_t start, 
     }
 }
 
+/* ---- Network echo service ------------------------------------------------- */
+
+#define NET_POLL_NS 1000000ull /* poll the socket every 1 ms */
+#define NET_BATCH 8u           /* datagrams answered per poll at most */
+
+struct net {
+    int fd;
+    uint64_t rx, tx, next_poll;
+};
+
+static void net_open(struct net *n, uint64_t port)
+{
+    memset(n, 0, sizeof *n);
+    n->fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)port);
+    a.sin_addr.s_addr = htonl(INADDR_ANY);
+    if (n->fd < 0 || bind(n->fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        emit("ERROR cannot open UDP port %llu: %s", (unsigned long long)port, strerror(errno));
+        exit(5);
+    }
+}
+
+/* Echo what arrived since the last poll back to its senders. */
+static void net_step(struct net *n, uint64_t now)
+{
+    if (now < n->next_poll)
+        return;
+    n->next_poll = now + NET_POLL_NS;
+    for (unsigned k = 0; k < NET_BATCH; k++) {
+        char buf[512];
+        struct sockaddr_in from;
+        socklen_t len = sizeof from;
+        ssize_t got = recvfrom(n->fd, buf, sizeof buf, 0, (struct sockaddr *)&from, &len);
+        if (got < 0)
+            return; /* EAGAIN: nothing more */
+        n->rx++;
+        if (sendto(n->fd, buf, (size_t)got, 0, (struct sockaddr *)&from, len) == got)
+            n->tx++;
+    }
+}
+
 int main(void)
 {
     struct params prm;
@@ -426,6 +496,9 @@ int main(void)
     static struct disk disk;
     if (prm.disk)
         disk_open(&disk, prm.disk);
+    static struct net net;
+    if (prm.udp_port)
+        net_open(&net, prm.udp_port);
 
     char rate_str[32];
     if (prm.rate)
@@ -444,6 +517,8 @@ int main(void)
              (unsigned long long)disk.blocks, disk_rate,
              (unsigned long long)prm.disk_verify_rate);
     }
+    if (prm.udp_port)
+        emit("NETREADY port=%llu", (unsigned long long)prm.udp_port);
 
     /* The stack twin of ctl_bss. volatile forces it into the stack frame
      * instead of a register, so a stale stack page shows up as a mismatch. */
@@ -503,6 +578,9 @@ int main(void)
                      (unsigned long long)disk.corrupt, (unsigned long long)disk.ioerr);
                 disk.writes_at_last_status = disk.writes;
             }
+            if (prm.udp_port)
+                emit("NETSTATUS seq=%llu rx=%llu tx=%llu", (unsigned long long)hb_seq,
+                     (unsigned long long)net.rx, (unsigned long long)net.tx);
             next_status += STATUS_NS;
             if (next_status <= now)
                 next_status = now + STATUS_NS;
@@ -586,6 +664,8 @@ int main(void)
 
         if (prm.disk)
             disk_step(&disk, &prm, start, now);
+        if (prm.udp_port)
+            net_step(&net, now);
 
         /* Verify phase: a chunk per iteration, a pass every `pages` pages. */
         if (prm.verify) {

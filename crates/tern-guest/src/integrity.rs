@@ -173,7 +173,7 @@ fn health(events: &[Event], side: LogSide) -> GuestHealth {
             GuestLine::DiskStatus(s) => h.last_disk_status = Some(*s),
             GuestLine::DiskCorrupt { .. } => disk_corrupt_lines += 1,
             GuestLine::DiskError { .. } => disk_err_lines += 1,
-            GuestLine::Other(_) => {}
+            GuestLine::NetReady { .. } | GuestLine::NetStatus { .. } | GuestLine::Other(_) => {}
         }
     }
     let (disk_corrupt, disk_err, disk_passes) = h

@@ -13,6 +13,7 @@ pub mod cpio;
 pub mod image;
 pub mod integrity;
 pub mod modules;
+pub mod netprobe;
 pub mod params;
 pub mod serial;
 
@@ -22,6 +23,7 @@ pub use image::{
 pub use integrity::{
     GuestHealth, LogSide, MigrationIntegrity, SequenceAnomaly, analyze_boot, analyze_migration,
 };
+pub use netprobe::{NetProbeReport, UdpProbe, analyze_probe};
 pub use params::{DiskWorkload, PageRate, ParamError, WorkloadParams, WritePattern};
 pub use serial::{
     DiskReadyInfo, DiskStatus, GuestLine, GuestStatus, HostLine, HostSerialLog, LineKind,

@@ -201,6 +201,19 @@ pub fn init_lines(modules: &[KernelModule]) -> String {
     )
 }
 
+/// The `/init` lines that give `eth0` the static address of `tern_ip=A.B.C.D/N` (busybox
+/// `ip`), for the echo service of `tern-load`. No DHCP: the lab's tenant network has no
+/// server, and a fixed address is what a client probes.
+pub fn network_init_lines() -> &'static str {
+    "for w in $(cat /proc/cmdline); do\n  \
+     case \"$w\" in tern_ip=*)\n    \
+     ip link set lo up\n    \
+     ip link set eth0 up && ip addr add \"${w#tern_ip=}\" dev eth0 \
+     || echo \"tern-init: cannot configure eth0 with $w\";;\n  \
+     esac\n\
+     done\n"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +267,13 @@ mod tests {
         assert!(l.contains("for m in virtio_ring virtio_blk;"));
         assert!(l.contains("insmod /lib/modules/$m.ko"));
         assert!(init_lines(&[]).is_empty());
+    }
+
+    #[test]
+    fn network_lines_configure_eth0_from_the_command_line() {
+        let l = network_init_lines();
+        assert!(l.contains("tern_ip=*)"));
+        assert!(l.contains("ip addr add \"${w#tern_ip=}\" dev eth0"));
     }
 
     #[test]

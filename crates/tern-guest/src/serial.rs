@@ -127,6 +127,20 @@ pub enum GuestLine {
         /// The guest's errno (0 for a short transfer).
         errno: u64,
     },
+    /// `NETREADY port=<p>`: the UDP echo service listens.
+    NetReady {
+        /// UDP port.
+        port: u16,
+    },
+    /// `NETSTATUS seq=<hb seq> rx=<n> tx=<n>`: datagrams received and echoed, once a second.
+    NetStatus {
+        /// The heartbeat sequence number at the time of the line.
+        seq: u64,
+        /// Datagrams received.
+        rx: u64,
+        /// Echoes sent.
+        tx: u64,
+    },
     /// Anything else (kernel messages, init messages, partial or malformed lines).
     Other(String),
 }
@@ -193,6 +207,20 @@ fn parse_protocol(text: &str) -> Option<GuestLine> {
                 corrupt: f.num(4)?,
                 ioerr: f.num(5)?,
             }))
+        }
+        "NETREADY" => {
+            let f = Fields::new(&rest, &["port"])?;
+            Some(GuestLine::NetReady {
+                port: f.values[0].parse().ok()?,
+            })
+        }
+        "NETSTATUS" => {
+            let f = Fields::new(&rest, &["seq", "rx", "tx"])?;
+            Some(GuestLine::NetStatus {
+                seq: f.num(0)?,
+                rx: f.num(1)?,
+                tx: f.num(2)?,
+            })
         }
         "DISKERR" => {
             let f = Fields::new(&rest, &["op", "block", "errno"])?;
@@ -446,7 +474,20 @@ mod tests {
                 errno: 5
             }
         );
+        assert_eq!(
+            parse_guest_line("NETREADY port=7777"),
+            GuestLine::NetReady { port: 7777 }
+        );
+        assert_eq!(
+            parse_guest_line("NETSTATUS seq=5 rx=3 tx=3"),
+            GuestLine::NetStatus {
+                seq: 5,
+                rx: 3,
+                tx: 3
+            }
+        );
         for bad in [
+            "NETREADY port=70000",
             "CORRUPT block=x expected=1 found=0",
             "DISKSTATUS seq=1 passes=2",
             "DISKREADY dev=/dev/vda blocks=1 rate=0x verify_rate=1",

@@ -1,0 +1,148 @@
+//! Boots the real guest image (TCG) with a virtio-net NIC on a tap device inside a
+//! throwaway network namespace and probes its UDP echo service from the host side of the
+//! tap with `UdpProbe`: the guest must answer, and the probe's report must say so.
+//!
+//! The namespace is removed by its guard and the QEMU (a `tern_qemu::VmProcess`) killed by
+//! PID on every path; the tap disappears with QEMU.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::image;
+use tern_guest::{
+    GuestImageSpec, GuestLine, HostSerialLog, PageRate, UdpProbe, WorkloadParams, WritePattern,
+    parse_guest_line,
+};
+use tern_qemu::{
+    Accelerator, LaunchMode, NicSpec, QemuBinary, VmDevices, VmLaunch, VmMigrationSettings,
+    VmProcess, VmSpec,
+};
+
+struct Netns(String);
+
+impl Netns {
+    fn add(name: String) -> Netns {
+        let st = Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "ip netns add {name} failed (root needed)"
+        );
+        Netns(name)
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let st = Command::new("ip")
+            .arg("-n")
+            .arg(&self.0)
+            .args(args)
+            .status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "ip -n {} {args:?} failed",
+            self.0
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn net_lines(log: &HostSerialLog) -> (bool, u64) {
+    let mut ready = false;
+    let mut rx = 0;
+    for l in &log.lines {
+        match parse_guest_line(&l.text) {
+            GuestLine::NetReady { port: 7777 } => ready = true,
+            GuestLine::NetStatus { rx: n, .. } => rx = n,
+            _ => {}
+        }
+    }
+    (ready, rx)
+}
+
+#[test]
+fn guest_answers_udp_on_its_virtio_nic() {
+    let img = image(&GuestImageSpec::default());
+    let ns = Netns::add(format!("tern-vmnet-{}", std::process::id()));
+    let dir = tempfile::tempdir().unwrap();
+    let params = WorkloadParams {
+        working_set_mib: 4,
+        rate: PageRate::PerSecond(1000),
+        pattern: WritePattern::Sequential,
+        verify: true,
+    };
+    let spec = VmSpec {
+        name: "net-test".into(),
+        memory_mib: params.recommended_memory_mib(),
+        vcpus: 1,
+        kernel: img.kernel.clone(),
+        initrd: img.initrd.clone(),
+        cmdline: format!("{} tern_ip=10.77.0.2/24", img.cmdline(&params)),
+        accelerator: Accelerator::Tcg,
+        migration: VmMigrationSettings::default(),
+        devices: VmDevices {
+            nics: vec![NicSpec::on_tap("tnvm0")],
+            ..Default::default()
+        },
+    };
+    let bin = QemuBinary::locate().expect("QEMU ≥ 9");
+    let vm = VmProcess::spawn(
+        &bin,
+        &VmLaunch {
+            spec,
+            mode: LaunchMode::Boot,
+            runtime_dir: dir.path().join("vm"),
+            netns: Some(ns.0.clone()),
+        },
+    )
+    .expect("QEMU with a NIC");
+    // QEMU created the tap in the namespace; the host end of the tenant "network".
+    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "tnvm0"]);
+    ns.ip(&["link", "set", "tnvm0", "up"]);
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !net_lines(&HostSerialLog::read(vm.serial_log()).unwrap_or_default()).0 {
+        assert!(
+            Instant::now() < deadline,
+            "no NETREADY; serial log:\n{}",
+            std::fs::read_to_string(vm.serial_log()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let target = "10.77.0.2:7777".parse().unwrap();
+    let probe = UdpProbe::start(target, Duration::from_millis(5), Some(&ns.0)).expect("probe");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while probe.replies() < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} echoes: {:?}",
+            probe.replies(),
+            probe.report()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = probe.stop(Duration::from_millis(200));
+    eprintln!(
+        "[net] sent {} received {} lost {} longest echo gap {:.1} ms",
+        report.sent, report.received, report.net_lost_requests, report.net_blackout_ms
+    );
+    assert!(report.received >= 100, "{report:?}");
+    assert!(report.first_reply_ns.is_some());
+
+    // The guest counts what it answered (NETSTATUS once a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net_lines(&HostSerialLog::read(vm.serial_log()).unwrap_or_default()).1 < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "NETSTATUS never counted the requests"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(vm);
+}
