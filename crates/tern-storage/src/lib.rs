@@ -10,11 +10,18 @@
 //!    [`DiskMirrors::start`];
 //! 3. wait until every mirror is `ready` *before* RAM migration starts
 //!    ([`DiskMirrors::wait_ready`]); [`DiskMirrors::progress`] reports bytes per disk;
-//! 4. at switchover (migration `completed`, or the switch to post-copy: the source is paused
-//!    either way), end each mirror with `block-job-cancel` *without* `force` — on a ready
+//! 4. at switchover, end each mirror with `block-job-cancel` *without* `force` — on a ready
 //!    mirror that is QEMU's "complete without pivot": it drains, leaves the target a
 //!    consistent copy and keeps the source on its own image ([`DiskMirrors::complete`]);
-//!    then the destination's exports go and its server stops ([`NbdExports::stop`]);
+//!    then the destination's exports go and its server stops ([`NbdExports::stop`]).
+//!    The switchover point is the migration's `pre-switchover` pause: the source runs with
+//!    the `pause-before-switchover` capability, QEMU stops the guest and waits *before* it
+//!    inactivates the source's block nodes and sends device state — for the end of
+//!    pre-copy and for the switch to post-copy alike; the mirrors are completed there and
+//!    `migrate-continue` resumes ([`StorageMigration::switchover`]). libvirt does the same:
+//!    `qemuMigrationAnyCompleted` returns at `QEMU_MIGRATION_COMPLETED_PRE_SWITCHOVER` "so
+//!    that it can finish all block jobs, resume migration, and wait again for the real end
+//!    of the migration";
 //! 5. on abort before the switch, `block-job-cancel` with `force` and the NBD client nodes
 //!    are removed ([`DiskMirrors::abort`]); the source image was only ever read, so it is
 //!    untouched; the destination's exports are removed ([`NbdExports::stop`]) and the
@@ -30,9 +37,14 @@ use std::time::Duration;
 
 use tern_qemu::DiskSpec;
 use tern_qmp::{
-    BlockExportRemoveMode, BlockJobInfo, BlockdevMirrorArgs, InetAddr, JobStatus, MirrorCopyMode,
-    MirrorSyncMode, QmpClient, QmpError,
+    BlockExportRemoveMode, BlockJobInfo, BlockdevMirrorArgs, InetAddr, JobStatus,
+    MigrationCapability, MigrationStatus, MirrorCopyMode, MirrorSyncMode, QmpClient, QmpError,
 };
+
+/// The source capability storage migration needs: QEMU pauses in `pre-switchover` with the
+/// guest stopped and its disks still active, where [`StorageMigration::switchover`] ends
+/// the mirrors (see the crate documentation).
+pub const SWITCHOVER_CAPABILITY: MigrationCapability = MigrationCapability::PauseBeforeSwitchover;
 
 mod progress;
 
@@ -589,6 +601,27 @@ impl StorageMigration {
         let stopped = self.exports.stop(dst, timeout).await;
         let progress = progress?;
         stopped?;
+        Ok(progress)
+    }
+
+    /// The switchover step, called when the source's migration status is `pre-switchover`
+    /// (source started with [`SWITCHOVER_CAPABILITY`]): completes the mirrors while the
+    /// guest is stopped and its disks are still active, lets the migration continue
+    /// (`migrate-continue`), then removes the destination's exports. If the mirrors cannot
+    /// be completed the migration is *not* continued: the caller should cancel it
+    /// (`migrate_cancel`) and [`abort`](Self::abort) — the guest then resumes on the source
+    /// with its disk untouched.
+    pub async fn switchover(
+        &self,
+        src: &QmpClient,
+        dst: &QmpClient,
+        timeout: Duration,
+    ) -> Result<StorageProgress> {
+        let progress = self.mirrors.complete(src, timeout).await?;
+        src.migrate_continue(&MigrationStatus::PreSwitchover)
+            .await
+            .map_err(qmp("continuing the migration after the mirrors completed"))?;
+        self.exports.stop(dst, timeout).await?;
         Ok(progress)
     }
 

@@ -1,8 +1,9 @@
 //! End to end on 127.0.0.1: a real guest (TCG) writing and verifying generation-stamped
 //! blocks on a local virtio-blk disk is live-migrated — storage mirrored into the
-//! destination's NBD export first (write-blocking), then RAM — and the destination guest
-//! must verify the whole disk with no corrupt block, no corrupt page and a continuous
-//! heartbeat.
+//! destination's NBD export first (write-blocking), then RAM, the mirrors completed at the
+//! `pre-switchover` pause — once pre-copy and once with a switch to post-copy. The
+//! destination guest must verify the whole disk with no corrupt block, no corrupt page and
+//! a continuous heartbeat.
 //!
 //! Both QEMUs are `tern_qemu::VmProcess`es started from `VmSpec`s that differ only in the
 //! disk's file, so they are killed by PID whatever happens.
@@ -19,8 +20,11 @@ use tern_qemu::{
     Accelerator, DiskFormat, DiskSpec, LaunchMode, QemuBinary, VmDevices, VmLaunch,
     VmMigrationSettings, VmProcess, VmSpec,
 };
-use tern_qmp::{InetAddr, MigrationParameters, MigrationStatus, QmpClient};
-use tern_storage::{MirrorOptions, MirroredDisk, StorageMigration};
+use tern_qmp::{
+    InetAddr, MigrationCapability as Cap, MigrationCapabilityStatus, MigrationParameters,
+    MigrationStatus, QmpClient,
+};
+use tern_storage::{MirrorOptions, MirroredDisk, SWITCHOVER_CAPABILITY, StorageMigration};
 
 const DISK_BYTES: u64 = 8 << 20;
 
@@ -53,7 +57,16 @@ fn wait_log(path: &Path, timeout: Duration, what: &str, done: impl Fn(&HostSeria
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guest_with_a_local_disk_migrates_with_its_disk_intact() {
+async fn guest_with_a_local_disk_migrates_pre_copy_with_its_disk_intact() {
+    migrate_guest_with_disk(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_with_a_local_disk_migrates_post_copy_with_its_disk_intact() {
+    migrate_guest_with_disk(true).await;
+}
+
+async fn migrate_guest_with_disk(postcopy: bool) {
     let img = build(&GuestImageSpec::default(), &default_cache_dir(), |m| {
         eprintln!("[image] {m}")
     })
@@ -139,19 +152,60 @@ async fn guest_with_a_local_disk_migrates_with_its_disk_intact() {
         .expect("mirrors ready");
     assert!(ready.bytes_total() >= DISK_BYTES, "{ready}");
 
-    // 2. RAM, pre-copy (the guest keeps writing blocks, mirrored synchronously).
+    // 2. RAM. The source pauses before the switchover so the mirrors can be completed
+    //    while the guest is stopped and its disks still active.
+    let mut caps = vec![
+        MigrationCapabilityStatus::new(Cap::Events, true),
+        MigrationCapabilityStatus::new(SWITCHOVER_CAPABILITY, true),
+    ];
+    if postcopy {
+        caps.push(MigrationCapabilityStatus::new(Cap::PostcopyRam, true));
+        dst.migrate_set_capabilities(&[MigrationCapabilityStatus::new(Cap::PostcopyRam, true)])
+            .await
+            .unwrap();
+    }
+    src.migrate_set_capabilities(&caps).await.unwrap();
     let port = free_port();
     dst.migrate_incoming(&format!("tcp:127.0.0.1:{port}"))
         .await
         .unwrap();
     src.migrate_set_parameters(&MigrationParameters {
-        max_bandwidth: Some(10 << 30),
+        // Post-copy: slow enough that pre-copy cannot finish before the switch is asked.
+        max_bandwidth: Some(if postcopy { 16 << 20 } else { 10 << 30 }),
         downtime_limit: Some(500),
         ..Default::default()
     })
     .await
     .unwrap();
+    let mut events = src.subscribe_events();
     src.migrate(&format!("tcp:127.0.0.1:{port}")).await.unwrap();
+    if postcopy {
+        src.wait_for_migration_status(|s| *s == MigrationStatus::Active, Duration::from_secs(30))
+            .await
+            .unwrap();
+        src.migrate_start_postcopy().await.unwrap();
+    }
+    let status = src
+        .wait_for_migration_status(
+            |s| *s == MigrationStatus::PreSwitchover || s.is_terminal(),
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        MigrationStatus::PreSwitchover,
+        "{:?}",
+        src.query_migrate().await
+    );
+
+    // 3. Switchover: the guest is stopped; end the mirrors, continue, stop the exports.
+    let done = storage
+        .switchover(&src, &dst, Duration::from_secs(30))
+        .await
+        .expect("storage switchover");
+    assert!(done.bytes_mirrored() >= DISK_BYTES, "{done}");
+    assert!(dst.query_block_exports().await.unwrap().is_empty());
     let status = src
         .wait_for_migration_status(|s| s.is_terminal(), Duration::from_secs(120))
         .await
@@ -162,14 +216,17 @@ async fn guest_with_a_local_disk_migrates_with_its_disk_intact() {
         "{:?}",
         src.query_migrate().await
     );
-
-    // 3. Switchover: the source is paused; end the mirrors, stop the exports.
-    let done = storage
-        .complete(&src, &dst, Duration::from_secs(30))
-        .await
-        .expect("complete storage migration");
-    assert!(done.bytes_mirrored() >= DISK_BYTES, "{done}");
-    assert!(dst.query_block_exports().await.unwrap().is_empty());
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if let tern_qmp::QmpEventKind::Migration { status } = e.kind {
+            seen.push(status);
+        }
+    }
+    assert_eq!(
+        seen.contains(&MigrationStatus::PostcopyActive),
+        postcopy,
+        "migration states: {seen:?}"
+    );
 
     // 4. The destination guest verifies the whole disk (passes grow by ≥ 2).
     let src_log = HostSerialLog::read(src_vm.serial_log()).unwrap();
@@ -182,7 +239,7 @@ async fn guest_with_a_local_disk_migrates_with_its_disk_intact() {
     );
     let verdict = analyze_migration(&src_log, &HostSerialLog::read(dst_vm.serial_log()).unwrap());
     eprintln!(
-        "[e2e] blackout {:?} ms, disk passes after {}, corrupt blocks {}, corrupt pages {}",
+        "[e2e postcopy={postcopy}] blackout {:?} ms, disk passes after {}, corrupt blocks {}, corrupt pages {}",
         verdict.blackout_ms,
         verdict.disk_verify_passes_after,
         verdict.disk_corrupt_blocks,
