@@ -37,6 +37,7 @@
 //! # Ok(()) }
 //! ```
 
+mod announce;
 mod block;
 mod client;
 mod codec;
@@ -46,6 +47,7 @@ mod error;
 mod event;
 mod types;
 
+pub use announce::AnnounceParameters;
 pub use block::{
     BlockExportInfo, BlockExportRemoveMode, BlockJobEvent, BlockJobInfo, BlockdevMirrorArgs,
     InetAddr, JobStatus, JobType, MirrorCopyMode, MirrorSyncMode,

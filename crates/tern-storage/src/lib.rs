@@ -46,8 +46,12 @@ use tern_qmp::{
 /// the mirrors (see the crate documentation).
 pub const SWITCHOVER_CAPABILITY: MigrationCapability = MigrationCapability::PauseBeforeSwitchover;
 
+pub mod image;
 mod progress;
 
+pub use image::{
+    ImageError, ImageInfo, check_format, check_free_space, create_image, free_space, image_info,
+};
 pub use progress::{DiskProgress, StorageProgress};
 
 /// Period of `query-block-jobs` polls while waiting.

@@ -16,7 +16,9 @@ use std::time::Duration;
 use serde_json::json;
 use tern_qemu::{DiskFormat, DiskSpec};
 use tern_qmp::{InetAddr, MirrorCopyMode, QmpClient};
-use tern_storage::{MirrorOptions, MirroredDisk, StorageError, StorageMigration};
+use tern_storage::{
+    MirrorOptions, MirroredDisk, StorageError, StorageMigration, create_image, image_info,
+};
 
 const QEMU: &str = "qemu-system-x86_64";
 const MIB: usize = 1024 * 1024;
@@ -193,6 +195,71 @@ async fn mirror_copies_the_disk_and_writes_made_during_the_copy() {
         dst_bytes == src_bytes,
         "destination image differs from the source (first difference at byte {:?})",
         dst_bytes.iter().zip(&src_bytes).position(|(a, b)| a != b)
+    );
+}
+
+/// A qcow2 source with data in two areas (the rest unallocated) is copied into an empty
+/// qcow2 created with the source's virtual size; `qemu-img compare` must find the two
+/// images identical as the guest sees them.
+#[tokio::test]
+async fn qcow2_disk_is_mirrored_into_a_fresh_qcow2_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src_img, dst_img) = (dir.path().join("src.qcow2"), dir.path().join("dst.qcow2"));
+    create_image(&src_img, DiskFormat::Qcow2, 6 * MIB as u64).unwrap();
+    let status = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 1M",
+            "-c",
+            "write -P 0x22 3M 512k",
+        ])
+        .arg(&src_img)
+        .stdout(Stdio::null())
+        .status()
+        .expect("qemu-io");
+    assert!(status.success());
+    let size = image_info(&src_img).unwrap().virtual_size;
+    create_image(&dst_img, DiskFormat::Qcow2, size).unwrap();
+    let src_disk = DiskSpec::new("data", &src_img, DiskFormat::Qcow2);
+    let dst_disk = DiskSpec::new("data", &dst_img, DiskFormat::Qcow2);
+    src_disk.validate().unwrap();
+    dst_disk.validate().unwrap();
+    let src_q = Qemu::start(dir.path(), "src", &src_disk, false);
+    let dst_q = Qemu::start(dir.path(), "dst", &dst_disk, true);
+    let (src, dst) = (src_q.connect().await, dst_q.connect().await);
+    let addr = InetAddr::new("127.0.0.1", free_port());
+    let disks = [MirroredDisk::from(&src_disk)];
+    let mig = StorageMigration::start(
+        &src,
+        &dst,
+        addr.clone(),
+        &addr,
+        &disks,
+        MirrorOptions::for_migration(false),
+    )
+    .await
+    .expect("start");
+    mig.wait_ready(&src, Duration::from_secs(30))
+        .await
+        .expect("ready");
+    mig.complete(&src, &dst, Duration::from_secs(30))
+        .await
+        .expect("complete");
+    src.quit().await.unwrap();
+    dst.quit().await.unwrap();
+    drop((src_q, dst_q));
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+        .arg(&src_img)
+        .arg(&dst_img)
+        .output()
+        .expect("qemu-img compare");
+    assert!(
+        out.status.success(),
+        "images differ: {}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }
 
