@@ -9,7 +9,7 @@
 //! disk's file, so they are killed by PID whatever happens.
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tern_guest::{
@@ -66,7 +66,19 @@ async fn guest_with_a_local_disk_migrates_post_copy_with_its_disk_intact() {
     migrate_guest_with_disk(true).await;
 }
 
-async fn migrate_guest_with_disk(postcopy: bool) {
+/// A booted source guest running the disk workload and an incoming destination, both
+/// `VmProcess`es (killed by PID on drop), with QMP clients.
+struct Pair {
+    _dir: tempfile::TempDir,
+    src_img: PathBuf,
+    src_vm: VmProcess,
+    dst_vm: VmProcess,
+    src: QmpClient,
+    dst: QmpClient,
+    disks: Vec<MirroredDisk>,
+}
+
+async fn boot_pair() -> Pair {
     let img = build(&GuestImageSpec::default(), &default_cache_dir(), |m| {
         eprintln!("[image] {m}")
     })
@@ -127,27 +139,41 @@ async fn migrate_guest_with_disk(postcopy: bool) {
     let (dst, _) = QmpClient::connect_with_retry(dst_vm.qmp_socket(), Duration::from_secs(10))
         .await
         .unwrap();
-
-    // 1. Storage first: every mirror ready before RAM moves.
-    let nbd = InetAddr::new("127.0.0.1", free_port());
-    let disks: Vec<MirroredDisk> = src_spec
+    let disks = src_spec
         .devices
         .disks
         .iter()
         .map(MirroredDisk::from)
         .collect();
+    Pair {
+        _dir: dir,
+        src_img,
+        src_vm,
+        dst_vm,
+        src,
+        dst,
+        disks,
+    }
+}
+
+async fn migrate_guest_with_disk(postcopy: bool) {
+    let p = boot_pair().await;
+    let (src, dst, src_vm, dst_vm, disks) = (&p.src, &p.dst, &p.src_vm, &p.dst_vm, &p.disks);
+
+    // 1. Storage first: every mirror ready before RAM moves.
+    let nbd = InetAddr::new("127.0.0.1", free_port());
     let storage = StorageMigration::start(
-        &src,
-        &dst,
+        src,
+        dst,
         nbd.clone(),
         &nbd,
-        &disks,
+        disks,
         MirrorOptions::for_migration(true),
     )
     .await
     .expect("storage migration start");
     let ready = storage
-        .wait_ready(&src, Duration::from_secs(60))
+        .wait_ready(src, Duration::from_secs(60))
         .await
         .expect("mirrors ready");
     assert!(ready.bytes_total() >= DISK_BYTES, "{ready}");
@@ -201,7 +227,7 @@ async fn migrate_guest_with_disk(postcopy: bool) {
 
     // 3. Switchover: the guest is stopped; end the mirrors, continue, stop the exports.
     let done = storage
-        .switchover(&src, &dst, Duration::from_secs(30))
+        .switchover(src, dst, Duration::from_secs(30))
         .await
         .expect("storage switchover");
     assert!(done.bytes_mirrored() >= DISK_BYTES, "{done}");
@@ -250,4 +276,55 @@ async fn migrate_guest_with_disk(postcopy: bool) {
     assert_eq!(verdict.disk_io_errors, 0, "{verdict:?}");
     assert!(verdict.disk_verify_passes_after >= 2, "{verdict:?}");
     assert!(verdict.is_intact(), "{verdict:?}");
+}
+
+/// Abort during the mirror, as an operator or a failed pre-flight would: the guest keeps
+/// running on the source, writing and verifying its disk without a single bad block; the
+/// destination's export is gone and the source has no job or NBD node left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_during_the_mirror_leaves_the_guest_and_its_disk_unaffected() {
+    let p = boot_pair().await;
+    let nbd = InetAddr::new("127.0.0.1", free_port());
+    let options = MirrorOptions {
+        speed: Some(1 << 20), // 8 s for the 8 MiB disk: the abort lands mid-copy
+        ..MirrorOptions::for_migration(true)
+    };
+    let storage = StorageMigration::start(&p.src, &p.dst, nbd.clone(), &nbd, &p.disks, options)
+        .await
+        .expect("storage migration start");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pr = storage.progress(&p.src).await.unwrap();
+        if pr.bytes_mirrored() > 0 {
+            assert!(!pr.all_ready(), "copied too fast to test an abort: {pr}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no mirror progress: {pr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    storage
+        .abort(&p.src, &p.dst, Duration::from_secs(20))
+        .await
+        .expect("abort");
+    assert!(p.src.query_block_jobs().await.unwrap().is_empty());
+    assert!(p.dst.query_block_exports().await.unwrap().is_empty());
+    let nodes = p.src.named_block_nodes().await.unwrap();
+    assert!(
+        !nodes.iter().any(|n| n.starts_with("tern-nbd-")),
+        "{nodes:?}"
+    );
+
+    // The guest goes on: two more full disk passes on the source, nothing corrupt.
+    let passes =
+        analyze_boot(&HostSerialLog::read(p.src_vm.serial_log()).unwrap()).disk_verify_passes;
+    wait_log(
+        p.src_vm.serial_log(),
+        Duration::from_secs(60),
+        "disk passes after the abort",
+        |log| analyze_boot(log).disk_verify_passes >= passes + 2,
+    );
+    let h = analyze_boot(&HostSerialLog::read(p.src_vm.serial_log()).unwrap());
+    assert!(h.is_healthy(), "{h:?}");
+    assert_eq!(h.disk_corrupt_blocks, 0);
+    assert!(p.src_img.is_file());
 }
