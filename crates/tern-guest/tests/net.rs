@@ -112,13 +112,12 @@ fn guest_answers_udp_on_its_virtio_nic() {
         },
     )
     .expect("QEMU with a NIC");
-    // QEMU creates the tap in the namespace (its QMP socket may appear first: monitors are
-    // early backends, netdevs late ones); then it is the host end of the tenant "network".
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ns.ip_ok(&["link", "show", "tnvm0"]) {
-        assert!(Instant::now() < deadline, "QEMU did not create tap tnvm0");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // VmProcess returns once QEMU created the tap in the namespace: the host end of the
+    // tenant "network".
+    assert!(
+        ns.ip_ok(&["link", "show", "tnvm0"]),
+        "spawn returned before the tap existed"
+    );
     ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "tnvm0"]);
     ns.ip(&["link", "set", "tnvm0", "up"]);
 
