@@ -7,74 +7,14 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::image;
-use tern_guest::{
-    GuestImageSpec, GuestLine, HostSerialLog, PageRate, UdpProbe, WorkloadParams, WritePattern,
-    parse_guest_line,
-};
+use common::{Netns, image, net_lines};
+use tern_guest::{GuestImageSpec, HostSerialLog, PageRate, UdpProbe, WorkloadParams, WritePattern};
 use tern_qemu::{
     Accelerator, LaunchMode, NicSpec, QemuBinary, VmDevices, VmLaunch, VmMigrationSettings,
     VmProcess, VmSpec,
 };
-
-struct Netns(String);
-
-impl Netns {
-    fn add(name: String) -> Netns {
-        let st = Command::new("ip").args(["netns", "add", &name]).status();
-        assert!(
-            st.is_ok_and(|s| s.success()),
-            "ip netns add {name} failed (root needed)"
-        );
-        Netns(name)
-    }
-
-    fn ip_ok(&self, args: &[&str]) -> bool {
-        Command::new("ip")
-            .arg("-n")
-            .arg(&self.0)
-            .args(args)
-            .stderr(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let st = Command::new("ip")
-            .arg("-n")
-            .arg(&self.0)
-            .args(args)
-            .status();
-        assert!(
-            st.is_ok_and(|s| s.success()),
-            "ip -n {} {args:?} failed",
-            self.0
-        );
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn net_lines(log: &HostSerialLog) -> (bool, u64) {
-    let mut ready = false;
-    let mut rx = 0;
-    for l in &log.lines {
-        match parse_guest_line(&l.text) {
-            GuestLine::NetReady { port: 7777 } => ready = true,
-            GuestLine::NetStatus { rx: n, .. } => rx = n,
-            _ => {}
-        }
-    }
-    (ready, rx)
-}
 
 #[test]
 fn guest_answers_udp_on_its_virtio_nic() {
