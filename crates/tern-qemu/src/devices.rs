@@ -48,6 +48,16 @@ impl VmDevices {
         self.boot == BootSource::Kernel
     }
 
+    /// The images the guest may write: a host must refuse a second VM that would open one
+    /// of them read-write too (QEMU's image locking refuses it on one host, but not across
+    /// hosts on shared storage).
+    pub fn writable_images(&self) -> impl Iterator<Item = &std::path::Path> {
+        self.disks
+            .iter()
+            .filter(|d| d.writable)
+            .map(|d| d.path.as_path())
+    }
+
     /// The disk with this id.
     pub fn disk(&self, id: &str) -> Option<&DiskSpec> {
         self.disks.iter().find(|d| d.id == id)
@@ -160,6 +170,7 @@ mod tests {
         assert!(e.contains("attached twice read-write"), "{e}");
         dev.disks[1].writable = false;
         assert!(dev.validate("vm").is_ok());
+        assert_eq!(dev.writable_images().collect::<Vec<_>>(), [a.as_path()]);
 
         dev.nics = vec![NicSpec::on_tap("t0"), NicSpec::on_tap("t0")];
         assert!(
