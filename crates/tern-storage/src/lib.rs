@@ -539,19 +539,39 @@ impl DiskMirrors {
                 first.get_or_insert(qmp(format!("dismissing job {}", d.job_id()))(e));
             }
         }
+        for d in &self.disks {
+            if let Err(e) = remove_node(src, &d.nbd_node()).await {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// How long a node may stay busy after its job was dismissed.
+const NODE_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `blockdev-del` of `node` if it exists, retried while QEMU still reports it in use: a
+/// dismissed job drops its references to the target from a bottom half, so right after
+/// `job-dismiss` the node can still be busy for a moment (seen under load).
+async fn remove_node(src: &QmpClient, node: &str) -> Result<()> {
+    let start = tokio::time::Instant::now();
+    loop {
         let nodes = src
             .named_block_nodes()
             .await
             .map_err(qmp("listing block nodes"))?;
-        for d in &self.disks {
-            let node = d.nbd_node();
-            if nodes.contains(&node)
-                && let Err(e) = src.blockdev_del(&node).await
-            {
-                first.get_or_insert(qmp(format!("removing NBD node {node}"))(e));
-            }
+        if !nodes.iter().any(|n| n == node) {
+            return Ok(());
         }
-        first.map_or(Ok(()), Err)
+        match src.blockdev_del(node).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.command_class().is_some() && start.elapsed() < NODE_RELEASE_TIMEOUT => {
+                tracing::debug!(node, error = %e, "NBD node still busy; retrying");
+                tokio::time::sleep(POLL).await;
+            }
+            Err(e) => return Err(qmp(format!("removing NBD node {node}"))(e)),
+        }
     }
 }
 
