@@ -328,3 +328,46 @@ async fn abort_during_the_mirror_leaves_the_guest_and_its_disk_unaffected() {
     assert_eq!(h.disk_corrupt_blocks, 0);
     assert!(p.src_img.is_file());
 }
+
+/// The judge catches a migration that forgets the disk: RAM moves, the destination's image
+/// stays empty, and the guest, now reading the destination's disk, reports bad blocks.
+/// (Proves the tests above could fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ram_only_migration_to_an_empty_disk_is_caught() {
+    let p = boot_pair().await;
+    let port = free_port();
+    p.dst
+        .migrate_incoming(&format!("tcp:127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    p.src
+        .migrate_set_parameters(&MigrationParameters {
+            max_bandwidth: Some(10 << 30),
+            downtime_limit: Some(500),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    p.src
+        .migrate(&format!("tcp:127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let status = p
+        .src
+        .wait_for_migration_status(|s| s.is_terminal(), Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(status, MigrationStatus::Completed);
+    wait_log(
+        p.dst_vm.serial_log(),
+        Duration::from_secs(60),
+        "CORRUPT block lines on the destination",
+        |log| analyze_boot(log).disk_corrupt_blocks > 0,
+    );
+    let verdict = analyze_migration(
+        &HostSerialLog::read(p.src_vm.serial_log()).unwrap(),
+        &HostSerialLog::read(p.dst_vm.serial_log()).unwrap(),
+    );
+    assert!(verdict.disk_corrupt_blocks > 0, "{verdict:?}");
+    assert!(!verdict.is_intact());
+}
