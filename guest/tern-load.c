@@ -34,10 +34,36 @@
  *                        between passes, which a policy must not mistake for
  *                        convergence (or for a stall)
  *   tern_verify=1|0      run the verifier (default 1)
+ *   tern_disk=/dev/vdX   data-disk mode (default off): also write generation-
+ *                        stamped 4 KiB blocks to this block device and verify them
+ *                        continuously, like pages (see "Data disk" below)
+ *   tern_disk_rate=N|max block writes per second (default 100)
+ *   tern_disk_verify_rate=N  block reads per second by the disk verifier
+ *                        (default 1000: a 16 MiB disk is verified every 4 s)
+ *   tern_ip=A.B.C.D/N    network mode (default off): /init gives eth0 this address;
+ *                        tern-load then echoes every UDP datagram it receives on
+ *                        tern_udp_port back to its sender (see "Network" below)
+ *   tern_udp_port=N      UDP port of the echo service (default 7777)
  *   tern_inject=stale    self-test: 2 s after READY, roll one page back to its
  *                        previous generation and the stack counter back by one,
  *                        exactly what a lost dirty page does, so tests can prove
  *                        that CORRUPT and CTLMISMATCH really fire (default off)
+ *
+ * Data disk: every block holds (index, generation) and mixed stamp words, as a
+ * page does; the expected generations live in RAM. A block that reads back with
+ * another generation than expected (a write the storage migration lost, or an old
+ * copy on the destination) is printed as CORRUPT block=... The disk is opened
+ * with O_DIRECT so reads come from the device, not from the guest's page cache
+ * (which migrates with RAM and would hide a stale disk). Every block is stamped
+ * with generation 0 before READY; the writer checks a block's header before
+ * overwriting it; the verifier sweeps the whole disk in passes (DISKSTATUS
+ * passes=), so a full verification on the destination is "passes grew by 2".
+ *
+ * Network: a client outside the guest sends numbered datagrams every few ms and
+ * timestamps the echoes; the longest gap between echoes is the blackout a user
+ * of the VM sees (which the serial heartbeat cannot show: it does not cross the
+ * guest's network). The socket is polled once per millisecond from the main
+ * loop, so the echo adds at most ~1 ms and needs no second thread.
  *
  * Build: gcc -static -O2 -o tern-load tern-load.c
  */
@@ -47,6 +73,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -136,6 +168,10 @@ static int page_matches(const uint64_t *page, uint64_t index, uint64_t gen)
 }
 
 struct params {
+    uint64_t udp_port; /* 0: no network service */
+    const char *disk; /* NULL: no data disk */
+    uint64_t disk_rate; /* block writes per second; 0 = max */
+    uint64_t disk_verify_rate; /* block reads per second */
     uint64_t ws_mib;
     uint64_t rate; /* page writes per second; 0 = max */
     int random;
@@ -153,8 +189,14 @@ static int parse_params(struct params *p)
     p->bursty = 0;
     p->verify = 1;
     p->inject_stale = 0;
+    p->udp_port = 0;
+    int want_net = 0;
+    uint64_t port = 7777;
+    p->disk = NULL;
+    p->disk_rate = 100;
+    p->disk_verify_rate = 1000;
 
-    char buf[4096];
+    static char buf[4096]; /* static: p->disk points into it */
     FILE *f = fopen("/proc/cmdline", "r");
     if (!f)
         return 0; /* no /proc: run with the defaults */
@@ -198,6 +240,36 @@ static int parse_params(struct params *p)
                 return -1;
             }
             p->inject_stale = 1;
+        } else if (strncmp(tok, "tern_ip=", 8) == 0) {
+            want_net = 1; /* /init configured eth0 from it */
+        } else if (strncmp(tok, "tern_udp_port=", 14) == 0) {
+            port = strtoull(tok + 14, &end, 10);
+            if (*end || port == 0 || port > 65535) {
+                emit("ERROR bad %s: expected a UDP port, 1..65535", tok);
+                return -1;
+            }
+        } else if (strncmp(tok, "tern_disk=", 10) == 0) {
+            if (strncmp(tok + 10, "/dev/", 5) != 0) {
+                emit("ERROR bad %s: expected a block device such as /dev/vda", tok);
+                return -1;
+            }
+            p->disk = tok + 10;
+        } else if (strncmp(tok, "tern_disk_rate=", 15) == 0) {
+            if (strcmp(tok + 15, "max") == 0) {
+                p->disk_rate = 0;
+            } else {
+                p->disk_rate = strtoull(tok + 15, &end, 10);
+                if (*end || p->disk_rate == 0) {
+                    emit("ERROR bad %s: expected block writes per second (>0) or max", tok);
+                    return -1;
+                }
+            }
+        } else if (strncmp(tok, "tern_disk_verify_rate=", 22) == 0) {
+            p->disk_verify_rate = strtoull(tok + 22, &end, 10);
+            if (*end || p->disk_verify_rate == 0) {
+                emit("ERROR bad %s: expected block reads per second (>0)", tok);
+                return -1;
+            }
         } else if (strncmp(tok, "tern_verify=", 12) == 0) {
             if (strcmp(tok + 12, "1") == 0) {
                 p->verify = 1;
@@ -209,6 +281,8 @@ static int parse_params(struct params *p)
             }
         }
     }
+    if (want_net)
+        p->udp_port = port;
     return 0;
 }
 
@@ -220,6 +294,184 @@ static void *map_or_die(size_t bytes, const char *what)
         exit(3);
     }
     return m;
+}
+
+
+/* ---- Data disk ------------------------------------------------------------ */
+
+#define DISK_BLOCK 4096u
+#define DISK_TAG (1ull << 62) /* block indices never collide with page indices */
+#define DISK_INIT_CHUNK 64u   /* blocks per write while stamping generation 0 */
+#define DISK_BATCH 4u         /* at most this many writes (and reads) per loop */
+#define DISK_OPEN_TRIES 100u  /* 10 s for the virtio-blk probe to create the node */
+
+struct disk {
+    int fd;
+    uint64_t blocks;
+    uint64_t *expected;
+    uint64_t *buf; /* one block, page-aligned for O_DIRECT */
+    uint64_t write_cursor, verify_cursor;
+    uint64_t writes, writes_at_last_status, passes, corrupt, ioerr;
+    uint64_t writes_due_base, writes_done, reads_done; /* rate accounting */
+};
+
+static int disk_read(struct disk *d, uint64_t i)
+{
+    ssize_t n = pread(d->fd, d->buf, DISK_BLOCK, (off_t)(i * DISK_BLOCK));
+    if (n != (ssize_t)DISK_BLOCK) {
+        d->ioerr++;
+        emit("DISKERR op=read block=%llu errno=%d", (unsigned long long)i, n < 0 ? errno : 0);
+        return -1;
+    }
+    return 0;
+}
+
+static int disk_write(struct disk *d, uint64_t i, uint64_t gen)
+{
+    fill_page(d->buf, i | DISK_TAG, gen);
+    ssize_t n = pwrite(d->fd, d->buf, DISK_BLOCK, (off_t)(i * DISK_BLOCK));
+    if (n != (ssize_t)DISK_BLOCK) {
+        d->ioerr++;
+        emit("DISKERR op=write block=%llu errno=%d", (unsigned long long)i, n < 0 ? errno : 0);
+        return -1;
+    }
+    return 0;
+}
+
+static void disk_report_corrupt(struct disk *d, uint64_t i)
+{
+    d->corrupt++;
+    emit("CORRUPT block=%llu expected=%llu found=%llu", (unsigned long long)i,
+         (unsigned long long)d->expected[i], (unsigned long long)d->buf[1]);
+}
+
+/* Opens the device (waiting for the driver's probe), sizes it and stamps every
+ * block with generation 0. Exits with an ERROR line if the disk is unusable. */
+static void disk_open(struct disk *d, const char *path)
+{
+    memset(d, 0, sizeof *d);
+    for (unsigned t = 0;; t++) {
+        d->fd = open(path, O_RDWR | O_DIRECT | O_CLOEXEC);
+        if (d->fd >= 0)
+            break;
+        if (t == DISK_OPEN_TRIES) {
+            emit("ERROR cannot open %s: %s (is the disk attached and virtio_blk loaded?)", path,
+                 strerror(errno));
+            exit(4);
+        }
+        usleep(100000);
+    }
+    uint64_t bytes = 0;
+    if (ioctl(d->fd, BLKGETSIZE64, &bytes) != 0 || bytes < DISK_BLOCK) {
+        emit("ERROR %s: cannot size it or smaller than one 4 KiB block", path);
+        exit(4);
+    }
+    d->blocks = bytes / DISK_BLOCK;
+    d->expected = map_or_die(d->blocks * sizeof(uint64_t), "the disk's shadow generations");
+    d->buf = map_or_die(DISK_BLOCK * DISK_INIT_CHUNK, "the disk buffer");
+    for (uint64_t i = 0; i < d->blocks; i += DISK_INIT_CHUNK) {
+        uint64_t n = d->blocks - i < DISK_INIT_CHUNK ? d->blocks - i : DISK_INIT_CHUNK;
+        for (uint64_t k = 0; k < n; k++)
+            fill_page(d->buf + k * (DISK_BLOCK / 8), (i + k) | DISK_TAG, 0);
+        ssize_t w = pwrite(d->fd, d->buf, n * DISK_BLOCK, (off_t)(i * DISK_BLOCK));
+        if (w != (ssize_t)(n * DISK_BLOCK)) {
+            emit("ERROR %s: writing blocks %llu..%llu failed: %s", path, (unsigned long long)i,
+                 (unsigned long long)(i + n), w < 0 ? strerror(errno) : "short write");
+            exit(4);
+        }
+        for (uint64_t k = 0; k < n; k++)
+            d->expected[i + k] = 0;
+    }
+    d->verify_cursor = d->blocks / 2;
+}
+
+/* Budget for `rate` operations per second since `start`, minus those done; a
+ * backlog after a stall is capped at 100 ms worth, like the page writer's. */
+static uint64_t disk_budget(uint64_t rate, uint64_t start, uint64_t now, uint64_t *done)
+{
+    if (rate == 0)
+        return DISK_BATCH;
+    uint64_t due = (now - start) / 1000 * rate / 1000000;
+    uint64_t cap = rate / 10 + 1;
+    if (due > *done + cap)
+        *done = due - cap;
+    uint64_t n = due - *done;
+    return n < DISK_BATCH ? n : DISK_BATCH;
+}
+
+/* One loop iteration's disk work: a few writes (each checked before it
+ * overwrites), then a few verifying reads. */
+static void disk_step(struct disk *d, const struct params *prm, uint64_t start, uint64_t now)
+{
+    uint64_t nw = disk_budget(prm->disk_rate, start, now, &d->writes_done);
+    for (uint64_t k = 0; k < nw; k++) {
+        uint64_t i = d->write_cursor;
+        d->write_cursor = i + 1 == d->blocks ? 0 : i + 1;
+        if (disk_read(d, i) == 0 && (d->buf[0] != (i | DISK_TAG) || d->buf[1] != d->expected[i]))
+            disk_report_corrupt(d, i);
+        if (disk_write(d, i, d->expected[i] + 1) == 0) {
+            d->expected[i]++;
+            d->writes++;
+        }
+        d->writes_done++;
+    }
+    uint64_t nr = disk_budget(prm->disk_verify_rate, start, now, &d->reads_done);
+    for (uint64_t k = 0; k < nr; k++) {
+        uint64_t i = d->verify_cursor;
+        if (disk_read(d, i) == 0 && !page_matches(d->buf, i | DISK_TAG, d->expected[i])) {
+            disk_report_corrupt(d, i);
+            disk_write(d, i, d->expected[i]); /* resync: one fault is reported once */
+        }
+        d->reads_done++;
+        if (++d->verify_cursor == d->blocks) {
+            d->verify_cursor = 0;
+            d->passes++;
+        }
+    }
+}
+
+/* ---- Network echo service ------------------------------------------------- */
+
+#define NET_POLL_NS 1000000ull /* poll the socket every 1 ms */
+#define NET_BATCH 8u           /* datagrams answered per poll at most */
+
+struct net {
+    int fd;
+    uint64_t rx, tx, next_poll;
+};
+
+static void net_open(struct net *n, uint64_t port)
+{
+    memset(n, 0, sizeof *n);
+    n->fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)port);
+    a.sin_addr.s_addr = htonl(INADDR_ANY);
+    if (n->fd < 0 || bind(n->fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        emit("ERROR cannot open UDP port %llu: %s", (unsigned long long)port, strerror(errno));
+        exit(5);
+    }
+}
+
+/* Echo what arrived since the last poll back to its senders. */
+static void net_step(struct net *n, uint64_t now)
+{
+    if (now < n->next_poll)
+        return;
+    n->next_poll = now + NET_POLL_NS;
+    for (unsigned k = 0; k < NET_BATCH; k++) {
+        char buf[512];
+        struct sockaddr_in from;
+        socklen_t len = sizeof from;
+        ssize_t got = recvfrom(n->fd, buf, sizeof buf, 0, (struct sockaddr *)&from, &len);
+        if (got < 0)
+            return; /* EAGAIN: nothing more */
+        n->rx++;
+        if (sendto(n->fd, buf, (size_t)got, 0, (struct sockaddr *)&from, len) == got)
+            n->tx++;
+    }
 }
 
 int main(void)
@@ -241,6 +493,13 @@ int main(void)
         expected[i] = 0;
     }
 
+    static struct disk disk;
+    if (prm.disk)
+        disk_open(&disk, prm.disk);
+    static struct net net;
+    if (prm.udp_port)
+        net_open(&net, prm.udp_port);
+
     char rate_str[32];
     if (prm.rate)
         snprintf(rate_str, sizeof rate_str, "%llu", (unsigned long long)prm.rate);
@@ -248,6 +507,18 @@ int main(void)
         snprintf(rate_str, sizeof rate_str, "max");
     emit("READY ws_mib=%llu rate=%s pattern=%s pages=%llu", (unsigned long long)prm.ws_mib,
          rate_str, prm.random ? "random" : prm.bursty ? "bursty" : "seq", (unsigned long long)pages);
+    if (prm.disk) {
+        char disk_rate[32];
+        if (prm.disk_rate)
+            snprintf(disk_rate, sizeof disk_rate, "%llu", (unsigned long long)prm.disk_rate);
+        else
+            snprintf(disk_rate, sizeof disk_rate, "max");
+        emit("DISKREADY dev=%s blocks=%llu rate=%s verify_rate=%llu", prm.disk,
+             (unsigned long long)disk.blocks, disk_rate,
+             (unsigned long long)prm.disk_verify_rate);
+    }
+    if (prm.udp_port)
+        emit("NETREADY port=%llu", (unsigned long long)prm.udp_port);
 
     /* The stack twin of ctl_bss. volatile forces it into the stack frame
      * instead of a register, so a stale stack page shows up as a mismatch. */
@@ -299,6 +570,17 @@ int main(void)
                  (unsigned long long)writes, (unsigned long long)(writes - writes_at_last_status),
                  (unsigned long long)corrupt, (unsigned long long)ctl_mismatch);
             writes_at_last_status = writes;
+            if (prm.disk) {
+                emit("DISKSTATUS seq=%llu passes=%llu writes=%llu wps=%llu corrupt=%llu ioerr=%llu",
+                     (unsigned long long)hb_seq, (unsigned long long)disk.passes,
+                     (unsigned long long)disk.writes,
+                     (unsigned long long)(disk.writes - disk.writes_at_last_status),
+                     (unsigned long long)disk.corrupt, (unsigned long long)disk.ioerr);
+                disk.writes_at_last_status = disk.writes;
+            }
+            if (prm.udp_port)
+                emit("NETSTATUS seq=%llu rx=%llu tx=%llu", (unsigned long long)hb_seq,
+                     (unsigned long long)net.rx, (unsigned long long)net.tx);
             next_status += STATUS_NS;
             if (next_status <= now)
                 next_status = now + STATUS_NS;
@@ -379,6 +661,11 @@ int main(void)
         writes += batch;
         if (prm.rate)
             tokens -= batch;
+
+        if (prm.disk)
+            disk_step(&disk, &prm, start, now);
+        if (prm.udp_port)
+            net_step(&net, now);
 
         /* Verify phase: a chunk per iteration, a pass every `pages` pages. */
         if (prm.verify) {

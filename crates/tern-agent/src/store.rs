@@ -514,6 +514,7 @@ mod tests {
             initrd: "/i".into(),
             cmdline: "console=ttyS0".into(),
             accelerator: tern_qemu::Accelerator::Tcg,
+            devices: Default::default(),
             migration: Default::default(),
         }
     }

@@ -226,6 +226,7 @@ async fn create(a: CreateArgs) -> Result<(), Failure> {
         initrd: env.image.initrd.clone(),
         cmdline: env.image.cmdline(&workload),
         accelerator: env.accelerator.accelerator,
+        devices: Default::default(),
         migration: VmMigrationSettings {
             post_copy: a.post_copy,
             max_downtime_ms: a.max_downtime_ms,

@@ -15,7 +15,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::serial::{
-    GuestLine, GuestStatus, HostLine, HostSerialLog, LineKind, ReadyInfo, parse_guest_line,
+    DiskReadyInfo, DiskStatus, GuestLine, GuestStatus, HostLine, HostSerialLog, LineKind,
+    ReadyInfo, parse_guest_line,
 };
 
 /// Which stream a sequence anomaly was seen in.
@@ -83,12 +84,26 @@ pub struct GuestHealth {
     pub sequence_anomalies: Vec<SequenceAnomaly>,
     /// Largest host-time gap between consecutive heartbeats, in ms.
     pub max_gap_ms: f64,
+    /// The `DISKREADY` line, if the guest runs the data-disk workload.
+    pub disk_ready: Option<DiskReadyInfo>,
+    /// The last `DISKSTATUS` line.
+    pub last_disk_status: Option<DiskStatus>,
+    /// Corrupt data-disk blocks: the larger of the `CORRUPT block=` lines seen and the last
+    /// `DISKSTATUS` total.
+    pub disk_corrupt_blocks: u64,
+    /// Data-disk I/O errors, counted the same way (`DISKERR` lines vs `DISKSTATUS`).
+    pub disk_io_errors: u64,
+    /// Complete verify passes over the data disk, from the last `DISKSTATUS`.
+    pub disk_verify_passes: u64,
 }
 
 impl GuestHealth {
-    /// Heartbeats arrived, nothing corrupt, no control mismatch, sequence continuous.
+    /// Heartbeats arrived, nothing corrupt (pages or disk blocks), no disk I/O error, no
+    /// control mismatch, sequence continuous.
     pub fn is_healthy(&self) -> bool {
         self.heartbeats > 0
+            && self.disk_corrupt_blocks == 0
+            && self.disk_io_errors == 0
             && self.corrupt_pages == 0
             && self.control_mismatches == 0
             && self.sequence_anomalies.is_empty()
@@ -123,6 +138,7 @@ pub fn analyze_boot(log: &HostSerialLog) -> GuestHealth {
 fn health(events: &[Event], side: LogSide) -> GuestHealth {
     let mut h = GuestHealth::default();
     let (mut corrupt_lines, mut ctl_lines) = (0u64, 0u64);
+    let (mut disk_corrupt_lines, mut disk_err_lines) = (0u64, 0u64);
     let mut prev: Option<(u64, u64)> = None; // (seq, ns)
     let mut max_gap_ns = 0u64;
     for e in events {
@@ -153,9 +169,19 @@ fn health(events: &[Event], side: LogSide) -> GuestHealth {
                 h.ready = Some(*r);
                 h.ready_ns = Some(e.ns);
             }
-            GuestLine::Other(_) => {}
+            GuestLine::DiskReady(r) => h.disk_ready = Some(r.clone()),
+            GuestLine::DiskStatus(s) => h.last_disk_status = Some(*s),
+            GuestLine::DiskCorrupt { .. } => disk_corrupt_lines += 1,
+            GuestLine::DiskError { .. } => disk_err_lines += 1,
+            GuestLine::NetReady { .. } | GuestLine::NetStatus { .. } | GuestLine::Other(_) => {}
         }
     }
+    let (disk_corrupt, disk_err, disk_passes) = h
+        .last_disk_status
+        .map_or((0, 0, 0), |s| (s.corrupt, s.ioerr, s.passes));
+    h.disk_corrupt_blocks = disk_corrupt_lines.max(disk_corrupt);
+    h.disk_io_errors = disk_err_lines.max(disk_err);
+    h.disk_verify_passes = disk_passes;
     let (status_corrupt, status_ctl, passes) = h
         .last_status
         .map_or((0, 0, 0), |s| (s.corrupt, s.ctl_mismatch, s.passes));
@@ -211,6 +237,16 @@ pub struct MigrationIntegrity {
     pub max_dest_gap_ms: f64,
     /// Heartbeats printed on the destination.
     pub dest_heartbeats: u64,
+    /// The guest ran the data-disk workload (a `DISKREADY` line on either side).
+    pub disk_workload: bool,
+    /// Corrupt data-disk blocks in both logs (each bad block is printed once).
+    pub disk_corrupt_blocks: u64,
+    /// Data-disk I/O errors in both logs.
+    pub disk_io_errors: u64,
+    /// Growth of the disk verifier's pass counter on the destination (its last
+    /// `DISKSTATUS` minus the source's last). ≥ 2 means at least one verification of the
+    /// whole disk ran entirely on the destination.
+    pub disk_verify_passes_after: u64,
 }
 
 impl MigrationIntegrity {
@@ -222,6 +258,9 @@ impl MigrationIntegrity {
             && self.corrupt_pages == 0
             && self.control_mismatches == 0
             && self.verify_passes_after >= 1
+            && self.disk_corrupt_blocks == 0
+            && self.disk_io_errors == 0
+            && (!self.disk_workload || self.disk_verify_passes_after >= 1)
     }
 }
 
@@ -311,7 +350,27 @@ pub fn analyze_migration(source: &HostSerialLog, dest: &HostSerialLog) -> Migrat
         verify_passes_after: passes_after,
         max_dest_gap_ms: dst.max_gap_ms,
         dest_heartbeats: dst.heartbeats,
+        disk_workload: src.disk_ready.is_some() || dst.disk_ready.is_some(),
+        disk_corrupt_blocks: src
+            .disk_corrupt_blocks
+            .max(dst.disk_corrupt_blocks)
+            .max(count(&src_events, is_disk_corrupt) + count(&dest_events, is_disk_corrupt)),
+        disk_io_errors: src
+            .disk_io_errors
+            .max(dst.disk_io_errors)
+            .max(count(&src_events, is_disk_err) + count(&dest_events, is_disk_err)),
+        disk_verify_passes_after: dst
+            .last_disk_status
+            .map_or(0, |s| s.passes.saturating_sub(src.disk_verify_passes)),
     }
+}
+
+fn is_disk_corrupt(l: &GuestLine) -> bool {
+    matches!(l, GuestLine::DiskCorrupt { .. })
+}
+
+fn is_disk_err(l: &GuestLine) -> bool {
+    matches!(l, GuestLine::DiskError { .. })
 }
 
 fn is_corrupt(l: &GuestLine) -> bool {
@@ -386,6 +445,70 @@ mod tests {
         assert!(h.sequence_anomalies.is_empty());
         assert!((h.max_gap_ms - 10.0).abs() < 1e-9);
         assert!(h.is_healthy());
+    }
+
+    fn disk_status(t_ms: u64, seq: u64, passes: u64, corrupt: u64) -> String {
+        format!(
+            "{} L DISKSTATUS seq={seq} passes={passes} writes=10 wps=10 corrupt={corrupt} ioerr=0\n",
+            t_ms * MS
+        )
+    }
+
+    #[test]
+    fn disk_blocks_are_judged_apart_from_pages() {
+        let mut text = format!(
+            "{} L DISKREADY dev=/dev/vda blocks=2048 rate=100 verify_rate=1000\n",
+            900 * MS
+        );
+        text += &beats(1000, 1..=100);
+        text += &status(1995, 100, 4, 0, 0);
+        text += &disk_status(1996, 100, 2, 0);
+        let h = analyze_boot(&HostSerialLog::parse(&text));
+        assert_eq!(h.disk_ready.as_ref().map(|d| d.blocks), Some(2048));
+        assert_eq!((h.disk_verify_passes, h.disk_corrupt_blocks), (2, 0));
+        assert!(h.is_healthy());
+
+        text += "2000000000 L CORRUPT block=7 expected=3 found=2\n";
+        let h = analyze_boot(&HostSerialLog::parse(&text));
+        assert_eq!((h.disk_corrupt_blocks, h.corrupt_pages), (1, 0));
+        assert!(!h.is_healthy());
+
+        // Migration: the destination must verify the disk; a bad block on it fails it.
+        let src = format!(
+            "{}{}{}{}",
+            "1 L DISKREADY dev=/dev/vda blocks=8 rate=100 verify_rate=1000\n",
+            beats(1000, 1..=50),
+            status(1495, 50, 3, 0, 0),
+            disk_status(1496, 50, 5, 0)
+        );
+        let dst_ok = format!(
+            "{}{}{}",
+            beats(2000, 51..=200),
+            status(3495, 200, 9, 0, 0),
+            disk_status(3496, 200, 8, 0)
+        );
+        let m = analyze_migration(&HostSerialLog::parse(&src), &HostSerialLog::parse(&dst_ok));
+        assert!(m.disk_workload);
+        assert_eq!((m.disk_verify_passes_after, m.disk_corrupt_blocks), (3, 0));
+        assert!(m.is_intact(), "{m:?}");
+        let dst_bad = format!("{dst_ok}3500000000 L CORRUPT block=1 expected=4 found=3\n");
+        let m = analyze_migration(&HostSerialLog::parse(&src), &HostSerialLog::parse(&dst_bad));
+        assert_eq!(m.disk_corrupt_blocks, 1);
+        assert!(!m.is_intact());
+        let dst_unverified = format!(
+            "{}{}{}",
+            beats(2000, 51..=200),
+            status(3495, 200, 9, 0, 0),
+            disk_status(3496, 200, 5, 0)
+        );
+        let m = analyze_migration(
+            &HostSerialLog::parse(&src),
+            &HostSerialLog::parse(&dst_unverified),
+        );
+        assert!(
+            !m.is_intact(),
+            "the disk was never verified on the destination"
+        );
     }
 
     #[test]

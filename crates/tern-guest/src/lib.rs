@@ -12,6 +12,8 @@
 pub mod cpio;
 pub mod image;
 pub mod integrity;
+pub mod modules;
+pub mod netprobe;
 pub mod params;
 pub mod serial;
 
@@ -21,7 +23,9 @@ pub use image::{
 pub use integrity::{
     GuestHealth, LogSide, MigrationIntegrity, SequenceAnomaly, analyze_boot, analyze_migration,
 };
-pub use params::{PageRate, ParamError, WorkloadParams, WritePattern};
+pub use netprobe::{NetProbeReport, UdpProbe, analyze_probe};
+pub use params::{DiskWorkload, PageRate, ParamError, WorkloadParams, WritePattern};
 pub use serial::{
-    GuestLine, GuestStatus, HostLine, HostSerialLog, LineKind, ReadyInfo, parse_guest_line,
+    DiskReadyInfo, DiskStatus, GuestLine, GuestStatus, HostLine, HostSerialLog, LineKind,
+    ReadyInfo, parse_guest_line,
 };

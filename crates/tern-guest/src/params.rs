@@ -149,6 +149,56 @@ impl WorkloadParams {
     }
 }
 
+/// The data-disk workload of `tern-load` (`tern_disk=…`): generation-stamped 4 KiB blocks
+/// written at `rate` and verified continuously, the disk counterpart of the page workload.
+/// Kept apart from [`WorkloadParams`] so diskless guests are described as before; its
+/// [`kernel_args`](Self::kernel_args) are appended to the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskWorkload {
+    /// The guest block device, e.g. `/dev/vda` (the first virtio-blk disk).
+    pub device: String,
+    /// Block writes per second.
+    pub rate: PageRate,
+    /// Block reads per second by the verifier: a full pass takes `blocks / verify_rate`
+    /// seconds.
+    pub verify_rate: u64,
+}
+
+impl DiskWorkload {
+    /// The first virtio-blk disk, 100 block writes/s, 1000 verifying reads/s.
+    pub fn on(device: impl Into<String>) -> Self {
+        Self {
+            device: device.into(),
+            rate: PageRate::PerSecond(100),
+            verify_rate: 1000,
+        }
+    }
+
+    /// Checks the device path and the verify rate, naming the bad value.
+    pub fn validate(&self) -> Result<(), String> {
+        let d = &self.device;
+        if !d.starts_with("/dev/") || d.len() <= 5 || d.chars().any(|c| c.is_whitespace()) {
+            return Err(format!(
+                "disk device {d:?} is invalid: expected a guest block device such as /dev/vda"
+            ));
+        }
+        if self.verify_rate == 0 {
+            return Err(
+                "disk verify rate 0 is invalid: use at least 1 block read per second".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `tern_disk=… tern_disk_rate=… tern_disk_verify_rate=…`.
+    pub fn kernel_args(&self) -> String {
+        format!(
+            "tern_disk={} tern_disk_rate={} tern_disk_verify_rate={}",
+            self.device, self.rate, self.verify_rate
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +258,21 @@ mod tests {
             "tern_ws_mib=16 tern_rate=5000 tern_pattern=random tern_verify=0"
         );
         assert!(!args.contains('.'));
+    }
+
+    #[test]
+    fn disk_workload_args_and_validation() {
+        let d = DiskWorkload::on("/dev/vda");
+        assert!(d.validate().is_ok());
+        assert_eq!(
+            d.kernel_args(),
+            "tern_disk=/dev/vda tern_disk_rate=100 tern_disk_verify_rate=1000"
+        );
+        let e = DiskWorkload::on("vda").validate().unwrap_err();
+        assert!(e.contains("\"vda\"") && e.contains("/dev/vda"), "{e}");
+        let mut d = DiskWorkload::on("/dev/vdb");
+        d.verify_rate = 0;
+        assert!(d.validate().unwrap_err().contains("verify rate 0"));
     }
 
     #[test]

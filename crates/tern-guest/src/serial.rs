@@ -43,6 +43,36 @@ pub struct GuestStatus {
     pub ctl_mismatch: u64,
 }
 
+/// `DISKREADY …`: the data disk is stamped and the disk workload starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReadyInfo {
+    /// The guest's block device, e.g. `/dev/vda`.
+    pub dev: String,
+    /// 4 KiB blocks on it.
+    pub blocks: u64,
+    /// Block writes per second asked for (`max` is [`PageRate::Max`]).
+    pub rate: PageRate,
+    /// Block reads per second of the verifier.
+    pub verify_rate: u64,
+}
+
+/// `DISKSTATUS …`: the disk workload's cumulative counters, once a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// The heartbeat sequence number at the time of the line.
+    pub seq: u64,
+    /// Complete verify passes over the disk.
+    pub passes: u64,
+    /// Total block writes.
+    pub writes: u64,
+    /// Block writes during the last second.
+    pub wps: u64,
+    /// Total corrupt blocks found.
+    pub corrupt: u64,
+    /// Total I/O errors.
+    pub ioerr: u64,
+}
+
 /// One line of the guest serial protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestLine {
@@ -74,6 +104,43 @@ pub enum GuestLine {
     },
     /// `READY …`.
     Ready(ReadyInfo),
+    /// `CORRUPT block=<i> expected=<g> found=<g>`: a data-disk block did not hold its
+    /// expected generation.
+    DiskCorrupt {
+        /// Block index (4 KiB blocks).
+        block: u64,
+        /// Generation the guest expected.
+        expected: u64,
+        /// Generation found in the block header.
+        found: u64,
+    },
+    /// `DISKREADY …`.
+    DiskReady(DiskReadyInfo),
+    /// `DISKSTATUS …`.
+    DiskStatus(DiskStatus),
+    /// `DISKERR op=<read|write> block=<i> errno=<n>`: an I/O error on the data disk.
+    DiskError {
+        /// `read` or `write`.
+        op: String,
+        /// Block index.
+        block: u64,
+        /// The guest's errno (0 for a short transfer).
+        errno: u64,
+    },
+    /// `NETREADY port=<p>`: the UDP echo service listens.
+    NetReady {
+        /// UDP port.
+        port: u16,
+    },
+    /// `NETSTATUS seq=<hb seq> rx=<n> tx=<n>`: datagrams received and echoed, once a second.
+    NetStatus {
+        /// The heartbeat sequence number at the time of the line.
+        seq: u64,
+        /// Datagrams received.
+        rx: u64,
+        /// Echoes sent.
+        tx: u64,
+    },
     /// Anything else (kernel messages, init messages, partial or malformed lines).
     Other(String),
 }
@@ -109,6 +176,59 @@ fn parse_protocol(text: &str) -> Option<GuestLine> {
                 corrupt: f.num(4)?,
                 ctl_mismatch: f.num(5)?,
             }))
+        }
+        "CORRUPT" if rest.first().is_some_and(|w| w.starts_with("block=")) => {
+            let f = Fields::new(&rest, &["block", "expected", "found"])?;
+            Some(GuestLine::DiskCorrupt {
+                block: f.num(0)?,
+                expected: f.num(1)?,
+                found: f.num(2)?,
+            })
+        }
+        "DISKREADY" => {
+            let f = Fields::new(&rest, &["dev", "blocks", "rate", "verify_rate"])?;
+            Some(GuestLine::DiskReady(DiskReadyInfo {
+                dev: f.values[0].to_string(),
+                blocks: f.num(1)?,
+                rate: f.values[2].parse().ok()?,
+                verify_rate: f.num(3)?,
+            }))
+        }
+        "DISKSTATUS" => {
+            let f = Fields::new(
+                &rest,
+                &["seq", "passes", "writes", "wps", "corrupt", "ioerr"],
+            )?;
+            Some(GuestLine::DiskStatus(DiskStatus {
+                seq: f.num(0)?,
+                passes: f.num(1)?,
+                writes: f.num(2)?,
+                wps: f.num(3)?,
+                corrupt: f.num(4)?,
+                ioerr: f.num(5)?,
+            }))
+        }
+        "NETREADY" => {
+            let f = Fields::new(&rest, &["port"])?;
+            Some(GuestLine::NetReady {
+                port: f.values[0].parse().ok()?,
+            })
+        }
+        "NETSTATUS" => {
+            let f = Fields::new(&rest, &["seq", "rx", "tx"])?;
+            Some(GuestLine::NetStatus {
+                seq: f.num(0)?,
+                rx: f.num(1)?,
+                tx: f.num(2)?,
+            })
+        }
+        "DISKERR" => {
+            let f = Fields::new(&rest, &["op", "block", "errno"])?;
+            Some(GuestLine::DiskError {
+                op: f.values[0].to_string(),
+                block: f.num(1)?,
+                errno: f.num(2)?,
+            })
         }
         "CORRUPT" => {
             let f = Fields::new(&rest, &["page", "expected", "found"])?;
@@ -310,6 +430,73 @@ mod tests {
                 pages: 4096
             })
         );
+    }
+
+    #[test]
+    fn disk_lines_parse_and_page_corruption_stays_apart() {
+        assert_eq!(
+            parse_guest_line("CORRUPT block=700 expected=3 found=2"),
+            GuestLine::DiskCorrupt {
+                block: 700,
+                expected: 3,
+                found: 2
+            }
+        );
+        assert!(matches!(
+            parse_guest_line("CORRUPT page=7 expected=3 found=2"),
+            GuestLine::Corrupt { page: 7, .. }
+        ));
+        assert_eq!(
+            parse_guest_line("DISKREADY dev=/dev/vda blocks=1024 rate=max verify_rate=1000"),
+            GuestLine::DiskReady(DiskReadyInfo {
+                dev: "/dev/vda".into(),
+                blocks: 1024,
+                rate: PageRate::Max,
+                verify_rate: 1000
+            })
+        );
+        assert_eq!(
+            parse_guest_line("DISKSTATUS seq=96 passes=2 writes=199 wps=199 corrupt=1 ioerr=0"),
+            GuestLine::DiskStatus(DiskStatus {
+                seq: 96,
+                passes: 2,
+                writes: 199,
+                wps: 199,
+                corrupt: 1,
+                ioerr: 0
+            })
+        );
+        assert_eq!(
+            parse_guest_line("DISKERR op=read block=5 errno=5"),
+            GuestLine::DiskError {
+                op: "read".into(),
+                block: 5,
+                errno: 5
+            }
+        );
+        assert_eq!(
+            parse_guest_line("NETREADY port=7777"),
+            GuestLine::NetReady { port: 7777 }
+        );
+        assert_eq!(
+            parse_guest_line("NETSTATUS seq=5 rx=3 tx=3"),
+            GuestLine::NetStatus {
+                seq: 5,
+                rx: 3,
+                tx: 3
+            }
+        );
+        for bad in [
+            "NETREADY port=70000",
+            "CORRUPT block=x expected=1 found=0",
+            "DISKSTATUS seq=1 passes=2",
+            "DISKREADY dev=/dev/vda blocks=1 rate=0x verify_rate=1",
+        ] {
+            assert!(
+                matches!(parse_guest_line(bad), GuestLine::Other(_)),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

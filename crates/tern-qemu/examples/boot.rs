@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         initrd: a[2].clone().into(),
         cmdline: a[3].clone(),
         accelerator: Accelerator::Tcg,
+        devices: Default::default(),
         migration: VmMigrationSettings::default(),
     };
     let start = host_monotonic_ns();

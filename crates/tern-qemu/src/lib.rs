@@ -6,6 +6,9 @@
 
 pub mod accel;
 pub mod binary;
+pub mod devices;
+pub mod disk;
+pub mod net;
 pub mod process;
 pub mod serial;
 pub mod spec;
@@ -13,6 +16,9 @@ pub mod tls;
 
 pub use accel::{AcceleratorVerdict, probe_accelerator};
 pub use binary::{MIN_QEMU, QemuBinary, QemuVersion};
+pub use devices::{BootSource, VmDevices};
+pub use disk::{CacheMode, DiskFormat, DiskSpec};
+pub use net::{MacAddress, NicSpec};
 pub use process::{VmLaunch, VmProcess};
 pub use serial::{SerialRecorder, host_monotonic_ns};
 pub use spec::{

@@ -127,6 +127,26 @@ impl VmProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        // QEMU creates its QMP socket (an early backend) before its tap devices (late
+        // backends): wait for the taps too, so the caller can attach them to a bridge as
+        // soon as this returns.
+        for nic in &launch.spec.devices.nics {
+            while !pid_has_interface(pid, &nic.tap) {
+                if let Some(status) = vm.try_wait() {
+                    return Err(QemuError::StartFailed {
+                        status: status.to_string(),
+                        stderr: vm.stderr_tail(),
+                    });
+                }
+                if Instant::now() > deadline {
+                    return Err(QemuError::StartFailed {
+                        status: format!("tap {} not created after 10 s", nic.tap),
+                        stderr: vm.stderr_tail(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         Ok(vm)
     }
 
@@ -292,6 +312,16 @@ impl VmProcess {
     }
 }
 
+/// Whether the network namespace of process `pid` has an interface named `ifname`
+/// (`/proc/<pid>/net/dev` lists the interfaces of the process's own namespace).
+fn pid_has_interface(pid: u32, ifname: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/net/dev")).is_ok_and(|t| {
+        t.lines()
+            .filter_map(|l| l.split_once(':'))
+            .any(|(name, _)| name.trim() == ifname)
+    })
+}
+
 /// Whether `pid` runs (exists and is not a zombie), read from `/proc`.
 pub fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -307,5 +337,19 @@ pub fn pid_alive(pid: u32) -> bool {
 impl Drop for VmProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interfaces_of_a_process_namespace_are_found_by_exact_name() {
+        let me = std::process::id();
+        assert!(pid_has_interface(me, "lo"));
+        assert!(!pid_has_interface(me, "l"));
+        assert!(!pid_has_interface(me, "no-such-if0"));
+        assert!(!pid_has_interface(u32::MAX, "lo"));
     }
 }

@@ -13,6 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::QemuError;
+use crate::devices::VmDevices;
 
 /// Which accelerator runs the guest's vCPUs.
 ///
@@ -135,6 +136,9 @@ pub struct VmSpec {
     /// Admin settings that constrain how tern may migrate this VM.
     #[serde(default)]
     pub migration: VmMigrationSettings,
+    /// Disks, NICs and the boot source (none, none, the kernel above by default).
+    #[serde(default)]
+    pub devices: VmDevices,
 }
 
 /// How QEMU is started from a spec.
@@ -203,7 +207,12 @@ impl VmSpec {
                 self.vcpus
             )));
         }
-        for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+        let kernel_files: &[(&str, &PathBuf)] = if self.devices.boots_kernel() {
+            &[("kernel", &self.kernel), ("initrd", &self.initrd)]
+        } else {
+            &[]
+        };
+        for (what, path) in kernel_files {
             if !path.is_file() {
                 return Err(QemuError::InvalidSpec(format!(
                     "{what} {} does not exist: build the guest image with `tern guest build`",
@@ -216,7 +225,7 @@ impl VmSpec {
                 "kernel command line must be a single line".to_string(),
             ));
         }
-        Ok(())
+        self.devices.validate(&self.name)
     }
 
     /// The QEMU arguments (without the program name) for this spec.
@@ -244,12 +253,18 @@ impl VmSpec {
             "-no-user-config".to_string(),
             "-display".to_string(),
             "none".to_string(),
-            "-kernel".to_string(),
-            self.kernel.display().to_string(),
-            "-initrd".to_string(),
-            self.initrd.display().to_string(),
-            "-append".to_string(),
-            self.cmdline.clone(),
+        ];
+        if self.devices.boots_kernel() {
+            args.extend([
+                "-kernel".to_string(),
+                self.kernel.display().to_string(),
+                "-initrd".to_string(),
+                self.initrd.display().to_string(),
+                "-append".to_string(),
+                self.cmdline.clone(),
+            ]);
+        }
+        args.extend([
             "-chardev".to_string(),
             format!(
                 "socket,id=serial0,path={},server=on,wait=off",
@@ -259,7 +274,8 @@ impl VmSpec {
             "chardev:serial0".to_string(),
             "-qmp".to_string(),
             format!("unix:{},server=on,wait=off", sockets.qmp.display()),
-        ];
+        ]);
+        args.extend(self.devices.to_args(&self.name));
         if mode == LaunchMode::Incoming {
             args.push("-incoming".to_string());
             args.push("defer".to_string());
@@ -299,6 +315,7 @@ mod tests {
             cmdline: "console=ttyS0 tern_ws_mib=16".into(),
             accelerator: Accelerator::Tcg,
             migration: VmMigrationSettings::default(),
+            devices: VmDevices::default(),
         }
     }
 
@@ -396,6 +413,59 @@ mod tests {
                 .to_string()
                 .contains("allowed")
         );
+    }
+
+    #[test]
+    fn disks_and_nics_follow_the_sockets_and_disk_boot_drops_the_kernel() {
+        use crate::devices::BootSource;
+        use crate::disk::{DiskFormat, DiskSpec};
+        use crate::net::{MacAddress, NicSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("root.raw");
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let mut s = spec(dir.path());
+        s.devices
+            .disks
+            .push(DiskSpec::new("root", &img, DiskFormat::Raw));
+        s.devices.nics.push(NicSpec::on_tap("tap-vm1"));
+        s.validate().unwrap();
+        let socks = VmSockets::in_dir(Path::new("/run/x"));
+        let args = s.to_args(&socks, LaunchMode::Boot);
+        assert_eq!(value_after(&args, "-blockdev").len(), 2);
+        assert_eq!(
+            value_after(&args, "-netdev"),
+            ["tap,id=net0,ifname=tap-vm1,script=no,downscript=no"]
+        );
+        let mac = MacAddress::for_vm("vm-1", 0).to_string();
+        assert!(value_after(&args, "-device")[1].contains(&mac));
+        assert_eq!(value_after(&args, "-kernel").len(), 1);
+
+        s.devices.boot = BootSource::Disk {
+            disk: "root".into(),
+        };
+        s.kernel = dir.path().join("no-kernel");
+        s.validate().unwrap();
+        let args = s.to_args(&socks, LaunchMode::Boot);
+        assert!(value_after(&args, "-kernel").is_empty());
+        assert!(value_after(&args, "-append").is_empty());
+        assert!(value_after(&args, "-device")[0].ends_with("bootindex=1"));
+        let inc = s.to_args(&socks, LaunchMode::Incoming);
+        assert_eq!(&inc[..args.len()], &args[..]);
+
+        s.devices.disks[0].path = dir.path().join("missing.raw");
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("missing.raw") && e.contains("does not exist"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn spec_without_devices_deserializes_to_kernel_boot() {
+        let json = r#"{"name":"a","memory_mib":64,"vcpus":1,"kernel":"/k","initrd":"/i",
+            "cmdline":"","accelerator":"tcg"}"#;
+        let s: VmSpec = serde_json::from_str(json).unwrap();
+        assert!(s.devices.disks.is_empty() && s.devices.boots_kernel());
     }
 
     #[test]

@@ -90,6 +90,9 @@ macro_rules! qapi_enum {
     };
 }
 
+/// Lets other modules of this crate declare QAPI enums the same way.
+pub(crate) use qapi_enum;
+
 qapi_enum! {
     /// State of a migration as reported by `query-migrate` and the `MIGRATION` event
     /// (QAPI `MigrationStatus`, QEMU 10.0 member list).

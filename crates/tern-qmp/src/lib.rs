@@ -37,6 +37,8 @@
 //! # Ok(()) }
 //! ```
 
+mod announce;
+mod block;
 mod client;
 mod codec;
 mod commands;
@@ -45,6 +47,11 @@ mod error;
 mod event;
 mod types;
 
+pub use announce::AnnounceParameters;
+pub use block::{
+    BlockExportInfo, BlockExportRemoveMode, BlockJobEvent, BlockJobInfo, BlockdevMirrorArgs,
+    InetAddr, JobStatus, JobType, MirrorCopyMode, MirrorSyncMode,
+};
 pub use client::{EVENT_CAPACITY, GREETING_TIMEOUT, QmpClient, QmpEvents};
 pub use commands::DEFAULT_STATUS_POLL;
 pub use enums::{

@@ -104,6 +104,12 @@ async fn real_qemu_migration_subset() {
     assert_eq!(status.status, RunState::Running, "{status:?}");
     assert!(status.running);
 
+    // Accepted as typed (no NIC: nothing to send, but the arguments must be valid).
+    qmp.announce_self(&tern_qmp::AnnounceParameters::default())
+        .await
+        .unwrap();
+    assert!(qmp.query_block_jobs().await.unwrap().is_empty());
+
     let commands = qmp.supported_commands().await.unwrap();
     for name in [
         "migrate",
@@ -114,6 +120,20 @@ async fn real_qemu_migration_subset() {
         "migrate_cancel",
         "calc-dirty-rate",
         "query-dirty-rate",
+        // Storage migration and the network announcement (block.rs, announce.rs).
+        "nbd-server-start",
+        "nbd-server-stop",
+        "block-export-add",
+        "block-export-del",
+        "query-block-exports",
+        "blockdev-add",
+        "blockdev-del",
+        "blockdev-mirror",
+        "query-block-jobs",
+        "block-job-cancel",
+        "job-complete",
+        "job-dismiss",
+        "announce-self",
     ] {
         assert!(
             commands.contains(name),

@@ -89,6 +89,7 @@ impl LabEnvironment {
                 ..WorkloadParams::default()
             }),
             accelerator: Accelerator::Kvm,
+            devices: Default::default(),
             migration: VmMigrationSettings::default(),
         };
         let accelerator = tern_qemu::probe_accelerator(
@@ -399,6 +400,7 @@ pub fn vm_spec(env: &LabEnvironment, spec: &ScenarioSpec) -> VmSpec {
         initrd: env.image.initrd.clone(),
         cmdline: env.image.cmdline(&spec.workload),
         accelerator: env.accelerator.accelerator,
+        devices: Default::default(),
         migration: VmMigrationSettings {
             post_copy: spec.vm_post_copy,
             max_downtime_ms: spec.vm_max_downtime_ms,
@@ -789,6 +791,7 @@ impl ScenarioSession {
             initrd: env.image.initrd.clone(),
             cmdline: env.image.cmdline(&spec.workload),
             accelerator: env.accelerator.accelerator,
+            devices: Default::default(),
             migration: VmMigrationSettings {
                 post_copy: PostCopyPermission::Allowed,
                 max_downtime_ms: spec.vm_max_downtime_ms,

@@ -100,6 +100,7 @@ fn guest_boots_in_a_lab_host_and_verifies_memory() {
             ..WorkloadParams::default()
         }),
         accelerator: env.accelerator.accelerator,
+        devices: Default::default(),
         migration: VmMigrationSettings::default(),
     };
     let info = rt.block_on(host.create_vm(spec)).expect("boot");
@@ -262,6 +263,7 @@ fn bad_input_is_refused_before_anything_starts() {
             ..WorkloadParams::default()
         }),
         accelerator: env.accelerator.accelerator,
+        devices: Default::default(),
         migration: VmMigrationSettings::default(),
     };
     let mut zero = good.clone();

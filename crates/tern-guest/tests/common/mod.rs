@@ -177,3 +177,60 @@ pub fn status_points(log: &HostSerialLog) -> Vec<(u64, u64, u64, u64)> {
         })
         .collect()
 }
+
+/// A throwaway network namespace, deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn add(name: String) -> Netns {
+        let st = Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "ip netns add {name} failed (root needed)"
+        );
+        Netns(name)
+    }
+
+    pub fn ip_ok(&self, args: &[&str]) -> bool {
+        Command::new("ip")
+            .arg("-n")
+            .arg(&self.0)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    pub fn ip(&self, args: &[&str]) {
+        let st = Command::new("ip")
+            .arg("-n")
+            .arg(&self.0)
+            .args(args)
+            .status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "ip -n {} {args:?} failed",
+            self.0
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+pub fn net_lines(log: &HostSerialLog) -> (bool, u64) {
+    let mut ready = false;
+    let mut rx = 0;
+    for l in &log.lines {
+        match parse_guest_line(&l.text) {
+            GuestLine::NetReady { port: 7777 } => ready = true,
+            GuestLine::NetStatus { rx: n, .. } => rx = n,
+            _ => {}
+        }
+    }
+    (ready, rx)
+}
