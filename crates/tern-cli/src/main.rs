@@ -15,6 +15,8 @@ mod lab;
 mod lab_agents;
 mod migrate;
 mod output;
+mod server_client;
+mod server_cmd;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -59,6 +61,8 @@ enum Command {
     /// Inspect and steer migrations.
     #[command(subcommand)]
     Migration(migrate::MigrationCommand),
+    /// Run the cluster controller (HTTP API over every agent; evacuations).
+    Server(server_cmd::ServerArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -147,6 +151,7 @@ fn main() {
             Command::Vm(c) => vm::run(c).await,
             Command::Migrate(a) => migrate::migrate(a).await,
             Command::Migration(c) => migrate::run(c).await,
+            Command::Server(a) => server_cmd::run(a).await,
         }
     });
     if let Err(f) = result {
