@@ -106,6 +106,10 @@ pub struct Controller {
     pub metrics: Arc<Metrics>,
     /// State changes for `/v1/events`.
     pub events: EventBus,
+    /// Serialises writers of migrations and evacuations: the runner holds it for a tick, API
+    /// calls that create or steer work hold it while they write, so a cancel cannot race a
+    /// start of the same step. (Several controllers are serialised by the lease, issue 12.)
+    pub work: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Encodes a page token for the host after which the next page starts.
@@ -305,6 +309,7 @@ impl Controller {
         &self,
         req: MigrationRequest,
     ) -> Result<MigrationCreated, ControllerError> {
+        let _work = self.work.lock().await;
         let vm = self.vm(&req.vm).await?;
         let fleet = self.fleet().await?;
         let source = fleet

@@ -99,6 +99,7 @@ impl Controller {
             Some(d) => parse_deadline(d)?,
             None => DEFAULT_DEADLINE_S,
         };
+        let _work = self.work.lock().await;
         let h = self.host(host).await?;
         if h.state == HostState::Unreachable {
             return Err(ControllerError::Conflict(format!(
@@ -275,6 +276,7 @@ impl Controller {
         id: &str,
         to: EvacuationState,
     ) -> Result<EvacuationView, ControllerError> {
+        let _work = self.work.lock().await;
         let mut v = self.evacuation(id).await?;
         let from = v.evacuation.state;
         let ok = match to {

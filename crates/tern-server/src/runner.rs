@@ -69,6 +69,7 @@ impl Runner {
 
     /// One pass: watch what runs, drive evacuations, start due standalone migrations.
     pub async fn tick(&self) -> Result<(), ControllerError> {
+        let _work = self.ctl.work.lock().await;
         let fleet = self.ctl.fleet().await?;
         let all = self.ctl.store.migrations(None).await?;
         let evacuations = self.ctl.store.evacuations().await?;

@@ -140,6 +140,7 @@ impl RunningServer {
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new()),
             events: EventBus::new(),
+            work: Arc::default(),
         };
         let app = router(AppState {
             ctl: controller.clone(),

@@ -22,6 +22,10 @@ async fn every_call_needs_the_token_and_mutations_are_audited() {
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&state.join("controller.db")), 0o600);
     assert_eq!(mode(&state.join("controller.token")), 0o600);
+    for f in std::fs::read_dir(&state).unwrap() {
+        let f = f.unwrap().path();
+        assert_eq!(mode(&f) & 0o077, 0, "{} readable by others", f.display());
+    }
 
     for path in ["/v1/hosts", "/metrics", "/openapi.json", "/v1/nowhere"] {
         let resp = h.http.get(format!("{}{path}", h.url)).send().await.unwrap();
@@ -153,6 +157,39 @@ async fn a_host_that_stops_heartbeating_is_unreachable_and_lists_go_on() {
     assert!(v["error"].as_str().unwrap().contains("unreachable"));
     h.heartbeat("h1", 4096, &[("a", 256)]).await;
     assert_eq!(h.get("/v1/hosts/h1").await.1["state"], "up");
+
+    // A migration whose source stops heartbeating is `unknown` until the agent is back.
+    h.agent.state.hold.store(true, Ordering::SeqCst);
+    let (s, v) = h
+        .post("/v1/migrations", json!({"vm": "a", "to": "h2"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["migration"]["id"].as_str().unwrap().to_string();
+    wait_for("running", T, || async {
+        h.heartbeat("h1", 4096, &[("a", 256)]).await;
+        let (_, v) = h.get(&format!("/v1/migrations/{id}")).await;
+        (v["migration"]["state"] == "running").then_some(())
+    })
+    .await;
+    wait_for("unknown", T, || async {
+        h.heartbeat("h2", 4096, &[]).await;
+        let (_, v) = h.get("/v1/migrations").await;
+        (v[0]["state"] == "unknown").then_some(())
+    })
+    .await;
+    h.agent.state.hold.store(false, Ordering::SeqCst);
+    let v = wait_for("completed once h1 is back", T, || async {
+        h.heartbeat("h1", 4096, &[]).await;
+        let (_, v) = h.get(&format!("/v1/migrations/{id}")).await;
+        (v["migration"]["state"] == "completed").then_some(v)
+    })
+    .await;
+    let text = v["events"].to_string();
+    assert!(
+        text.contains("unknown: the source host stopped heartbeating"),
+        "{text}"
+    );
+    assert_eq!(h.agent.starts().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,6 +560,51 @@ async fn controller_restart_mid_evacuation_continues_without_starting_twice() {
             .contains("adopted agent migration agent-1")
     });
     assert!(adopted, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_destination_goes_away_is_replanned() {
+    let h = Harness::start(3, 30).await;
+    h.agent.state.hold.store(true, Ordering::SeqCst);
+    h.heartbeat("h1", 0, &[("a", 512), ("b", 256)]).await;
+    h.heartbeat("h2", 4096, &[]).await;
+    h.heartbeat("h3", 2048, &[]).await;
+    let (s, v) = h
+        .post("/v1/hosts/h1/evacuate", json!({"deadline": "10m"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["plan"]["migrations"][1]["destination"], "h2");
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_for("first running", T, || async {
+        let (_, v) = h.get(&format!("/v1/evacuations/{id}")).await;
+        (v["migrations"][0]["state"] == "running").then_some(())
+    })
+    .await;
+    let (s, _) = h
+        .call("PATCH", "/v1/hosts/h2", Some(json!({"drain": true})))
+        .await;
+    assert_eq!(s, 200);
+    h.agent.state.hold.store(false, Ordering::SeqCst);
+    let done = wait_for("evacuation completed", T, || async {
+        let (_, v) = h.get(&format!("/v1/evacuations/{id}")).await;
+        (v["evacuation"]["state"] == "completed").then_some(v)
+    })
+    .await;
+    let b = &done["migrations"][1];
+    assert_eq!(b["vm"], "b");
+    assert_eq!(b["destination"], "h3");
+    let (_, m) = h
+        .get(&format!("/v1/migrations/{}", b["id"].as_str().unwrap()))
+        .await;
+    let replan = m["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "replan")
+        .expect("replan recorded");
+    let d = replan["detail"].as_str().unwrap();
+    assert!(d.contains("h2 draining") && d.contains("now h3"), "{d}");
+    assert_eq!(h.agent.starts()[1].destination, "h3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
