@@ -171,10 +171,12 @@ async fn a_host_that_stops_heartbeating_is_unreachable_and_lists_go_on() {
         (v["migration"]["state"] == "running").then_some(())
     })
     .await;
-    wait_for("unknown", T, || async {
+    wait_for("unknown shown and recorded", T, || async {
         h.heartbeat("h2", 4096, &[]).await;
-        let (_, v) = h.get("/v1/migrations").await;
-        (v[0]["state"] == "unknown").then_some(())
+        let (_, list) = h.get("/v1/migrations").await;
+        let (_, v) = h.get(&format!("/v1/migrations/{id}")).await;
+        let recorded = v["events"].to_string().contains("unknown: the source host");
+        (list[0]["state"] == "unknown" && recorded).then_some(())
     })
     .await;
     h.agent.state.hold.store(false, Ordering::SeqCst);
@@ -185,10 +187,11 @@ async fn a_host_that_stops_heartbeating_is_unreachable_and_lists_go_on() {
     })
     .await;
     let text = v["events"].to_string();
-    assert!(
-        text.contains("unknown: the source host stopped heartbeating"),
-        "{text}"
-    );
+    let unknown = text
+        .find("unknown: the source host")
+        .expect("unknown recorded");
+    let completed = text.find("completed on h2").expect("completion recorded");
+    assert!(unknown < completed, "{text}");
     assert_eq!(h.agent.starts().len(), 1);
 }
 
