@@ -714,3 +714,60 @@ async fn openapi_describes_the_routes_and_unknown_routes_are_json_404() {
     assert_eq!(s, 404);
     assert!(v["error"].as_str().unwrap().contains("/openapi.json"));
 }
+
+/// The evacuation-with-restart scenario on PostgreSQL, in a fresh schema of the database at
+/// `TERN_TEST_PG_URL`. Compiled in only when that variable is set at build time (`build.rs`),
+/// so it never passes by skipping.
+#[cfg(tern_test_pg)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evacuation_survives_a_restart_on_postgres() {
+    let base = std::env::var("TERN_TEST_PG_URL").expect("TERN_TEST_PG_URL was set at build time");
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&base).await.unwrap();
+    let schema = format!("tern_api_{:016x}", rand::random::<u64>());
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    let outcome = tokio::spawn(async move {
+        let mut h = Harness::start_on(3, 30, Some(url)).await;
+        h.agent.state.hold.store(true, Ordering::SeqCst);
+        h.heartbeat("h1", 0, &[("a", 512), ("b", 256)]).await;
+        h.heartbeat("h2", 4096, &[]).await;
+        h.heartbeat("h3", 4096, &[]).await;
+        let (s, v) = h
+            .post("/v1/hosts/h1/evacuate", json!({"deadline": "10m"}))
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        wait_for("first running", T, || async {
+            let (_, v) = h.get(&format!("/v1/evacuations/{id}")).await;
+            (v["migrations"][0]["state"] == "running").then_some(())
+        })
+        .await;
+        h.restart().await;
+        h.agent.state.hold.store(false, Ordering::SeqCst);
+        wait_for("evacuation completed", T, || async {
+            let (_, v) = h.get(&format!("/v1/evacuations/{id}")).await;
+            (v["evacuation"]["state"] == "completed").then_some(())
+        })
+        .await;
+        let vms: Vec<String> = h.agent.starts().into_iter().map(|m| m.vm).collect();
+        assert_eq!(vms, ["a", "b"], "each VM started exactly once");
+        let (s, page) = h.get("/v1/hosts?limit=2").await;
+        assert_eq!(s, 200);
+        assert!(page["next_page"].is_string());
+        h.stop().await;
+    })
+    .await;
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

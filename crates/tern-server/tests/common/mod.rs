@@ -179,6 +179,11 @@ pub struct Harness {
 impl Harness {
     /// Hosts `h1`..=`h{hosts}` all answered by one fake agent; heartbeat timeout in seconds.
     pub async fn start(hosts: u32, heartbeat_timeout_s: u64) -> Self {
+        Self::start_on(hosts, heartbeat_timeout_s, None).await
+    }
+
+    /// Same, on `database` (a URL) instead of a SQLite file in the temp dir.
+    pub async fn start_on(hosts: u32, heartbeat_timeout_s: u64, database: Option<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let agent = FakeAgent::start().await;
         let agents: BTreeMap<String, String> = (1..=hosts)
@@ -186,7 +191,8 @@ impl Harness {
             .collect();
         let config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            database: dir.path().join("state/controller.db").display().to_string(),
+            database: database
+                .unwrap_or_else(|| dir.path().join("state/controller.db").display().to_string()),
             token_file: dir.path().join("state/controller.token"),
             heartbeat_timeout_s,
             runner_tick_ms: 50,
