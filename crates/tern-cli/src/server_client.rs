@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tern_server::controller::HostPage;
+use tern_server::controller::{HostPage, MigrationCreated, MigrationRequest, MigrationView};
 use tern_server::evacuation::{DeadlineSpec, EvacuateRequest, EvacuateResponse, EvacuationView};
 use tern_server::model::{HostPatch, HostRecord, PostCopySetting, now_ms};
 
@@ -374,6 +374,68 @@ async fn watch(c: &ControllerClient, id: &str, out: OutputFormat) -> Result<(), 
             } else {
                 Err(Failure::failed(anyhow::anyhow!(
                     "evacuation {id} did not complete"
+                )))
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `tern migrate VM [--to HOST] --server URL`: the controller records the migration and
+/// starts it through the source agent; without `--to` it chooses and says why.
+pub async fn migrate(
+    target: &ServerTarget,
+    vm: &str,
+    to: Option<&str>,
+    context: &str,
+    follow: bool,
+    out: &OutputArgs,
+) -> Result<(), Failure> {
+    let c = target.connect()?;
+    let context = tern_server::model::parse_enum(context).ok_or_else(|| {
+        Failure::input(anyhow::anyhow!(
+            "context {context:?} is invalid: give evacuate, maintenance, balance or manual"
+        ))
+    })?;
+    let req = MigrationRequest {
+        vm: vm.to_string(),
+        to: to.map(str::to_string),
+        context,
+    };
+    let r: MigrationCreated = c
+        .call(reqwest::Method::POST, "/v1/migrations", Some(&req))
+        .await?;
+    match out.output {
+        OutputFormat::Json if !follow => return print_json(&r),
+        OutputFormat::Json => {}
+        OutputFormat::Text => println!(
+            "migration {}: {} from {} to {} — {}",
+            r.migration.id, r.migration.vm, r.migration.source, r.migration.destination, r.reason
+        ),
+    }
+    if !follow {
+        return Ok(());
+    }
+    let mut seen = 0;
+    loop {
+        let v: MigrationView = c.get(&format!("/v1/migrations/{}", r.migration.id)).await?;
+        if out.output == OutputFormat::Text {
+            for e in v.events.iter().filter(|e| e.seq > seen) {
+                println!("  [{}] {}", e.kind, e.detail);
+            }
+        }
+        seen = v.events.last().map_or(seen, |e| e.seq);
+        if v.migration.state.is_terminal() {
+            if out.output == OutputFormat::Json {
+                print_json(&v)?;
+            }
+            return if v.migration.state == tern_server::model::MigrationState::Completed {
+                Ok(())
+            } else {
+                Err(Failure::failed(anyhow::anyhow!(
+                    "migration {} ended {}",
+                    v.migration.id,
+                    v.migration.state.as_str()
                 )))
             };
         }

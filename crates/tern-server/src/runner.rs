@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::agent_client::{AgentCallError, AgentOutcome, AgentStartRequest, outcome_of};
+use crate::agent_client::{
+    AgentCallError, AgentMigration, AgentOutcome, AgentStartRequest, outcome_of,
+};
 use crate::controller::{Controller, ControllerError};
 use crate::model::{
     EvacuationRecord, EvacuationState, HostState, MigrationRecord, MigrationState, enum_str, now_ms,
@@ -170,6 +172,16 @@ impl Runner {
                 return Ok(());
             }
         };
+        self.record_outcome(m, am, evac).await
+    }
+
+    /// Records what the agent reports about a started migration.
+    async fn record_outcome(
+        &self,
+        mut m: MigrationRecord,
+        am: AgentMigration,
+        evac: Option<(u64, EvacuationState)>,
+    ) -> Result<(), ControllerError> {
         let previous = self
             .seen
             .lock()
