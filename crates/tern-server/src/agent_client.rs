@@ -111,7 +111,8 @@ impl HttpAgents {
     pub fn new(urls: BTreeMap<String, String>) -> Self {
         let http = reqwest::Client::builder()
             .no_proxy()
-            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
             .build()
             .unwrap_or_default();
         Self { urls, http }

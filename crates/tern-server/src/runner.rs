@@ -46,6 +46,8 @@ pub struct Runner {
     ctl: Controller,
     /// Last agent state seen per migration (to count transitions once per process).
     seen: Mutex<HashMap<String, String>>,
+    /// Evacuations already warned about their deadline.
+    warned: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Runner {
@@ -54,6 +56,7 @@ impl Runner {
         Self {
             ctl,
             seen: Mutex::new(HashMap::new()),
+            warned: Mutex::default(),
         }
     }
 
@@ -359,7 +362,7 @@ impl Runner {
     }
 
     /// Finishes, fails, or starts the next steps of one evacuation.
-    async fn drive(&self, mut e: EvacuationRecord, fleet: &Fleet) -> Result<(), ControllerError> {
+    async fn drive(&self, e: EvacuationRecord, fleet: &Fleet) -> Result<(), ControllerError> {
         let now = now_ms();
         let mut steps = self.ctl.store.migrations(Some(&e.id)).await?;
         if steps.iter().all(|m| m.state == MigrationState::Completed) {
@@ -389,6 +392,7 @@ impl Runner {
                 return self.finish(e, EvacuationState::Failed, Some(why)).await;
             }
         }
+        self.warn_if_at_risk(&e, &steps, now);
         if e.state == EvacuationState::Paused {
             return Ok(());
         }
@@ -421,8 +425,38 @@ impl Runner {
                 .await?;
             in_flight += 1;
         }
-        e.updated_ms = now;
         Ok(())
+    }
+
+    /// Tells the operator once (event + log) when the plan's predicted remaining work no
+    /// longer fits before the deadline.
+    fn warn_if_at_risk(&self, e: &EvacuationRecord, steps: &[MigrationRecord], now: u64) {
+        let left_s: f64 = steps
+            .iter()
+            .filter(|m| !m.state.is_terminal())
+            .filter_map(|m| e.plan.migrations.iter().find(|p| p.vm == m.vm))
+            .map(|p| p.duration_s)
+            .sum::<f64>()
+            / f64::from(e.plan.concurrency.max(1));
+        let to_deadline_s = e.deadline_ms.saturating_sub(now) as f64 / 1000.0;
+        if left_s <= to_deadline_s {
+            return;
+        }
+        let first = self
+            .warned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(e.id.clone());
+        if first {
+            let msg = format!(
+                "deadline at risk: {left_s:.1} s of predicted work left, {to_deadline_s:.1} s \
+                 to the deadline; failed attempts are retried until it passes"
+            );
+            tracing::warn!("evacuation {}: {msg}", e.id);
+            self.ctl
+                .events
+                .publish("evacuation", &e.id, &enum_str(&e.state), msg);
+        }
     }
 
     /// Keeps the step's destination if it still can take the VM, else re-plans it.

@@ -771,3 +771,42 @@ async fn evacuation_survives_a_restart_on_postgres() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_at_risk_is_announced_early() {
+    let h = Harness::start(2, 30).await;
+    h.agent.state.hold.store(true, Ordering::SeqCst);
+    h.heartbeat("h1", 0, &[("a", 2048)]).await;
+    h.heartbeat("h2", 4096, &[]).await;
+    let mut sse = h
+        .http
+        .get(format!("{}/v1/events", h.url))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    let (s, v) = h
+        .post("/v1/hosts/h1/evacuate", json!({"deadline": "5s"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["plan"]["fits_deadline"], false, "{v}");
+    let mut text = String::new();
+    tokio::time::timeout(T, async {
+        while !text.contains("deadline at risk") {
+            match sse.chunk().await.unwrap() {
+                Some(c) => text.push_str(&String::from_utf8_lossy(&c)),
+                None => break,
+            }
+        }
+    })
+    .await
+    .expect("a deadline-at-risk event");
+    assert!(text.contains("event: evacuation"), "{text}");
+    let id = v["id"].as_str().unwrap();
+    assert_eq!(
+        h.post(&format!("/v1/evacuations/{id}/cancel"), json!({}))
+            .await
+            .0,
+        200
+    );
+}
