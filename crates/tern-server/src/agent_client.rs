@@ -225,3 +225,55 @@ pub fn outcome_of(state: &str) -> AgentOutcome {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_states_map_to_controller_outcomes() {
+        assert_eq!(outcome_of("completed"), AgentOutcome::Completed);
+        assert_eq!(
+            outcome_of("failed"),
+            AgentOutcome::FailedBeforeSwitch { aborted: false }
+        );
+        assert_eq!(
+            outcome_of("aborted"),
+            AgentOutcome::FailedBeforeSwitch { aborted: true }
+        );
+        assert_eq!(outcome_of("lost"), AgentOutcome::Lost);
+        assert_eq!(outcome_of("stranded"), AgentOutcome::Lost);
+        for (s, switched, recovering) in [
+            ("pending", false, false),
+            ("precopy", false, false),
+            ("guest-paused", false, false),
+            ("postcopy", true, false),
+            ("postcopy-paused", true, false),
+            ("recovering", true, true),
+        ] {
+            assert_eq!(
+                outcome_of(s),
+                AgentOutcome::Running {
+                    switched,
+                    recovering
+                },
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_start_request_carries_no_peer_address() {
+        let req = AgentStartRequest {
+            vm: "web".into(),
+            to_host: "h2".into(),
+            context: MigrationContext::Evacuate,
+            deadline_s: None,
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"vm": "web", "to_host": "h2", "context": "evacuate"})
+        );
+    }
+}

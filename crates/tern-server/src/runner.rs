@@ -232,9 +232,12 @@ impl Runner {
                 self.save(&mut m, "state", &d).await
             }
             AgentOutcome::FailedBeforeSwitch { aborted } => {
+                // An abort ends a standalone migration (the operator's intent) and a cancelled
+                // evacuation's steps; a running evacuation must finish, so its aborted steps
+                // are retried like failures (pause or cancel the evacuation to stop them).
                 let cancelled = evac.is_some_and(|(_, s)| s == EvacuationState::Cancelled);
                 let why = am.error.unwrap_or_else(|| am.state.clone());
-                if aborted || cancelled {
+                if cancelled || (aborted && evac.is_none()) {
                     m.state = MigrationState::Aborted;
                     m.ended_ms = Some(now_ms());
                     m.error = Some(why.clone());
