@@ -140,6 +140,25 @@ async fn tern_server_and_host_commands() {
     assert!(text.contains("planned evacuation of h1"), "{text}");
     assert!(text.contains("web") && text.contains("→ h2"), "{text}");
 
+    // No --to: the controller chooses and says why (its agent is not running here, so the
+    // attempt then fails; the choice and the record are what is checked).
+    let out = s.tern(&["migrate", "web", "--context", "maintenance"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("web from h1 to h2") && text.contains("MiB free"),
+        "{text}"
+    );
+    let out = s.tern(&["migrate", "ghost"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = s.tern(&["host", "evacuate", "h1", "--dry-run"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "web is already migrating: {out:?}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already migrating"));
+
     for bad in ["0", "-5m", "tomorrow"] {
         let deadline = format!("--deadline={bad}");
         let out = s.tern(&["host", "evacuate", "h1", &deadline, "--dry-run"]);

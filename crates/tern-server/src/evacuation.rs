@@ -133,8 +133,22 @@ impl Controller {
                 )));
             }
         }
-        let fleet = self.fleet().await?;
         let vms = self.store.vms(Some(host)).await?;
+        let busy: Vec<String> = self
+            .store
+            .migrations(None)
+            .await?
+            .into_iter()
+            .filter(|m| !m.state.is_terminal() && vms.iter().any(|v| v.name == m.vm))
+            .map(|m| format!("{} ({} {})", m.vm, m.id, m.state.as_str()))
+            .collect();
+        if !busy.is_empty() {
+            return Err(ControllerError::Conflict(format!(
+                "VMs of {host} are already migrating: {}; wait for them or abort them first",
+                busy.join(", ")
+            )));
+        }
+        let fleet = self.fleet().await?;
         let plan = plan_evacuation(&fleet, &h, &vms, deadline_s).map_err(|e| match e {
             PlanError::NoDestination { host, vms } => ControllerError::Unprocessable {
                 message: format!(

@@ -71,6 +71,10 @@ async fn every_call_needs_the_token_and_mutations_are_audited() {
         log.iter().all(|(_, e)| e.method != "GET"),
         "reads are not audited"
     );
+    assert!(
+        log.iter().all(|(_, e)| !e.path.contains("heartbeat")),
+        "accepted heartbeats are reports, not audited actions"
+    );
 
     // The token survives a restart (read back, not re-created).
     let mut h = h;

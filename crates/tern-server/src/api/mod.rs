@@ -2,8 +2,8 @@
 //! types (utoipa), `/metrics` (Prometheus) and `/v1/events` (server-sent events).
 //!
 //! Every call needs `Authorization: Bearer TOKEN` (401 with a JSON error otherwise); every
-//! call is logged on one line, and every mutating call is recorded in the audit table with
-//! who made it. Errors are `{"error": "...", "details": ...}` naming the bad value and what is
+//! call is logged on one line, and every mutating call (but accepted agent heartbeats) is
+//! recorded in the audit table with who made it. Errors are `{"error": "...", "details": ...}` naming the bad value and what is
 //! valid: 400 invalid input, 401 no or wrong token, 404 unknown thing, 409 conflicting state,
 //! 422 valid but impossible (with per-item reasons), 500 store failures.
 
@@ -244,7 +244,10 @@ async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response
             ("status".into(), status.to_string()),
         ])
         .inc();
-    if method != Method::GET && method != Method::HEAD {
+    // Agents' heartbeats are reports, not operator actions (and would flood the table); a
+    // refused heartbeat is still recorded.
+    let heartbeat = path.starts_with("/v1/agents/heartbeat") && status < 400;
+    if method != Method::GET && method != Method::HEAD && !heartbeat {
         let entry = AuditEntry {
             actor,
             method: method.to_string(),
