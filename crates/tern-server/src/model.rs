@@ -234,7 +234,9 @@ pub struct Heartbeat {
     pub host: String,
     /// Host facts.
     pub facts: HostFacts,
-    /// The guests running on the host.
+    /// The guests running on the host: not the incoming halves of migrations (a VM is
+    /// reported by the host it runs on; the controller takes a VM absent from its host's
+    /// report as gone from it).
     #[serde(default)]
     pub vms: Vec<VmReport>,
 }

@@ -408,15 +408,21 @@ impl Runner {
             .filter(|m| !m.state.is_terminal() && m.state != MigrationState::Planned)
             .count();
         let vms = self.ctl.store.vms(None).await?;
-        for m in steps.into_iter().filter(|m| {
+        for mut m in steps.into_iter().filter(|m| {
             m.state == MigrationState::Planned && m.next_attempt_ms.is_none_or(|t| t <= now)
         }) {
+            let Some(vm) = vms.iter().find(|v| v.name == m.vm && v.host == e.host) else {
+                // Its agent no longer reports it on the host (moved or stopped by other
+                // means): the step's goal, a host without this VM, is reached.
+                m.state = MigrationState::Completed;
+                m.ended_ms = Some(now);
+                let d = format!("nothing to do: {} no longer reports {}", e.host, m.vm);
+                self.save(&mut m, "state", &d).await?;
+                continue;
+            };
             if in_flight >= limit {
                 break;
             }
-            let Some(vm) = vms.iter().find(|v| v.name == m.vm) else {
-                continue;
-            };
             let mut f = fleet.clone();
             if let Some(r) = f.reserved_mib.get_mut(&m.destination) {
                 *r = r.saturating_sub(vm.memory_mib);
