@@ -26,10 +26,28 @@ pub enum DeadlineSpec {
 pub fn parse_deadline(d: &DeadlineSpec) -> Result<u64, ControllerError> {
     let bad = |v: &str| {
         ControllerError::Invalid(format!(
-            "deadline {v:?} is invalid: give a positive duration such as 30m, 2h, 90s or a \
-             number of seconds (900)"
+            "deadline {v:?} is invalid: give a positive duration up to 30d such as 30m, 2h, \
+             90s or a number of seconds (900)"
         ))
     };
+    let s = parse_deadline_inner(d, bad)?;
+    if s > MAX_DEADLINE_S {
+        let shown = match d {
+            DeadlineSpec::Seconds(n) => n.to_string(),
+            DeadlineSpec::Text(t) => t.clone(),
+        };
+        return Err(bad(&shown));
+    }
+    Ok(s)
+}
+
+/// The longest deadline accepted (30 days): an evacuation is an operation, not a schedule.
+pub const MAX_DEADLINE_S: u64 = 30 * 86_400;
+
+fn parse_deadline_inner(
+    d: &DeadlineSpec,
+    bad: impl Fn(&str) -> ControllerError,
+) -> Result<u64, ControllerError> {
     match d {
         DeadlineSpec::Seconds(s) if *s > 0 => Ok(*s as u64),
         DeadlineSpec::Seconds(s) => Err(bad(&s.to_string())),
@@ -369,5 +387,9 @@ mod tests {
         }
         assert!(parse_deadline(&DeadlineSpec::Seconds(-300)).is_err());
         assert!(parse_deadline(&DeadlineSpec::Seconds(0)).is_err());
+        assert!(parse_deadline(&DeadlineSpec::Seconds(i64::MAX)).is_err());
+        assert!(t("99999999999999999d").is_err());
+        assert_eq!(t("30d").unwrap(), MAX_DEADLINE_S);
+        assert!(t("31d").unwrap_err().to_string().contains("\"31d\""));
     }
 }
