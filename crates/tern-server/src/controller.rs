@@ -135,7 +135,9 @@ pub fn parse_page_token(t: &str) -> Result<String, ControllerError> {
 impl Controller {
     /// The host with its state as seen now (`unreachable` when the heartbeat is stale).
     pub fn effective(&self, mut h: HostRecord, now: u64) -> HostRecord {
-        if now.saturating_sub(h.last_heartbeat_ms) > self.config.heartbeat_timeout_s * 1000 {
+        if now.saturating_sub(h.last_heartbeat_ms)
+            > self.config.heartbeat_timeout_s.saturating_mul(1000)
+        {
             h.state = HostState::Unreachable;
         }
         h
