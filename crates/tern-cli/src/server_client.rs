@@ -1,5 +1,6 @@
 //! The CLI's client of the cluster controller (`tern server`): `tern host list` (with
-//! `--server` or `TERN_SERVER`), `host show|set|evacuate`.
+//! `--server` or `TERN_SERVER`), `host show|set|evacuate` (`--watch` follows the controller's
+//! event stream), `migrate VM [--to HOST]`.
 //!
 //! Requests and answers are the controller's own types (`tern_server`), so both sides agree
 //! by construction. The bearer token comes from `TERN_TOKEN` or the controller's token file.
@@ -127,6 +128,23 @@ impl ControllerClient {
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClusterError> {
         self.call(reqwest::Method::GET, path, None::<&()>).await
+    }
+
+    /// The server-sent event stream (`/v1/events`), or `None` when it cannot be opened.
+    pub async fn events(&self) -> Option<reqwest::Response> {
+        // The stream is long-lived: no overall timeout, only for connecting.
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .ok()?;
+        let resp = http
+            .get(format!("{}/v1/events", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .ok()?;
+        resp.status().is_success().then_some(resp)
     }
 
     /// Every host, following the pages.
@@ -341,6 +359,7 @@ pub async fn evacuate(a: EvacuateArgs) -> Result<(), Failure> {
 
 async fn watch(c: &ControllerClient, id: &str, out: OutputFormat) -> Result<(), Failure> {
     let mut last = String::new();
+    let mut events = c.events().await;
     loop {
         let v: EvacuationView = c.get(&format!("/v1/evacuations/{id}")).await?;
         let line = v
@@ -377,7 +396,44 @@ async fn watch(c: &ControllerClient, id: &str, out: OutputFormat) -> Result<(), 
                 )))
             };
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        wait_for_change(c, &mut events, id, out).await;
+    }
+}
+
+/// Waits for the next state change: an event on `/v1/events` (evacuation events for `id` are
+/// printed: the deadline-at-risk warning arrives this way), or 5 s. Without the stream
+/// (refused or closed) it falls back to polling every second.
+async fn wait_for_change(
+    c: &ControllerClient,
+    events: &mut Option<reqwest::Response>,
+    id: &str,
+    out: OutputFormat,
+) {
+    let Some(stream) = events.as_mut() else {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        *events = c.events().await;
+        return;
+    };
+    match tokio::time::timeout(Duration::from_secs(5), stream.chunk()).await {
+        Err(_) => {}
+        Ok(Ok(Some(chunk))) => {
+            for line in String::from_utf8_lossy(&chunk).lines() {
+                let Some(data) = line.strip_prefix("data:") else {
+                    continue;
+                };
+                let Ok(ev) = serde_json::from_str::<serde_json::Value>(data.trim()) else {
+                    continue;
+                };
+                if ev["kind"] == "evacuation" && ev["id"] == id && out == OutputFormat::Text {
+                    println!(
+                        "evacuation {}: {}",
+                        ev["state"].as_str().unwrap_or("?"),
+                        ev["detail"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Ok(_) => *events = None,
     }
 }
 

@@ -179,4 +179,16 @@ async fn tern_server_and_host_commands() {
     let out = s.tern(&["host", "list", "--server", "notaurl"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a URL"));
+
+    // An empty host: the evacuation completes at once and --watch says so (exit 0).
+    let out = s.tern(&["host", "evacuate", "h2", "--deadline", "10m", "--watch"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("started evacuation of h2") && text.contains("completed"),
+        "{text}"
+    );
+    let out = s.tern(&["host", "show", "h2", "-o", "json"]);
+    let h2: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(h2["state"], "draining");
 }
