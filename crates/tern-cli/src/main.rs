@@ -16,6 +16,8 @@ mod lab_agents;
 mod migrate;
 mod output;
 mod pki;
+mod server_client;
+mod server_cmd;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -62,6 +64,8 @@ enum Command {
     Migration(migrate::MigrationCommand),
     /// The installation's certificate authority: init, issue host/user, revoke, list.
     Pki(pki::PkiArgs),
+    /// Run the cluster controller (HTTP API over every agent; evacuations).
+    Server(server_cmd::ServerArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -151,6 +155,7 @@ fn main() {
             Command::Migrate(a) => migrate::migrate(a).await,
             Command::Migration(c) => migrate::run(c).await,
             Command::Pki(a) => pki::run(a),
+            Command::Server(a) => server_cmd::run(a).await,
         }
     });
     if let Err(f) = result {

@@ -21,9 +21,10 @@ use crate::vm::AgentTarget;
 pub struct MigrateArgs {
     /// The VM to move.
     vm: String,
-    /// Destination host.
+    /// Destination host (required without a controller; with --server the controller
+    /// chooses when it is absent and says why).
     #[arg(long)]
-    to: String,
+    to: Option<String>,
     /// Why it moves: evacuate, balance, maintenance or manual.
     #[arg(long, default_value = "manual")]
     context: MigrationContext,
@@ -44,6 +45,8 @@ pub struct MigrateArgs {
     probe: u64,
     #[command(flatten)]
     target: AgentTarget,
+    #[command(flatten)]
+    server: crate::server_client::ServerTarget,
     #[command(flatten)]
     out: OutputArgs,
 }
@@ -111,6 +114,24 @@ pub struct BandwidthArgs {
 
 /// `tern migrate`.
 pub async fn migrate(a: MigrateArgs) -> Result<(), Failure> {
+    if a.server.url().is_some() {
+        let ctx = a.context.to_string();
+        return crate::server_client::migrate(
+            &a.server,
+            &a.vm,
+            a.to.as_deref(),
+            &ctx,
+            a.watch,
+            &a.out,
+        )
+        .await;
+    }
+    let to = a.to.clone().ok_or_else(|| {
+        Failure::input(anyhow::anyhow!(
+            "--to HOST is required when talking to agents directly (with --server URL the \
+             controller chooses the destination)"
+        ))
+    })?;
     if !tern_policy::POLICY_NAMES.contains(&a.policy.as_str()) {
         return Err(Failure::input(anyhow::anyhow!(
             "unknown policy {:?}: valid policies are {}",
@@ -127,7 +148,7 @@ pub async fn migrate(a: MigrateArgs) -> Result<(), Failure> {
     let c = a.target.connect().await?;
     let req = StartMigrationRequest {
         vm: a.vm.clone(),
-        to_host: a.to.clone(),
+        to_host: to,
         to_agent_url: None,
         context: a.context,
         policy: a.policy.clone(),
@@ -179,7 +200,10 @@ fn print_plan(a: &MigrateArgs, p: &tern_policy::MigrationPlan) {
     let e = &p.estimate;
     println!(
         "dry run: {} → {} (context {}, policy {}); nothing was started",
-        a.vm, a.to, a.context, p.policy
+        a.vm,
+        a.to.as_deref().unwrap_or("?"),
+        a.context,
+        p.policy
     );
     println!(
         "post-copy     {} ({})",

@@ -1,0 +1,279 @@
+//! The one place the controller talks to host agents.
+//!
+//! Agents are found from configuration (`[agents]` in `server.toml`), never from what a
+//! request or a heartbeat says. Only three agent routes are used: `POST /v1/migrations`
+//! (start on the source agent), `GET /v1/migrations` and `GET /v1/migrations/{id}` (watch and
+//! reconcile), `POST /v1/migrations/{id}/abort`. The wire types here are deliberately minimal
+//! (only the fields the controller reads or sends), so the agent's request types can change
+//! (its `to_agent_url` disappears in favour of configured peers) without touching the runner:
+//! adapting to a new agent API means editing this file only.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::model::MigrationContext;
+
+/// Why an agent call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentCallError {
+    /// No agent is configured for the host.
+    #[error("no agent configured for host {0:?} (add it to [agents] in server.toml)")]
+    NoAgent(String),
+    /// The agent could not be reached.
+    #[error("agent of {host} at {url} unreachable: {message}")]
+    Unreachable {
+        /// Host.
+        host: String,
+        /// Agent URL.
+        url: String,
+        /// What failed.
+        message: String,
+    },
+    /// The agent answered with an error.
+    #[error("agent of {host} answered {status}: {message}")]
+    Refused {
+        /// Host.
+        host: String,
+        /// HTTP status.
+        status: u16,
+        /// The agent's error text.
+        message: String,
+    },
+}
+
+/// What the controller asks the source agent to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentStartRequest {
+    /// The VM.
+    pub vm: String,
+    /// Destination host (the agent finds its peer from its own configuration).
+    pub to_host: String,
+    /// Why the VM moves.
+    pub context: MigrationContext,
+    /// Deadline for must-finish contexts (s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline_s: Option<u64>,
+}
+
+/// An agent's migration, as far as the controller reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AgentMigration {
+    /// The agent's migration id.
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// Destination host.
+    pub destination: String,
+    /// The agent's state (`precopy`, `postcopy`, `recovering`, `completed`, `failed`, …).
+    pub state: String,
+    /// When the agent accepted it (ms since the epoch).
+    pub created_ms: u64,
+    /// Error text.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The agent operations the controller needs.
+#[async_trait]
+pub trait AgentApi: Send + Sync {
+    /// Starts a migration on `source`'s agent; `key` identifies this attempt.
+    async fn start_migration(
+        &self,
+        source: &str,
+        key: &str,
+        req: &AgentStartRequest,
+    ) -> Result<AgentMigration, AgentCallError>;
+    /// One migration of `host`'s agent.
+    async fn migration(&self, host: &str, id: &str) -> Result<AgentMigration, AgentCallError>;
+    /// Every migration `host`'s agent ran as source.
+    async fn migrations(&self, host: &str) -> Result<Vec<AgentMigration>, AgentCallError>;
+    /// Aborts a migration (refused by the agent after the switch to post-copy).
+    async fn abort(&self, host: &str, id: &str) -> Result<(), AgentCallError>;
+}
+
+/// Agents over HTTP, by host name.
+#[derive(Debug, Clone)]
+pub struct HttpAgents {
+    urls: BTreeMap<String, String>,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+impl HttpAgents {
+    /// Agents at the configured URLs.
+    pub fn new(urls: BTreeMap<String, String>) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        Self { urls, http }
+    }
+
+    fn url(&self, host: &str, path: &str) -> Result<String, AgentCallError> {
+        self.urls
+            .get(host)
+            .map(|u| format!("{}{path}", u.trim_end_matches('/')))
+            .ok_or_else(|| AgentCallError::NoAgent(host.to_string()))
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        host: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, AgentCallError> {
+        let url = self.urls.get(host).cloned().unwrap_or_default();
+        let unreachable = |message: String| AgentCallError::Unreachable {
+            host: host.to_string(),
+            url: url.clone(),
+            message,
+        };
+        let resp = req.send().await.map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| unreachable(e.to_string()))?;
+        if status >= 400 {
+            let message = serde_json::from_str::<ErrorBody>(&text)
+                .map(|b| b.error)
+                .unwrap_or(text);
+            return Err(AgentCallError::Refused {
+                host: host.to_string(),
+                status,
+                message,
+            });
+        }
+        serde_json::from_str(&text).map_err(|e| AgentCallError::Refused {
+            host: host.to_string(),
+            status,
+            message: format!("unreadable answer ({e}): {text}"),
+        })
+    }
+}
+
+#[async_trait]
+impl AgentApi for HttpAgents {
+    async fn start_migration(
+        &self,
+        source: &str,
+        key: &str,
+        req: &AgentStartRequest,
+    ) -> Result<AgentMigration, AgentCallError> {
+        let url = self.url(source, "/v1/migrations")?;
+        self.send(
+            source,
+            self.http.post(url).header("Idempotency-Key", key).json(req),
+        )
+        .await
+    }
+
+    async fn migration(&self, host: &str, id: &str) -> Result<AgentMigration, AgentCallError> {
+        let url = self.url(host, &format!("/v1/migrations/{id}"))?;
+        self.send(host, self.http.get(url)).await
+    }
+
+    async fn migrations(&self, host: &str) -> Result<Vec<AgentMigration>, AgentCallError> {
+        let url = self.url(host, "/v1/migrations")?;
+        self.send(host, self.http.get(url)).await
+    }
+
+    async fn abort(&self, host: &str, id: &str) -> Result<(), AgentCallError> {
+        let url = self.url(host, &format!("/v1/migrations/{id}/abort"))?;
+        self.send::<serde_json::Value>(host, self.http.post(url))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// What an agent's migration state means for the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentOutcome {
+    /// Still moving (`pending`, `precopy`, …).
+    Running {
+        /// In post-copy (the switch happened).
+        switched: bool,
+        /// Recovering a broken post-copy.
+        recovering: bool,
+    },
+    /// The guest runs on the destination.
+    Completed,
+    /// Ended before the switch: the guest is still on the source.
+    FailedBeforeSwitch {
+        /// An operator aborted it.
+        aborted: bool,
+    },
+    /// Ended after the switch without completing (`lost`, `stranded`).
+    Lost,
+}
+
+/// Interprets an agent state name (the engine's `MigrationState`).
+pub fn outcome_of(state: &str) -> AgentOutcome {
+    match state {
+        "completed" => AgentOutcome::Completed,
+        "failed" => AgentOutcome::FailedBeforeSwitch { aborted: false },
+        "aborted" | "cancelled" => AgentOutcome::FailedBeforeSwitch { aborted: true },
+        "lost" | "stranded" => AgentOutcome::Lost,
+        s => AgentOutcome::Running {
+            switched: s.starts_with("postcopy") || s == "recovering",
+            recovering: s == "recovering",
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_states_map_to_controller_outcomes() {
+        assert_eq!(outcome_of("completed"), AgentOutcome::Completed);
+        assert_eq!(
+            outcome_of("failed"),
+            AgentOutcome::FailedBeforeSwitch { aborted: false }
+        );
+        assert_eq!(
+            outcome_of("aborted"),
+            AgentOutcome::FailedBeforeSwitch { aborted: true }
+        );
+        assert_eq!(outcome_of("lost"), AgentOutcome::Lost);
+        assert_eq!(outcome_of("stranded"), AgentOutcome::Lost);
+        for (s, switched, recovering) in [
+            ("pending", false, false),
+            ("precopy", false, false),
+            ("guest-paused", false, false),
+            ("postcopy", true, false),
+            ("postcopy-paused", true, false),
+            ("recovering", true, true),
+        ] {
+            assert_eq!(
+                outcome_of(s),
+                AgentOutcome::Running {
+                    switched,
+                    recovering
+                },
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_start_request_carries_no_peer_address() {
+        let req = AgentStartRequest {
+            vm: "web".into(),
+            to_host: "h2".into(),
+            context: MigrationContext::Evacuate,
+            deadline_s: None,
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"vm": "web", "to_host": "h2", "context": "evacuate"})
+        );
+    }
+}

@@ -1,0 +1,262 @@
+//! The controller's HTTP/JSON API (axum): `/v1/...`, `/openapi.json` generated from the Rust
+//! types (utoipa), `/metrics` (Prometheus) and `/v1/events` (server-sent events).
+//!
+//! Every call needs `Authorization: Bearer TOKEN` (401 with a JSON error otherwise); every
+//! call is logged on one line, and every mutating call (but accepted agent heartbeats) is
+//! recorded in the audit table with who made it. Errors are `{"error": "...", "details": ...}` naming the bad value and what is
+//! valid: 400 invalid input, 401 no or wrong token, 404 unknown thing, 409 conflicting state,
+//! 422 valid but impossible (with per-item reasons), 500 store failures.
+
+mod handlers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::controller::{Controller, ControllerError};
+use crate::store::AuditEntry;
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, naming the bad value and what would be valid.
+    pub error: String,
+    /// Per-item reasons (e.g. why each host refused each VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+/// An error as the API answers it.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The body.
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    /// A 400 naming the problem.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            body: ErrorBody {
+                error: message.into(),
+                details: None,
+            },
+        }
+    }
+}
+
+impl From<ControllerError> for ApiError {
+    fn from(e: ControllerError) -> Self {
+        let (status, details) = match &e {
+            ControllerError::NotFound(_) => (StatusCode::NOT_FOUND, None),
+            ControllerError::Invalid(_) => (StatusCode::BAD_REQUEST, None),
+            ControllerError::Conflict(_) => (StatusCode::CONFLICT, None),
+            ControllerError::Unprocessable { details, .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, Some(details.clone()))
+            }
+            ControllerError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
+        };
+        Self {
+            status,
+            body: ErrorBody {
+                error: e.to_string(),
+                details,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body)).into_response()
+    }
+}
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    /// The controller.
+    pub ctl: Controller,
+    /// The bearer token.
+    pub token: Arc<String>,
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        openapi.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+/// The OpenAPI document, derived from the handlers' annotations and the Rust types.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "tern controller API", description = "Hosts, VMs, migrations and evacuations over every tern agent."),
+    paths(
+        handlers::heartbeat,
+        handlers::list_hosts,
+        handlers::show_host,
+        handlers::patch_host,
+        handlers::evacuate,
+        handlers::list_vms,
+        handlers::list_migrations,
+        handlers::create_migration,
+        handlers::show_migration,
+        handlers::list_evacuations,
+        handlers::show_evacuation,
+        handlers::pause_evacuation,
+        handlers::resume_evacuation,
+        handlers::cancel_evacuation,
+        handlers::events,
+        handlers::metrics,
+    ),
+    components(schemas(ErrorBody, crate::events::ControllerEvent)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+/// The router with authentication, request logging and auditing.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/openapi.json", get(handlers::openapi))
+        .route("/metrics", get(handlers::metrics))
+        .route("/v1/agents/heartbeat", post(handlers::heartbeat))
+        .route("/v1/hosts", get(handlers::list_hosts))
+        .route(
+            "/v1/hosts/{name}",
+            get(handlers::show_host).patch(handlers::patch_host),
+        )
+        .route("/v1/hosts/{name}/evacuate", post(handlers::evacuate))
+        .route("/v1/vms", get(handlers::list_vms))
+        .route(
+            "/v1/migrations",
+            get(handlers::list_migrations).post(handlers::create_migration),
+        )
+        .route("/v1/migrations/{id}", get(handlers::show_migration))
+        .route("/v1/evacuations", get(handlers::list_evacuations))
+        .route("/v1/evacuations/{id}", get(handlers::show_evacuation))
+        .route(
+            "/v1/evacuations/{id}/pause",
+            post(handlers::pause_evacuation),
+        )
+        .route(
+            "/v1/evacuations/{id}/resume",
+            post(handlers::resume_evacuation),
+        )
+        .route(
+            "/v1/evacuations/{id}/cancel",
+            post(handlers::cancel_evacuation),
+        )
+        .route("/v1/events", get(handlers::events))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_route)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        body: ErrorBody {
+            error: format!("no route {method} {uri}: the API is described at /openapi.json"),
+            details: None,
+        },
+    }
+}
+
+fn token_matches(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Authentication, one log line per request, audit of mutating calls.
+async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_string(), |p| p.to_string());
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "?".to_string(), |c| c.0.to_string());
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let (actor, resp) = match given {
+        Some(t) if token_matches(t, &st.token) => (format!("token@{peer}"), next.run(req).await),
+        other => {
+            let why = if other.is_some() {
+                "wrong bearer token"
+            } else {
+                "missing Authorization: Bearer TOKEN header"
+            };
+            let e = ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                body: ErrorBody {
+                    error: format!(
+                        "{why}: every call needs the controller's token (the token_file of \
+                         server.toml)"
+                    ),
+                    details: None,
+                },
+            };
+            (format!("anonymous@{peer}"), e.into_response())
+        }
+    };
+    let status = resp.status().as_u16();
+    tracing::info!(
+        target: "tern_server::http",
+        %method, path = %path, status, ms = started.elapsed().as_millis() as u64, actor = %actor,
+        "request"
+    );
+    st.ctl
+        .metrics
+        .requests
+        .get_or_create(&vec![
+            ("method".into(), method.to_string()),
+            ("status".into(), status.to_string()),
+        ])
+        .inc();
+    // Agents' heartbeats are reports, not operator actions (and would flood the table); a
+    // refused heartbeat is still recorded.
+    let heartbeat = path.starts_with("/v1/agents/heartbeat") && status < 400;
+    if method != Method::GET && method != Method::HEAD && !heartbeat {
+        let entry = AuditEntry {
+            actor,
+            method: method.to_string(),
+            path,
+            status,
+        };
+        if let Err(e) = st.ctl.store.audit(&entry, crate::model::now_ms()).await {
+            tracing::error!("audit: {e}");
+        }
+    }
+    resp
+}

@@ -1,0 +1,212 @@
+//! Starting the controller: open the store, load or create the token, start the runner and
+//! serve the API.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::agent_client::{AgentApi, HttpAgents};
+use crate::api::{AppState, router};
+use crate::config::ServerConfig;
+use crate::controller::Controller;
+use crate::events::EventBus;
+use crate::metrics::Metrics;
+use crate::runner::Runner;
+use crate::store::{ControllerStore, SqlStore, StoreError};
+
+/// Errors starting the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The token file cannot be read or created, or is readable by others.
+    #[error("token file {path}: {message}")]
+    Token {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Reads the bearer token at `path`, creating a random one (0600, directory 0700) at first
+/// start. A token file others can read is refused.
+pub fn load_or_create_token(path: &Path) -> Result<String, ServerError> {
+    let err = |message: String| ServerError::Token {
+        path: path.display().to_string(),
+        message,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| err(format!("creating its directory: {e}")))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| err(format!("making its directory 0700: {e}")))?;
+        }
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(err(format!(
+                    "mode {:o} lets others read it: chmod 600 it",
+                    meta.permissions().mode() & 0o777
+                )));
+            }
+            let t = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+            let t = t.trim().to_string();
+            if t.len() < 16 {
+                return Err(err(
+                    "holds no token (at least 16 characters expected)".into()
+                ));
+            }
+            Ok(t)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let bytes: [u8; 32] = rand::random();
+            let token = hex::encode(bytes);
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| err(format!("creating it: {e}")))?;
+            writeln!(f, "{token}").map_err(|e| err(format!("writing it: {e}")))?;
+            Ok(token)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// A running controller: the API on a bound address and the runner.
+pub struct RunningServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The bearer token.
+    pub token: String,
+    /// The controller.
+    pub controller: Controller,
+    server: tokio::task::JoinHandle<()>,
+    runner: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    store: SqlStore,
+}
+
+impl RunningServer {
+    /// Opens the configured store and starts serving (agents reached over HTTP).
+    pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
+        let agents = Arc::new(HttpAgents::new(config.agents.clone()));
+        Self::start_with_agents(config, agents).await
+    }
+
+    /// Same, with the given agent client.
+    pub async fn start_with_agents(
+        config: ServerConfig,
+        agents: Arc<dyn AgentApi>,
+    ) -> Result<Self, ServerError> {
+        let store = if config.database.contains("://") {
+            SqlStore::connect(&config.database).await?
+        } else {
+            SqlStore::open_sqlite(Path::new(&config.database)).await?
+        };
+        let token = load_or_create_token(&config.token_file)?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let tick = Duration::from_millis(config.runner_tick_ms);
+        let controller = Controller {
+            store: Arc::new(store.clone()) as Arc<dyn ControllerStore>,
+            agents,
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::new()),
+            events: EventBus::new(),
+            work: Arc::default(),
+        };
+        let app = router(AppState {
+            ctl: controller.clone(),
+            token: Arc::new(token.clone()),
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+            let r = axum::serve(listener, svc)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("controller API: {e}");
+            }
+        });
+        let runner = tokio::spawn(Runner::new(controller.clone()).run(tick));
+        tracing::info!("tern server listening on http://{addr}");
+        Ok(Self {
+            addr,
+            token,
+            controller,
+            server,
+            runner,
+            stop: Some(stop_tx),
+            store,
+        })
+    }
+
+    /// The API's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Serves until `signal` resolves, then stops.
+    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            _ = signal => {}
+            _ = &mut self.server => {}
+        }
+        self.stop().await;
+    }
+
+    /// Stops the runner and the API (open event streams are cut after 2 s), and closes the
+    /// store.
+    pub async fn stop(mut self) {
+        self.runner.abort();
+        let _ = (&mut self.runner).await;
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+            let _ = (&mut self.server).await;
+        }
+        self.store.close().await;
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.runner.abort();
+        self.server.abort();
+    }
+}
