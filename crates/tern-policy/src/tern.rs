@@ -100,6 +100,21 @@ impl TernPolicy {
     }
 }
 
+/// Pass boundaries (plus the probe) needed before acting on a predicted non-convergence: the
+/// probe is one (T, D) point, each boundary after the first pass another; two points fix the fit.
+/// An evacuation acts on the minimum. So does any context whose answer is post-copy: the switch
+/// costs the same whenever it happens (remaining ÷ link of degraded running), so a third point
+/// only buys one more pass of the working set over the link (the quick bench saw +1.4 s and
+/// +0.5 × RAM at ρ ≈ 1 waiting for it). A stop-and-copy or an abort is harder to take back, and
+/// waits one more pass. (A measured ρ that rules pre-copy out acts at once, see `on_pass`.)
+fn evidence_needed(plan: &MigrationPlan) -> u64 {
+    if plan.input.context == MigrationContext::Evacuate || plan.may_switch_to_postcopy() {
+        2
+    } else {
+        3
+    }
+}
+
 /// The SLA's downtime ceiling for `downtime-limit`: max downtime minus the switchover overhead.
 fn downtime_ceiling(input: &PlanInput) -> u64 {
     input
@@ -474,24 +489,25 @@ impl State {
                 (e + ramp_ms) as f64 * f64::from(self.throttle_max) / 100.0 / 2.0
             });
 
+        // The measured ratio ρ = dirty rate / link over the pass just synced. QEMU's
+        // `dirty-pages-rate` counts distinct pages per second of the sync period, and the
+        // distinct-pages curve D(T) is concave with D(0) = 0, so the next pass (shorter than the
+        // period, since it sends what the period dirtied) dirties at least ρ × its own size:
+        // ρ ≥ 1 means no pass can shrink. auto-converge at throttle t scales the write rate by
+        // (1 − t) and the distinct rate by at least as much, so ρ·(1 − t_max) ≥ 1 means no
+        // throttle within the SLA helps either. That is known at the first boundary: act there
+        // instead of a pass later (the quick bench lost 31–33 % of total time at ρ ≈ 1 and 3).
+        let rho = s.dirty_bytes_per_s() / bw;
+        let rho_at_max_throttle = rho * (1.0 - f64::from(self.throttle_max) / 100.0);
+        let rho_says_never = !now_pred.converges && rho_at_max_throttle >= 1.0;
         let throttle_helps = throttle_converges
+            && !rho_says_never
             && !(plan.may_switch_to_postcopy() && postcopy_cost_ms < throttle_cost_ms);
-        // Evidence needed before acting on a predicted non-convergence: the probe is one (T, D)
-        // point, each boundary after the first pass another; two points fix the fit. An
-        // evacuation acts on the minimum. So does any context whose answer is post-copy: the
-        // switch costs the same whenever it happens (remaining ÷ link of degraded running),
-        // so a third point only buys one more pass of the working set over the link (the quick
-        // bench saw +1.4 s and +0.5 × RAM at ρ ≈ 1 waiting for it). A stop-and-copy or an
-        // abort is harder to take back, and waits one more pass.
+        let needed = evidence_needed(plan);
         let probe = u64::from(input.probe.is_some());
-        let needed = if input.context == MigrationContext::Evacuate || plan.may_switch_to_postcopy()
-        {
-            2
-        } else {
-            3
-        };
-        let confirmed =
-            status.stalled || (!now_pred.converges && self.model.boundaries() + probe >= needed);
+        let confirmed = status.stalled
+            || rho_says_never
+            || (!now_pred.converges && self.model.boundaries() + probe >= needed);
         if confirmed && self.stalled_at.is_none() {
             self.stalled_at = Some(now);
         }
@@ -542,11 +558,13 @@ impl State {
         }
         let why = format!(
             "pre-copy cannot finish within the SLA: steady pass ≈{} at {} needs ≈{} ms downtime \
-             (ceiling {ceiling} ms) at throttle up to {} %; stall window min {}, best {}",
+             (ceiling {ceiling} ms) at throttle up to {} % (measured ρ {rho:.2}, {:.2} at that \
+             throttle); stall window min {}, best {}",
             mib(now_pred.steady_remaining_bytes as f64),
             mbit(bw),
             now_pred.downtime_needed_ms,
             self.throttle_max,
+            rho_at_max_throttle,
             status.window_min.map_or("-".into(), |v| mib(v as f64)),
             status.best.map_or("-".into(), |v| mib(v as f64)),
         );
@@ -605,13 +623,18 @@ impl State {
                 let over_budget = deadline.is_some_and(|d| now >= d);
                 // Manual: an operator asked for the move without saying why. Post-copy (when
                 // the SLA accepts it) is the gentle way to finish, so take it as balance does;
-                // without it, keep trying pre-copy until the budget rather than abort at once.
+                // without it, keep trying pre-copy until the budget rather than abort at once,
+                // but only while that costs the guest nothing: once QEMU's auto-converge
+                // throttles it (which cannot be undone mid-migration), and the throttle does not
+                // buy convergence (else `throttle_helps` above), waiting only prolongs the
+                // slowdown (the simulator saw 104 s of throttle per manual migration), so abort.
                 if input.context == MigrationContext::Manual
                     && !over_budget
                     && !plan.may_switch_to_postcopy()
+                    && throttle_now == 0
                 {
                     return vec![Decision::cont(format!(
-                        "manual: {why}; continuing until the budget {}",
+                        "manual: {why}; guest not throttled, continuing until the budget {}",
                         secs(deadline.unwrap_or(0) as f64)
                     ))];
                 }

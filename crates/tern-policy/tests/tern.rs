@@ -1,0 +1,111 @@
+//! tern's own policy where the issue measured it losing: first-boundary action on a measured
+//! ρ ≥ 1, bounded throttling in `manual`, and an ETA that knows zero pages and the passes tern
+//! intends to wait.
+
+use tern_policy::*;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const LINK: u64 = 12_500_000;
+
+fn input(context: MigrationContext, sla: &str) -> PlanInput {
+    let sla = SlaCatalog::builtin().get(sla).unwrap().clone();
+    let mut i = PlanInput::new(
+        context,
+        sla,
+        VmLimits::new(GIB),
+        QemuFeatures::qemu_10_tcg(),
+    );
+    i.link_bytes_per_s = Some(LINK);
+    i
+}
+
+/// A boundary whose synced dirty set took `rate` bytes/s of distinct dirtying.
+fn boundary(at_ms: u64, pass: u64, remaining: u64, rate: u64, throttle: Option<u8>) -> Observation {
+    Observation::PassCompleted(IterationSample {
+        at_ms,
+        pass,
+        transferred_bytes: at_ms * LINK / 1000,
+        remaining_bytes: remaining,
+        total_bytes: GIB,
+        dirty_pages_rate: rate / 4096,
+        page_size: 4096,
+        throughput_bytes_per_s: LINK,
+        expected_downtime_ms: None,
+        throttle_pct: throttle,
+        phase: Phase::Precopy,
+    })
+}
+
+fn actions(
+    p: &mut dyn MigrationPolicy,
+    plan: &MigrationPlan,
+    obs: &[Observation],
+) -> Vec<(u64, Action)> {
+    obs.iter()
+        .flat_map(|o| {
+            p.decide(plan, o)
+                .into_iter()
+                .map(move |d| (o.at_ms(), d.action))
+        })
+        .filter(|(_, a)| *a != Action::Continue)
+        .collect()
+}
+
+/// ρ = 3 measured over the first pass: even at the SLA's 50 % throttle the set cannot shrink, so
+/// tern switches at the first boundary instead of one pass later.
+#[test]
+fn measured_rho_above_one_acts_at_the_first_boundary() {
+    for ctx in [MigrationContext::Evacuate, MigrationContext::Balance] {
+        let mut p = policy_by_name("tern").unwrap();
+        let plan = p.plan(&input(ctx, "standard"));
+        let obs = [
+            boundary(86_000, 2, 200 * MIB, 3 * LINK, None),
+            boundary(103_000, 3, 200 * MIB, 3 * LINK, None),
+        ];
+        let acts = actions(p.as_mut(), &plan, &obs);
+        assert_eq!(acts, vec![(86_000, Action::SwitchToPostcopy)], "{ctx}");
+    }
+    // Balance without post-copy aborts at the first boundary too.
+    let mut p = policy_by_name("tern").unwrap();
+    let plan = p.plan(&input(MigrationContext::Balance, "latency-critical"));
+    let obs = [boundary(86_000, 2, 200 * MIB, 3 * LINK, None)];
+    assert_eq!(
+        actions(p.as_mut(), &plan, &obs),
+        vec![(86_000, Action::Abort)]
+    );
+}
+
+/// ρ = 1.5 with a 50 % throttle ceiling: auto-converge may still help, so the first boundary is
+/// not enough to act on (the old rule applies: one more pass for the fit).
+#[test]
+fn rho_that_throttle_can_beat_waits_for_more_evidence() {
+    let mut p = policy_by_name("tern").unwrap();
+    let plan = p.plan(&input(MigrationContext::Balance, "standard"));
+    let obs = [boundary(86_000, 2, 200 * MIB, 3 * LINK / 2, None)];
+    let ds: Vec<Decision> = obs.iter().flat_map(|o| p.decide(&plan, o)).collect();
+    assert!(ds.iter().all(|d| d.action == Action::Continue), "{ds:?}");
+}
+
+/// Manual without post-copy keeps trying while the guest runs unthrottled, but once QEMU's
+/// auto-converge throttles it and the throttle cannot buy convergence, it stops rather than keep
+/// the guest slowed until the budget.
+#[test]
+fn manual_does_not_keep_a_useless_throttle() {
+    let inp = input(MigrationContext::Manual, "latency-critical");
+    let hot = 3 * LINK;
+    let mut p = policy_by_name("tern").unwrap();
+    let plan = p.plan(&inp);
+    assert!(plan.capabilities.auto_converge && !plan.may_switch_to_postcopy());
+    let unthrottled = [
+        boundary(86_000, 2, 200 * MIB, hot, None),
+        boundary(103_000, 3, 200 * MIB, hot, None),
+        boundary(120_000, 4, 200 * MIB, hot, None),
+    ];
+    assert!(actions(p.as_mut(), &plan, &unthrottled).is_empty());
+    let throttled = [boundary(137_000, 5, 200 * MIB, hot, Some(10))];
+    assert_eq!(
+        actions(p.as_mut(), &plan, &throttled),
+        vec![(137_000, Action::Abort)]
+    );
+}
