@@ -497,8 +497,11 @@ impl State {
         // (1 − t) and the distinct rate by at least as much, so ρ·(1 − t_max) ≥ 1 means no
         // throttle within the SLA helps either. That is known at the first boundary: act there
         // instead of a pass later (the quick bench lost 31–33 % of total time at ρ ≈ 1 and 3).
+        // The rate was measured under the current throttle; rescale it to the ceiling.
         let rho = s.dirty_bytes_per_s() / bw;
-        let rho_at_max_throttle = rho * (1.0 - f64::from(self.throttle_max) / 100.0);
+        let rho_at_max_throttle = rho
+            * (1.0 - f64::from(self.throttle_max.max(throttle_now)) / 100.0)
+            / (1.0 - f64::from(throttle_now.min(99)) / 100.0);
         let rho_says_never = !now_pred.converges && rho_at_max_throttle >= 1.0;
         let throttle_helps = throttle_converges
             && !rho_says_never
