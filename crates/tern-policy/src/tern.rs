@@ -1,18 +1,19 @@
 //! `tern`: our policy. Context-aware, SLA-bounded, model-driven. See `POLICY.md`.
 //!
 //! In one paragraph: start post-copy-capable (when the hosts, VM, QEMU and SLA allow) with the
-//! SLA's throttle ceiling and a downtime limit of `min(300 ms, SLA − switchover overhead)`. At
+//! SLA's throttle ceiling and a downtime limit of `min(50 ms, SLA − switchover overhead)`. At
 //! each pass boundary fit the convergence model. If pre-copy is predicted to converge in time,
 //! continue. If a higher downtime limit within the SLA would make it converge, raise it to what
 //! is needed (not to the ceiling). If auto-converge within the SLA's throttle would, let QEMU
-//! throttle. Otherwise the migration cannot finish within the SLA by pre-copy, and the context
-//! decides: evacuate finishes now (post-copy, else stop-and-copy) at a local minimum of
-//! remaining bytes; maintenance waits a bounded patience for the workload to calm, then does
+//! throttle. Otherwise the migration cannot finish within the SLA by pre-copy (known at the first
+//! boundary when the measured dirty rate already outruns the link at the SLA's throttle), and
+//! the context decides: evacuate finishes now (post-copy, else stop-and-copy) at a local minimum
+//! of remaining bytes; maintenance waits a bounded patience for the workload to calm, then does
 //! the same, or earlier when the deadline presses; balance switches to post-copy when the SLA
-//! accepts it and otherwise aborts; manual switches like balance when post-copy is acceptable and otherwise keeps
-//! trying until its budget is spent, then behaves like balance. No
-//! switch or stop-and-copy happens while the link is degraded (latest throughput below half the
-//! smoothed one), which is what a transient network drop looks like.
+//! accepts it and otherwise aborts; manual switches like balance when post-copy is acceptable
+//! and otherwise keeps trying until its budget is spent (while the guest is not throttled), then
+//! behaves like balance. No switch or stop-and-copy happens while the link is degraded (latest
+//! throughput below half the smoothed one), which is what a transient network drop looks like.
 
 use crate::MigrationPolicy;
 use crate::limits::{
