@@ -10,8 +10,9 @@
 //!   50 Mbit/s makes less than one. We use `clamp(3 × median pass duration, 10 s, 40 s)`, so the
 //!   window always spans about three passes but never exceeds KubeVirt's.
 //! * **Margin.** Same 4 % (`StallMargin`).
-//! * **Latched stall.** As KubeVirt's `stallDetected` (L243–L250): once stalled, the detector stays
-//!   stalled; a pass that dips below the window minimum does not restart the search.
+//! * **Stall state.** KubeVirt latches the stall (`stallDetected`, L243–L250). We clear it when a
+//!   pass falls below the window minimum: a ramping auto-converge throttle shrinks passes for
+//!   real, and a latched stall would stop-and-copy a migration about to converge by itself.
 //! * **Local minimum.** Same rule (`remaining ≤ best × 1.04`). KubeVirt relaxes `best` by popping a
 //!   min-heap of the values seen since the stall (`relaxBestRemainingBytes` L174–L190), so each
 //!   relaxation takes the next larger value and the target climbs towards where the pass size now
@@ -49,8 +50,7 @@ const HISTORY: usize = 256;
 /// What the detector concluded at a boundary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StallStatus {
-    /// No new minimum below the windowed minimum (within the margin) at this or an earlier
-    /// boundary: once detected, a stall stays latched (KubeVirt `stallDetected`).
+    /// No new minimum below the windowed minimum (within the margin).
     pub stalled: bool,
     /// Remaining is within the margin of the best value since the stall: a good switch point.
     pub at_local_minimum: bool,
@@ -123,19 +123,27 @@ impl StallDetector {
         if self.records.len() > HISTORY {
             self.records.pop_front();
         }
+        let stalled =
+            window_min.is_some_and(|m| remaining as f64 >= m as f64 * (1.0 - STALL_MARGIN));
+        if !stalled {
+            // Progress below the window minimum clears the stall (unlike KubeVirt, which latches
+            // it): a ramping auto-converge throttle shrinks the passes for real, and a latched
+            // stall would call a stop-and-copy at a local minimum of a migration that is about to
+            // converge by itself (three such scenarios in the simulator).
+            self.stalled = false;
+            self.best = None;
+            self.history.clear();
+            self.misses = 0;
+            return StallStatus {
+                stalled,
+                at_local_minimum: false,
+                window_min,
+                best: None,
+                window_ms,
+                remaining,
+            };
+        }
         if !self.stalled {
-            let stalled =
-                window_min.is_some_and(|m| remaining as f64 >= m as f64 * (1.0 - STALL_MARGIN));
-            if !stalled {
-                return StallStatus {
-                    stalled,
-                    at_local_minimum: false,
-                    window_min,
-                    best: None,
-                    window_ms,
-                    remaining,
-                };
-            }
             // First stall: the target is the smallest value seen in the window and before it.
             self.stalled = true;
             self.best = self.records.iter().map(|&(_, r)| r).min();
@@ -259,16 +267,17 @@ mod tests {
         assert!(bests.last() > bests.first(), "{bests:?}");
     }
 
-    /// KubeVirt's `stallDetected` (L243–L250): a dip does not clear the stall.
+    /// Unlike KubeVirt's latched `stallDetected` (L243–L250), real progress below the window
+    /// minimum clears the stall and its target.
     #[test]
-    fn stall_stays_latched() {
+    fn progress_clears_the_stall() {
         let mut d = StallDetector::new();
         for i in 0..10u64 {
             d.observe(&s(i * 5000, i + 2, 100 << 20));
         }
         let st = d.observe(&s(50_000, 12, 40 << 20));
-        assert!(st.stalled);
-        assert!(st.at_local_minimum);
+        assert!(!st.stalled);
+        assert_eq!(st.best, None);
     }
 
     #[test]

@@ -64,6 +64,8 @@ struct State {
     finished_by: Option<Action>,
     hard_stop_at: Option<u64>,
     stalled_at: Option<u64>,
+    /// When QEMU's auto-converge was first seen throttling the guest (ms since start).
+    throttled_since: Option<u64>,
     eta: Option<Eta>,
 }
 
@@ -96,6 +98,7 @@ impl TernPolicy {
             finished_by: None,
             hard_stop_at: None,
             stalled_at: None,
+            throttled_since: None,
             eta: None,
         })
     }
@@ -380,6 +383,9 @@ impl State {
         }
         let input = &plan.input;
         let now = s.at_ms;
+        if s.throttle_pct.is_some_and(|t| t > 0) && self.throttled_since.is_none() {
+            self.throttled_since = Some(now);
+        }
         if self.hard_stop_at.is_some() {
             // The raised limit did not complete at QEMU's next check (the set grew or the link
             // slowed): pause so it cannot run on.
@@ -627,18 +633,24 @@ impl State {
                 let over_budget = deadline.is_some_and(|d| now >= d);
                 // Manual: an operator asked for the move without saying why. Post-copy (when
                 // the SLA accepts it) is the gentle way to finish, so take it as balance does;
-                // without it, keep trying pre-copy until the budget rather than abort at once,
-                // but only while that costs the guest nothing: once QEMU's auto-converge
-                // throttles it (which cannot be undone mid-migration), and the throttle does not
-                // buy convergence (else `throttle_helps` above), waiting only prolongs the
-                // slowdown (the simulator saw 104 s of throttle per manual migration), so abort.
+                // without it, keep trying pre-copy until the budget rather than abort at once
+                // (the workload may calm), but bound what that costs the guest: once QEMU's
+                // auto-converge throttles it (which cannot be undone mid-migration) and the
+                // throttle does not buy convergence (else `throttle_helps` above), wait at most
+                // maintenance's patience (25 % of the budget, ≤ 30 s) more, then abort. The
+                // simulator saw 80–104 s of throttle per manual migration without the bound.
+                let throttled_ms = self.throttled_since.map_or(0, |t| now.saturating_sub(t));
+                let patience = ((deadline.unwrap_or(0) as f64 * MAINTENANCE_PATIENCE_SHARE) as u64)
+                    .min(MAINTENANCE_PATIENCE_MAX_MS);
                 if input.context == MigrationContext::Manual
                     && !over_budget
                     && !plan.may_switch_to_postcopy()
-                    && throttle_now == 0
+                    && (throttle_now == 0 || throttled_ms < patience)
                 {
                     return vec![Decision::cont(format!(
-                        "manual: {why}; guest not throttled, continuing until the budget {}",
+                        "manual: {why}; throttled {} of {} patience, continuing until the budget {}",
+                        secs(throttled_ms as f64),
+                        secs(patience as f64),
                         secs(deadline.unwrap_or(0) as f64)
                     ))];
                 }
