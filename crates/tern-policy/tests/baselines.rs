@@ -305,7 +305,7 @@ fn stalled_set(rem: u64, bw: u64) -> Vec<Observation> {
     obs
 }
 
-/// stall-detector.go L302 + live-migration-source.go L660–L676: with `allowWorkloadDisruption`
+/// stall-detector.go L302 + live-migration-source.go L654–L675 (`triggerConvergenceAction`): with `allowWorkloadDisruption`
 /// and no post-copy (the destination host forbids it), the local minimum triggers a hard
 /// stop-and-copy: downtime 2 000 000 ms. When QEMU has not completed it by the switchover
 /// deadline 60 s later (live-migration-source.go L580–L632, `switchoverInitiated`), KubeVirt aborts.
@@ -355,7 +355,7 @@ fn kubevirt_stall_soft_stop_and_copy_or_abort_without_disruption() {
     assert_eq!(acts, vec![(45_000, Action::Abort)]);
 }
 
-/// stall-detector.go L286–L295 (`canFinishByDeadline`): at a local minimum, a switch is held when
+/// stall-detector.go L291–L295 (`canFinishByDeadline`, L195): at a local minimum, a switch is held when
 /// `remaining / ewmaBps` exceeds `2 × acceptable − elapsed`; after a link drop the EWMA (zero
 /// readings included) collapses, so the estimate explodes and KubeVirt waits. The drop ends, the
 /// EWMA recovers, and the next local minimum switches.
