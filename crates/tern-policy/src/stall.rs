@@ -10,9 +10,14 @@
 //!   50 Mbit/s makes less than one. We use `clamp(3 × median pass duration, 10 s, 40 s)`, so the
 //!   window always spans about three passes but never exceeds KubeVirt's.
 //! * **Margin.** Same 4 % (`StallMargin`).
-//! * **Local minimum.** Same rule (`remaining ≤ best × 1.04`). KubeVirt relaxes `best` to the next
-//!   smallest value after a patience that halves (40 s, 20 s, …); we count passes instead of
-//!   seconds (relax after 3 passes without hitting the minimum), for the same reason as the window.
+//! * **Stall state.** KubeVirt latches the stall (`stallDetected`, L243–L250). We clear it when a
+//!   pass falls below the window minimum: a ramping auto-converge throttle shrinks passes for
+//!   real, and a latched stall would stop-and-copy a migration about to converge by itself.
+//! * **Local minimum.** Same rule (`remaining ≤ best × 1.04`). KubeVirt relaxes `best` by popping a
+//!   min-heap of the values seen since the stall (`relaxBestRemainingBytes` L174–L190), so each
+//!   relaxation takes the next larger value and the target climbs towards where the pass size now
+//!   is; its patience halves (40 s, 20 s, …). We do the same with passes instead of seconds
+//!   (patience 3 passes, then halved, at least 1), for the same reason as the window.
 //! * **Budget guard.** KubeVirt refuses to switch while the estimated switchover time exceeds the
 //!   remaining time budget, which "usually can only be triggered by a sudden network drop". We test
 //!   the network directly ([`link_degraded`]): a switch is held while the latest throughput is
@@ -36,7 +41,8 @@ pub const MIN_WINDOW_MS: u64 = 10_000;
 pub const MAX_WINDOW_MS: u64 = 40_000;
 /// Window length in typical passes.
 pub const WINDOW_PASSES: u64 = 3;
-/// Passes to wait for the local minimum before relaxing it.
+/// Passes to wait for the local minimum before the first relaxation; each relaxation halves it
+/// (at least 1).
 pub const PATIENCE_PASSES: u32 = 3;
 /// Records kept.
 const HISTORY: usize = 256;
@@ -62,9 +68,13 @@ pub struct StallStatus {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StallDetector {
     records: VecDeque<(u64, u64)>,
-    stalled_since: Option<usize>,
+    stalled: bool,
+    /// Remaining bytes seen since the stall, a min-heap in KubeVirt (`remainingBytesHistory`);
+    /// a short vector here (one entry per pass), popped at its minimum.
+    history: Vec<u64>,
     best: Option<u64>,
     misses: u32,
+    patience: u32,
 }
 
 impl StallDetector {
@@ -112,13 +122,17 @@ impl StallDetector {
         self.records.push_back((s.at_ms, remaining));
         if self.records.len() > HISTORY {
             self.records.pop_front();
-            self.stalled_since = self.stalled_since.map(|i| i.saturating_sub(1));
         }
         let stalled =
             window_min.is_some_and(|m| remaining as f64 >= m as f64 * (1.0 - STALL_MARGIN));
         if !stalled {
-            self.stalled_since = None;
+            // Progress below the window minimum clears the stall (unlike KubeVirt, which latches
+            // it): a ramping auto-converge throttle shrinks the passes for real, and a latched
+            // stall would call a stop-and-copy at a local minimum of a migration that is about to
+            // converge by itself (three such scenarios in the simulator).
+            self.stalled = false;
             self.best = None;
+            self.history.clear();
             self.misses = 0;
             return StallStatus {
                 stalled,
@@ -129,33 +143,35 @@ impl StallDetector {
                 remaining,
             };
         }
-        if self.stalled_since.is_none() {
+        if !self.stalled {
             // First stall: the target is the smallest value seen in the window and before it.
-            self.stalled_since = Some(self.records.len() - 1);
+            self.stalled = true;
             self.best = self.records.iter().map(|&(_, r)| r).min();
+            self.history.clear();
             self.misses = 0;
+            self.patience = PATIENCE_PASSES;
+        } else {
+            self.history.push(remaining);
         }
         let mut best = self.best.unwrap_or(remaining);
         let mut at_min = remaining as f64 <= best as f64 * (1.0 + STALL_MARGIN);
         if !at_min {
             self.misses += 1;
-            if self.misses >= PATIENCE_PASSES {
-                // Relax: aim for the smallest value seen since the stall began.
-                let since = self.stalled_since.unwrap_or(0);
-                best = self
-                    .records
-                    .iter()
-                    .skip(since)
-                    .map(|&(_, r)| r)
-                    .min()
-                    .unwrap_or(remaining);
-                self.best = Some(best);
+            if self.misses >= self.patience {
+                // Relax: the next larger value seen since the stall (KubeVirt pops its heap), so
+                // the target climbs towards the pass size the workload now produces.
+                let smallest = (0..self.history.len()).min_by_key(|&i| self.history[i]);
+                if let Some(i) = smallest {
+                    best = self.history.swap_remove(i);
+                    self.best = Some(best);
+                }
                 self.misses = 0;
+                self.patience = (self.patience / 2).max(1);
                 at_min = remaining as f64 <= best as f64 * (1.0 + STALL_MARGIN);
             }
         }
         StallStatus {
-            stalled,
+            stalled: true,
             at_local_minimum: at_min,
             window_min,
             best: Some(best),
@@ -223,6 +239,45 @@ mod tests {
         assert!(saw_stall);
         assert!(!switch_points.is_empty());
         assert!(switch_points.iter().all(|v| *v <= 83), "{switch_points:?}");
+    }
+
+    /// A creeping pass size (KubeVirt's relaxation pops the heap, `stall-detector.go` L174–L190):
+    /// the target climbs from the pre-stall minimum through the values seen since, until a pass
+    /// is within 4 % of it. Recomputing "the minimum since the stall" would keep the target at the
+    /// first stalled value, which the creep never comes back to.
+    #[test]
+    fn target_climbs_on_a_creeping_set() {
+        let mut d = StallDetector::new();
+        let mut hit = None;
+        let mut bests = vec![];
+        for i in 0..40u64 {
+            let v = (100 + 3 * i).min(160);
+            let st = d.observe(&s(i * 5000, i + 2, v << 20));
+            if st.stalled {
+                bests.push(st.best.unwrap() >> 20);
+            }
+            if st.stalled && st.at_local_minimum {
+                hit = Some(v);
+                break;
+            }
+        }
+        let v = hit.expect("reaches a local minimum");
+        assert!(v > 110, "switch point {v} MiB");
+        assert!(bests.windows(2).all(|w| w[1] >= w[0]), "{bests:?}");
+        assert!(bests.last() > bests.first(), "{bests:?}");
+    }
+
+    /// Unlike KubeVirt's latched `stallDetected` (L243–L250), real progress below the window
+    /// minimum clears the stall and its target.
+    #[test]
+    fn progress_clears_the_stall() {
+        let mut d = StallDetector::new();
+        for i in 0..10u64 {
+            d.observe(&s(i * 5000, i + 2, 100 << 20));
+        }
+        let st = d.observe(&s(50_000, 12, 40 << 20));
+        assert!(!st.stalled);
+        assert_eq!(st.best, None);
     }
 
     #[test]

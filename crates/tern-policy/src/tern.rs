@@ -1,18 +1,19 @@
 //! `tern`: our policy. Context-aware, SLA-bounded, model-driven. See `POLICY.md`.
 //!
 //! In one paragraph: start post-copy-capable (when the hosts, VM, QEMU and SLA allow) with the
-//! SLA's throttle ceiling and a downtime limit of `min(300 ms, SLA − switchover overhead)`. At
+//! SLA's throttle ceiling and a downtime limit of `min(50 ms, SLA − switchover overhead)`. At
 //! each pass boundary fit the convergence model. If pre-copy is predicted to converge in time,
 //! continue. If a higher downtime limit within the SLA would make it converge, raise it to what
 //! is needed (not to the ceiling). If auto-converge within the SLA's throttle would, let QEMU
-//! throttle. Otherwise the migration cannot finish within the SLA by pre-copy, and the context
-//! decides: evacuate finishes now (post-copy, else stop-and-copy) at a local minimum of
-//! remaining bytes; maintenance waits a bounded patience for the workload to calm, then does
+//! throttle. Otherwise the migration cannot finish within the SLA by pre-copy (known at the first
+//! boundary when the measured dirty rate already outruns the link at the SLA's throttle), and
+//! the context decides: evacuate finishes now (post-copy, else stop-and-copy) at a local minimum
+//! of remaining bytes; maintenance waits a bounded patience for the workload to calm, then does
 //! the same, or earlier when the deadline presses; balance switches to post-copy when the SLA
-//! accepts it and otherwise aborts; manual switches like balance when post-copy is acceptable and otherwise keeps
-//! trying until its budget is spent, then behaves like balance. No
-//! switch or stop-and-copy happens while the link is degraded (latest throughput below half the
-//! smoothed one), which is what a transient network drop looks like.
+//! accepts it and otherwise aborts; manual switches like balance when post-copy is acceptable
+//! and otherwise keeps trying until its budget is spent (while the guest is not throttled), then
+//! behaves like balance. No switch or stop-and-copy happens while the link is degraded (latest
+//! throughput below half the smoothed one), which is what a transient network drop looks like.
 
 use crate::MigrationPolicy;
 use crate::limits::{
@@ -63,6 +64,8 @@ struct State {
     finished_by: Option<Action>,
     hard_stop_at: Option<u64>,
     stalled_at: Option<u64>,
+    /// When QEMU's auto-converge was first seen throttling the guest (ms since start).
+    throttled_since: Option<u64>,
     eta: Option<Eta>,
 }
 
@@ -95,8 +98,24 @@ impl TernPolicy {
             finished_by: None,
             hard_stop_at: None,
             stalled_at: None,
+            throttled_since: None,
             eta: None,
         })
+    }
+}
+
+/// Pass boundaries (plus the probe) needed before acting on a predicted non-convergence: the
+/// probe is one (T, D) point, each boundary after the first pass another; two points fix the fit.
+/// An evacuation acts on the minimum. So does any context whose answer is post-copy: the switch
+/// costs the same whenever it happens (remaining ÷ link of degraded running), so a third point
+/// only buys one more pass of the working set over the link (the quick bench saw +1.4 s and
+/// +0.5 × RAM at ρ ≈ 1 waiting for it). A stop-and-copy or an abort is harder to take back, and
+/// waits one more pass. (A measured ρ that rules pre-copy out acts at once, see `on_pass`.)
+fn evidence_needed(plan: &MigrationPlan) -> u64 {
+    if plan.input.context == MigrationContext::Evacuate || plan.may_switch_to_postcopy() {
+        2
+    } else {
+        3
     }
 }
 
@@ -364,6 +383,9 @@ impl State {
         }
         let input = &plan.input;
         let now = s.at_ms;
+        if s.throttle_pct.is_some_and(|t| t > 0) && self.throttled_since.is_none() {
+            self.throttled_since = Some(now);
+        }
         if self.hard_stop_at.is_some() {
             // The raised limit did not complete at QEMU's next check (the set grew or the link
             // slowed): pause so it cannot run on.
@@ -474,24 +496,28 @@ impl State {
                 (e + ramp_ms) as f64 * f64::from(self.throttle_max) / 100.0 / 2.0
             });
 
+        // The measured ratio ρ = dirty rate / link over the pass just synced. QEMU's
+        // `dirty-pages-rate` counts distinct pages per second of the sync period, and the
+        // distinct-pages curve D(T) is concave with D(0) = 0, so the next pass (shorter than the
+        // period, since it sends what the period dirtied) dirties at least ρ × its own size:
+        // ρ ≥ 1 means no pass can shrink. auto-converge at throttle t scales the write rate by
+        // (1 − t) and the distinct rate by at least as much, so ρ·(1 − t_max) ≥ 1 means no
+        // throttle within the SLA helps either. That is known at the first boundary: act there
+        // instead of a pass later (the quick bench lost 31–33 % of total time at ρ ≈ 1 and 3).
+        // The rate was measured under the current throttle; rescale it to the ceiling.
+        let rho = s.dirty_bytes_per_s() / bw;
+        let rho_at_max_throttle = rho
+            * (1.0 - f64::from(self.throttle_max.max(throttle_now)) / 100.0)
+            / (1.0 - f64::from(throttle_now.min(99)) / 100.0);
+        let rho_says_never = !now_pred.converges && rho_at_max_throttle >= 1.0;
         let throttle_helps = throttle_converges
+            && !rho_says_never
             && !(plan.may_switch_to_postcopy() && postcopy_cost_ms < throttle_cost_ms);
-        // Evidence needed before acting on a predicted non-convergence: the probe is one (T, D)
-        // point, each boundary after the first pass another; two points fix the fit. An
-        // evacuation acts on the minimum. So does any context whose answer is post-copy: the
-        // switch costs the same whenever it happens (remaining ÷ link of degraded running),
-        // so a third point only buys one more pass of the working set over the link (the quick
-        // bench saw +1.4 s and +0.5 × RAM at ρ ≈ 1 waiting for it). A stop-and-copy or an
-        // abort is harder to take back, and waits one more pass.
+        let needed = evidence_needed(plan);
         let probe = u64::from(input.probe.is_some());
-        let needed = if input.context == MigrationContext::Evacuate || plan.may_switch_to_postcopy()
-        {
-            2
-        } else {
-            3
-        };
-        let confirmed =
-            status.stalled || (!now_pred.converges && self.model.boundaries() + probe >= needed);
+        let confirmed = status.stalled
+            || rho_says_never
+            || (!now_pred.converges && self.model.boundaries() + probe >= needed);
         if confirmed && self.stalled_at.is_none() {
             self.stalled_at = Some(now);
         }
@@ -542,11 +568,13 @@ impl State {
         }
         let why = format!(
             "pre-copy cannot finish within the SLA: steady pass ≈{} at {} needs ≈{} ms downtime \
-             (ceiling {ceiling} ms) at throttle up to {} %; stall window min {}, best {}",
+             (ceiling {ceiling} ms) at throttle up to {} % (measured ρ {rho:.2}, {:.2} at that \
+             throttle); stall window min {}, best {}",
             mib(now_pred.steady_remaining_bytes as f64),
             mbit(bw),
             now_pred.downtime_needed_ms,
             self.throttle_max,
+            rho_at_max_throttle,
             status.window_min.map_or("-".into(), |v| mib(v as f64)),
             status.best.map_or("-".into(), |v| mib(v as f64)),
         );
@@ -605,13 +633,24 @@ impl State {
                 let over_budget = deadline.is_some_and(|d| now >= d);
                 // Manual: an operator asked for the move without saying why. Post-copy (when
                 // the SLA accepts it) is the gentle way to finish, so take it as balance does;
-                // without it, keep trying pre-copy until the budget rather than abort at once.
+                // without it, keep trying pre-copy until the budget rather than abort at once
+                // (the workload may calm), but bound what that costs the guest: once QEMU's
+                // auto-converge throttles it (which cannot be undone mid-migration) and the
+                // throttle does not buy convergence (else `throttle_helps` above), wait at most
+                // maintenance's patience (25 % of the budget, ≤ 30 s) more, then abort. The
+                // simulator saw 80–104 s of throttle per manual migration without the bound.
+                let throttled_ms = self.throttled_since.map_or(0, |t| now.saturating_sub(t));
+                let patience = ((deadline.unwrap_or(0) as f64 * MAINTENANCE_PATIENCE_SHARE) as u64)
+                    .min(MAINTENANCE_PATIENCE_MAX_MS);
                 if input.context == MigrationContext::Manual
                     && !over_budget
                     && !plan.may_switch_to_postcopy()
+                    && (throttle_now == 0 || throttled_ms < patience)
                 {
                     return vec![Decision::cont(format!(
-                        "manual: {why}; continuing until the budget {}",
+                        "manual: {why}; throttled {} of {} patience, continuing until the budget {}",
+                        secs(throttled_ms as f64),
+                        secs(patience as f64),
                         secs(deadline.unwrap_or(0) as f64)
                     ))];
                 }
@@ -687,6 +726,109 @@ impl State {
         vec![]
     }
 
+    /// The ETA while pre-copy runs, from the latest sample:
+    /// * **what is left of the current pass on the wire.** In the first pass QEMU's `remaining`
+    ///   counts every page not yet scanned, but zero and never-touched pages go as zero-page
+    ///   markers that cost almost nothing. The share of scanned pages that cost bytes,
+    ///   `transferred ÷ (total − remaining)`, scales what is left (an idle guest's ETA was +128 %
+    ///   at 25 % progress without it);
+    /// * **then what the policy intends.** If the model says pre-copy converges (at the throttle
+    ///   tern allows), its passes. Otherwise tern waits for the evidence it needs
+    ///   ([`evidence_needed`]; none when the measured ρ already rules pre-copy out, and
+    ///   maintenance's patience before a stop-and-copy) and finishes the steady set by post-copy
+    ///   or stop-and-copy. Balance and manual without post-copy will abort: no finish time.
+    fn precopy_eta(&self, plan: &MigrationPlan, now: u64, bw: f64) -> Option<Eta> {
+        let s = self.model.last_sample()?;
+        let input = &plan.input;
+        let remaining = s.remaining_bytes as f64;
+        let first_pass = s.pass < 2 || self.model.last_boundary().is_none();
+        let wire_share = if first_pass {
+            let scanned = s.total_bytes.saturating_sub(s.remaining_bytes) as f64;
+            if scanned > 0.0 && (s.transferred_bytes as f64) < scanned {
+                (s.transferred_bytes as f64 / scanned).clamp(0.01, 1.0)
+            } else {
+                1.0
+            }
+        } else {
+            1.0
+        };
+        let pass_left_ms = remaining * wire_share / bw * 1000.0;
+        // The pass after the current one, and the prediction from there.
+        let (next_bytes, origin_ms) = if first_pass {
+            let first_pass_s = (now as f64 + pass_left_ms) / 1000.0;
+            (
+                self.model.dirtied_in(first_pass_s, 0.0),
+                now as f64 + pass_left_ms,
+            )
+        } else {
+            let b = self.model.last_boundary()?;
+            (b.remaining_bytes as f64, b.at_ms as f64)
+        };
+        let finish = |ms: f64, mode: EtaMode| {
+            Some(Eta {
+                at_ms: now,
+                finish_at_ms: Some((ms.max(now as f64)) as u64),
+                remaining_bytes: s.remaining_bytes,
+                mode,
+            })
+        };
+        let overhead = input.switchover_overhead_ms as f64;
+        if next_bytes <= 0.0 {
+            return finish(now as f64 + pass_left_ms + overhead, EtaMode::Precopy);
+        }
+        let throttled =
+            self.model
+                .predict_from(next_bytes, bw, self.downtime_ms, self.throttle_max);
+        if throttled.converges {
+            let eta = throttled.eta_ms.unwrap_or(0) as f64;
+            return finish(origin_ms + eta + overhead, EtaMode::Precopy);
+        }
+        let throttle_now = s.throttle_pct.unwrap_or(0);
+        let p = self
+            .model
+            .predict_from(next_bytes, bw, self.downtime_ms, throttle_now);
+        let postcopy = plan.may_switch_to_postcopy();
+        if !postcopy && !input.context.must_finish() {
+            return Some(Eta {
+                at_ms: now,
+                finish_at_ms: None,
+                remaining_bytes: s.remaining_bytes,
+                mode: EtaMode::NotConverging,
+            });
+        }
+        let steady = (p.steady_remaining_bytes as f64).max(1.0);
+        let steady_ms = steady / bw * 1000.0;
+        // The policy acts at the next boundary when it has the evidence by then (or a measured
+        // ρ rules pre-copy out); otherwise one more pass of the steady size per missing point.
+        let rate = if first_pass {
+            self.model.dirty_rate().unwrap_or(0.0)
+        } else {
+            s.dirty_bytes_per_s()
+        };
+        let rho = rate / bw * (1.0 - f64::from(self.throttle_max) / 100.0);
+        let have = self.model.boundaries() + u64::from(input.probe.is_some());
+        let extra = if self.stalled_at.is_some() || rho >= 1.0 {
+            0
+        } else {
+            evidence_needed(plan).saturating_sub(have + 1)
+        };
+        let patience = if !postcopy && input.context == MigrationContext::Maintenance {
+            let budget = plan.deadline_ms.unwrap_or(0) as f64;
+            (budget * MAINTENANCE_PATIENCE_SHARE).min(MAINTENANCE_PATIENCE_MAX_MS as f64)
+        } else {
+            0.0
+        };
+        let next_boundary = now as f64 + pass_left_ms;
+        finish(
+            next_boundary + extra as f64 * steady_ms + patience + steady_ms + overhead,
+            if postcopy {
+                EtaMode::Postcopy
+            } else {
+                EtaMode::StopAndCopy
+            },
+        )
+    }
+
     fn update_eta(&mut self, plan: &MigrationPlan, now: u64) {
         let bw = self.bandwidth();
         let remaining = self.model.last_sample().map_or(0, |s| s.remaining_bytes);
@@ -705,17 +847,7 @@ impl State {
                     EtaMode::Postcopy
                 },
             }),
-            _ => self
-                .model
-                .eta(now, self.downtime_ms, self.throttle_max)
-                .or_else(|| {
-                    bw.map(|b| Eta {
-                        at_ms: now,
-                        finish_at_ms: Some(now + (remaining as f64 / b * 1000.0) as u64),
-                        remaining_bytes: remaining,
-                        mode: EtaMode::Precopy,
-                    })
-                }),
+            _ => bw.and_then(|b| self.precopy_eta(plan, now, b)),
         };
         if let (Some(eta), Some(_)) = (self.eta.as_mut(), self.hard_stop_at) {
             eta.mode = EtaMode::StopAndCopy;

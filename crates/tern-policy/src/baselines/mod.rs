@@ -18,12 +18,13 @@ mod nova;
 mod others;
 
 pub use kubevirt::{
-    COMPLETION_TIMEOUT_PER_GIB, DEFAULT_MAX_DOWNTIME_MS, KubevirtLegacyPolicy, KubevirtStallPolicy,
-    PROGRESS_TIMEOUT_S,
+    COMPLETION_TIMEOUT_PER_GIB, DEFAULT_MAX_DOWNTIME_MS, KubevirtFlags, KubevirtLegacyPolicy,
+    KubevirtStallPolicy, PROGRESS_TIMEOUT_S,
 };
 pub use nova::{Nova2016Policy, NovaConfig, NovaPolicy, NovaTimeoutAction};
 pub use others::{
-    LibvirtPostcopyAfterPrecopyPolicy, OvirtPostcopyPolicy, ProxmoxPolicy, QemuDefaultPolicy,
+    LibvirtPostcopyAfterPrecopyPolicy, OvirtPolicy, OvirtPolicyKind, ProxmoxPolicy,
+    QemuDefaultPolicy,
 };
 
 use crate::observe::{Decision, Observation};

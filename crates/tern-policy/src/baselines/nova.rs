@@ -82,13 +82,31 @@ struct NovaState {
 }
 
 impl NovaPolicy {
-    /// Nova with `config`.
+    /// Nova with `config`; named `nova`, or `nova-force-complete` when the timeout action is
+    /// `force_complete`.
     pub fn new(config: NovaConfig) -> Self {
         NovaPolicy {
             config,
-            name: "nova",
+            name: match config.timeout_action {
+                NovaTimeoutAction::Abort => "nova",
+                NovaTimeoutAction::ForceComplete => "nova-force-complete",
+            },
             state: NovaState::default(),
         }
+    }
+
+    /// `[libvirt]live_migration_timeout_action = force_complete`, everything else default: what
+    /// operators draining hosts set (bigstack-oss/cubecos #1031; Nova's release note
+    /// `live-migration-force-after-timeout-54f2a4b631d295bb.yaml`). At the completion timeout
+    /// `driver.py::_live_migration_monitor` (L11618) calls `live_migration_force_complete`
+    /// (L11875), which queues a task that `migration.py::run_tasks` (L792) runs at the next
+    /// 0.5 s poll (modelled at the same poll): post-copy when the post-copy flag is set, else
+    /// pause the guest.
+    pub fn force_complete() -> Self {
+        Self::new(NovaConfig {
+            timeout_action: NovaTimeoutAction::ForceComplete,
+            ..NovaConfig::default()
+        })
     }
 
     fn data_gb(input: &PlanInput) -> f64 {
