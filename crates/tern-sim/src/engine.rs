@@ -1,10 +1,13 @@
-//! The migration model: event-driven, piecewise-constant rates, closed-form dirtying.
+//! The migration model: event-driven, piecewise-constant rates, page-granular dirtying.
 //!
 //! Between events (pass end, poll tick, link change, workload phase change) the link rate and the
-//! guest's write rate are constant, so bytes sent grow linearly and the distinct dirty set grows
-//! as `W − (W − D₀)·e^{−r·Δt/W}`. What is modelled from QEMU:
-//! * passes: the first sends all non-zero RAM; each next pass sends the set dirtied during the
-//!   previous one (the bitmap synced at the pass boundary, `dirty-sync-count` + 1);
+//! guest's write rate are constant, so bytes sent grow linearly and the guest's write streams
+//! accrue writes; the dirty set is whatever pages those writes hit (`crate::memory`, driven by
+//! the scenario's `crate::workload::Workload`), not a formula. What is modelled from QEMU:
+//! * passes: the first visits every page, sending data pages whole and zero (never-touched)
+//!   pages as markers; each next pass sends the pages written since the previous sync (the
+//!   bitmap synced at the pass boundary, `dirty-sync-count` + 1), which costs time proportional
+//!   to guest RAM (`SimConfig::sync_ms_per_gib`);
 //! * completion check at each sync and whenever `downtime-limit` changes: `pending ≤ bandwidth ×
 //!   downtime-limit` ⇒ stop-and-copy, blackout = pending / link + device-state overhead (through
 //!   any outage that hits it);
@@ -25,6 +28,7 @@ use tern_policy::{
     Observation, Phase,
 };
 
+use crate::memory::{GuestMemory, PAGE_HEADER_BYTES, SyncFound, ZERO_PAGE_BYTES};
 use crate::scenario::{OutageKind, Scenario};
 
 /// Simulation settings.
@@ -38,6 +42,11 @@ pub struct SimConfig {
     pub postcopy_switch_ms: u64,
     /// Time to recover a paused post-copy after the link returns, ms.
     pub postcopy_recover_ms: u64,
+    /// Dirty-bitmap sync time per GiB of guest RAM, ms: `migration_bitmap_sync` fetches and
+    /// walks a bitmap as large as RAM while the migration thread sends nothing.
+    pub sync_ms_per_gib: f64,
+    /// Fixed part of every sync (iterating RAM blocks and memory listeners), ms.
+    pub sync_fixed_ms: f64,
 }
 
 impl Default for SimConfig {
@@ -47,6 +56,8 @@ impl Default for SimConfig {
             horizon_ms: 3_600_000,
             postcopy_switch_ms: 20,
             postcopy_recover_ms: 100,
+            sync_ms_per_gib: 2.0,
+            sync_fixed_ms: 0.5,
         }
     }
 }
@@ -138,7 +149,13 @@ struct Run<'a> {
     mode: Mode,
     pass: u64,
     pass_left: f64,
-    dirty_acc: f64,
+    /// The guest's pages and the writes into them.
+    mem: GuestMemory,
+    /// Bytes the current pass had to send when it started.
+    pass_bytes: f64,
+    /// Whether the current pass is the first of its attempt (no XBZRLE: QEMU encodes only
+    /// pages it has sent before, `ram.c::save_xbzrle_page` after `xbzrle_enabled`).
+    first_pass: bool,
     transferred: f64,
     transferred_attempt: f64,
     downtime_limit_ms: u64,
@@ -194,14 +211,50 @@ impl<'a> Run<'a> {
     }
 
     fn next_phase_change(&self, t: f64) -> f64 {
-        let ms = t * 1000.0;
-        self.sc
-            .dirty_phases
-            .iter()
-            .map(|p| p.from_ms as f64)
-            .filter(|&f| f > ms + 1e-6)
-            .fold(f64::INFINITY, f64::min)
-            / 1000.0
+        self.mem
+            .workload()
+            .next_phase_ms(t * 1000.0)
+            .map_or(f64::INFINITY, |ms| ms as f64 / 1000.0)
+    }
+
+    /// Wire bytes of one page of a pass: data pages whole (or XBZRLE-encoded when re-sent),
+    /// zero pages as a marker.
+    fn page_cost(&self, data: bool, resend: bool) -> f64 {
+        if !data {
+            return ZERO_PAGE_BYTES;
+        }
+        let xbzrle = resend && self.plan.capabilities.xbzrle && self.sc.features.xbzrle;
+        let f = if xbzrle {
+            1.0 - self.sc.xbzrle_saving
+        } else {
+            1.0
+        };
+        self.sc.page_size as f64 * f + PAGE_HEADER_BYTES
+    }
+
+    /// Wire bytes of a set of pages.
+    fn pages_cost(&self, p: SyncFound, resend: bool) -> f64 {
+        p.data_pages as f64 * self.page_cost(true, resend)
+            + (p.pages - p.data_pages) as f64 * self.page_cost(false, resend)
+    }
+
+    /// The guest runs `dt` seconds while the migration thread sends nothing (a bitmap sync).
+    fn stall(&mut self, dt: f64) {
+        if dt > 0.0 {
+            let scale = self.write_scale();
+            self.mem.accrue(self.t, dt, scale);
+            self.t += dt;
+        }
+    }
+
+    /// Effective ÷ nominal write rate now.
+    fn write_scale(&self) -> f64 {
+        let raw = self.mem.nominal_pages_per_s(self.t);
+        if raw > 0.0 {
+            self.write_rate() / raw
+        } else {
+            0.0
+        }
     }
 
     /// Effective raw write rate (pages/s) now.
@@ -209,7 +262,7 @@ impl<'a> Run<'a> {
         if self.mode == Mode::Paused {
             return 0.0;
         }
-        let raw = self.sc.pages_per_s_at(self.t * 1000.0);
+        let raw = self.mem.nominal_pages_per_s(self.t);
         let mut r = raw * (1.0 - f64::from(self.throttle) / 100.0);
         if let Some(mb) = self.dirty_limit_mb.filter(|_| self.dirty_limit_active) {
             let cap = mb as f64 * 1e6 * f64::from(self.sc.vcpus.max(1)) / self.sc.page_size as f64;
@@ -219,7 +272,7 @@ impl<'a> Run<'a> {
     }
 
     fn degraded_pct(&self) -> u8 {
-        let raw = self.sc.pages_per_s_at(self.t * 1000.0);
+        let raw = self.mem.nominal_pages_per_s(self.t);
         if raw <= 0.0 || self.mode == Mode::Paused {
             // A paused guest counts as downtime, not as throttled.
             return self.throttle;
@@ -332,11 +385,8 @@ impl<'a> Run<'a> {
                 self.transferred += sent;
                 self.transferred_attempt += sent;
                 self.period_xfer += sent;
-                let w = self.sc.wws_bytes as f64;
-                let r = self.write_rate() * self.sc.page_size as f64;
-                if w > 0.0 && r > 0.0 {
-                    self.dirty_acc = w - (w - self.dirty_acc) * (-r * dt / w).exp();
-                }
+                let scale = self.write_scale();
+                self.mem.accrue(self.t, dt, scale);
             }
             Mode::Postcopy => {
                 let sent = (b * dt).min(self.pc_left);
@@ -350,16 +400,15 @@ impl<'a> Run<'a> {
     }
 
     fn sync(&mut self) {
-        let found = self.dirty_acc;
-        self.period_dirty += found;
-        self.dirty_acc = 0.0;
+        let found = self.mem.sync();
+        // QEMU's dirty-pages-rate counts pages, whatever they cost on the wire.
+        self.period_dirty += found.pages as f64 * self.sc.page_size as f64;
         self.pass += 1;
-        let cost = if self.plan.capabilities.xbzrle && self.sc.features.xbzrle {
-            1.0 - self.sc.xbzrle_saving
-        } else {
-            1.0
-        };
-        self.pass_left = found * cost;
+        self.first_pass = false;
+        self.pass_left = self.pages_cost(found, true);
+        self.pass_bytes = self.pass_left;
+        let gib = self.sc.ram_bytes as f64 / (1u64 << 30) as f64;
+        self.stall((self.cfg.sync_fixed_ms + self.cfg.sync_ms_per_gib * gib) / 1000.0);
         let period = self.t - self.period_start;
         if period >= 1.0 {
             self.last_dirty_rate_pages = self.period_dirty / self.sc.page_size as f64 / period;
@@ -407,7 +456,11 @@ impl<'a> Run<'a> {
                 Action::SetDowntimeLimit { ms } => {
                     self.downtime_limit_ms = ms.clamp(1, 2_000_000);
                     if self.mode != Mode::Postcopy {
-                        let pending = self.pass_left + self.dirty_acc;
+                        let dirty = SyncFound {
+                            pages: self.mem.dirty_pages(),
+                            data_pages: self.mem.dirty_data_pages(),
+                        };
+                        let pending = self.pass_left + self.pages_cost(dirty, true);
                         self.completion_check(pending);
                     }
                 }
@@ -453,9 +506,15 @@ impl<'a> Run<'a> {
         let blackout_start = self.pause_at.unwrap_or(self.t);
         self.t += blackout;
         self.out.downtime_ms = Some(((self.t - blackout_start) * 1000.0).round() as u64);
-        self.pc_left = (self.pass_left + self.dirty_acc).min(self.sc.ram_bytes as f64);
+        // Post-copy sends what the destination lacks, whole (no XBZRLE after the switch).
+        let sent = (self.pass_bytes - self.pass_left).max(0.0);
+        let resend = !self.first_pass;
+        let (data_cost, zero_cost) = (self.page_cost(true, resend), self.page_cost(false, resend));
+        let missing = self
+            .mem
+            .postcopy_missing(sent, |data| if data { data_cost } else { zero_cost });
+        self.pc_left = self.pages_cost(missing, false);
         self.pass_left = 0.0;
-        self.dirty_acc = 0.0;
         self.throttle = 0;
         self.dirty_limit_active = false;
         self.mode = Mode::Postcopy;
@@ -467,8 +526,10 @@ impl<'a> Run<'a> {
         self.attempt_start = resume_at;
         self.mode = Mode::Precopy;
         self.pass = 1;
-        self.pass_left = self.sc.ram_bytes as f64 * self.sc.nonzero_fraction;
-        self.dirty_acc = 0.0;
+        self.mem.restart();
+        self.first_pass = true;
+        self.pass_left = self.pages_cost(self.mem.pass_pages(), false);
+        self.pass_bytes = self.pass_left;
         self.transferred_attempt = 0.0;
         self.throttle = 0;
         self.dirty_limit_active = false;
@@ -493,6 +554,10 @@ pub fn simulate_with(
     let input = scenario.plan_input();
     let plan = policy.plan(&input);
     let p = plan.parameters;
+    let mem = GuestMemory::new(
+        &scenario.effective_workload(),
+        scenario.ram_bytes / scenario.page_size.max(1),
+    );
     let mut run = Run {
         sc: scenario,
         cfg,
@@ -500,8 +565,10 @@ pub fn simulate_with(
         attempt_start: 0.0,
         mode: Mode::Precopy,
         pass: 1,
-        pass_left: scenario.ram_bytes as f64 * scenario.nonzero_fraction,
-        dirty_acc: 0.0,
+        pass_left: 0.0,
+        mem,
+        pass_bytes: 0.0,
+        first_pass: true,
         transferred: 0.0,
         transferred_attempt: 0.0,
         downtime_limit_ms: p.downtime_limit_ms,
@@ -543,6 +610,8 @@ pub fn simulate_with(
         trace: trace.then(Vec::new),
         finished: false,
     };
+    run.pass_left = run.pages_cost(run.mem.pass_pages(), false);
+    run.pass_bytes = run.pass_left;
     let horizon = cfg.horizon_ms as f64 / 1000.0;
     let tick = cfg.tick_ms.max(1) as f64 / 1000.0;
     let mut steps = 0u64;

@@ -8,8 +8,11 @@
 //!   the text to print and does no I/O itself.
 
 mod engine;
+pub mod memory;
 mod report;
 mod scenario;
+pub mod trace;
+pub mod workload;
 
 use std::str::FromStr;
 
@@ -18,6 +21,8 @@ pub use report::{
     ComparisonRecord, aggregate, compare_impact, compare_outcomes, guest_impact_ms, table,
 };
 pub use scenario::{DirtyPhase, Outage, OutageKind, Scenario, generate_scenarios};
+pub use trace::{LabPattern, LabPhysics, LabWorkload, RunTrace, replay, scenario_from_lab};
+pub use workload::{Burst, PageRange, Workload, WorkloadPhase, WritePattern, WriteStream};
 
 use tern_policy::{MigrationContext, POLICY_NAMES, UnknownPolicy, policy_by_name};
 

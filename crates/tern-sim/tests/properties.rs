@@ -105,6 +105,7 @@ fn arb_scenario(
                     deadline_ms: None,
                     xbzrle_saving: 0.1,
                     probe_error: 0.0,
+                    workload: None,
                 }
             },
         )
