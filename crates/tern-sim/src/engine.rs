@@ -151,8 +151,10 @@ struct Run<'a> {
     pass_left: f64,
     /// The guest's pages and the writes into them.
     mem: GuestMemory,
-    /// Bytes the current pass had to send when it started.
+    /// Wire bytes the current pass had to send when it started.
     pass_bytes: f64,
+    /// Its pages × page size (QEMU's `remaining` at the start of the pass).
+    pass_raw: f64,
     /// Whether the current pass is the first of its attempt (no XBZRLE: QEMU encodes only
     /// pages it has sent before, `ram.c::save_xbzrle_page` after `xbzrle_enabled`).
     first_pass: bool,
@@ -217,25 +219,32 @@ impl<'a> Run<'a> {
             .map_or(f64::INFINITY, |ms| ms as f64 / 1000.0)
     }
 
-    /// Wire bytes of one page of a pass: data pages whole (or XBZRLE-encoded when re-sent),
-    /// zero pages as a marker.
-    fn page_cost(&self, data: bool, resend: bool) -> f64 {
-        if !data {
-            return ZERO_PAGE_BYTES;
-        }
-        let xbzrle = resend && self.plan.capabilities.xbzrle && self.sc.features.xbzrle;
-        let f = if xbzrle {
-            1.0 - self.sc.xbzrle_saving
-        } else {
-            1.0
-        };
-        self.sc.page_size as f64 * f + PAGE_HEADER_BYTES
+    /// Wire bytes of a set of pages: data pages whole, or as an XBZRLE delta when the page is
+    /// in the cache; zero pages as a marker.
+    fn pages_cost(&self, p: SyncFound) -> f64 {
+        let page = self.sc.page_size as f64;
+        let delta = page * (1.0 - self.sc.xbzrle_saving.clamp(0.0, 1.0));
+        let whole = p.data_pages.saturating_sub(p.cached_pages) as f64;
+        whole * (page + PAGE_HEADER_BYTES)
+            + p.cached_pages as f64 * (delta + PAGE_HEADER_BYTES)
+            + p.pages.saturating_sub(p.data_pages) as f64 * ZERO_PAGE_BYTES
     }
 
-    /// Wire bytes of a set of pages.
-    fn pages_cost(&self, p: SyncFound, resend: bool) -> f64 {
-        p.data_pages as f64 * self.page_cost(true, resend)
-            + (p.pages - p.data_pages) as f64 * self.page_cost(false, resend)
+    /// XBZRLE cache size in pages when the migration uses XBZRLE (QEMU's default
+    /// `xbzrle-cache-size` is 64 MiB, migration/options.c `DEFAULT_MIGRATE_XBZRLE_CACHE_SIZE`).
+    fn xbzrle_cache_pages(&self) -> Option<u64> {
+        (self.plan.capabilities.xbzrle && self.sc.features.xbzrle)
+            .then(|| (64u64 << 20) / self.sc.page_size.max(1))
+    }
+
+    /// What QEMU reports as `remaining`: dirty pages × page size, zero pages included
+    /// (`ram.c::ram_bytes_remaining`), whatever they cost on the wire.
+    fn remaining_raw(&self) -> f64 {
+        if self.pass_bytes > 0.0 {
+            self.pass_raw * (self.pass_left / self.pass_bytes).clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
     }
 
     /// The guest runs `dt` seconds while the migration thread sends nothing (a bitmap sync).
@@ -290,7 +299,7 @@ impl<'a> Run<'a> {
         let b = self.bw_at(self.t);
         let remaining = match self.mode {
             Mode::Postcopy => self.pc_left,
-            _ => self.pass_left,
+            _ => self.remaining_raw(),
         };
         IterationSample {
             at_ms: self.rel_ms(),
@@ -350,18 +359,23 @@ impl<'a> Run<'a> {
         let downtime = self.t - blackout_start;
         self.out.downtime_ms = Some((downtime * 1000.0).round() as u64);
         self.out.result = SimResult::Completed;
+        // The final sync of stop-and-copy (`ram.c::ram_save_complete`) counts in
+        // `dirty-sync-count`.
+        self.pass += 1;
         self.finished = true;
     }
 
-    /// QEMU's completion test with the exact pending size (after a downtime change or a sync).
-    fn completion_check(&mut self, pending: f64) -> bool {
+    /// QEMU's completion test with the exact pending size (after a downtime change or a sync):
+    /// `remaining` (pages × page size, `raw`) against bandwidth × downtime-limit
+    /// (`migration.c::migration_iteration_run`); the stop then sends `wire` bytes.
+    fn completion_check(&mut self, wire: f64, raw: f64) -> bool {
         let b = self.bw_at(self.t);
         if b <= 0.0 {
             return false;
         }
         let threshold = b * self.downtime_limit_ms as f64 / 1000.0;
-        if pending <= threshold || pending <= EPS {
-            self.complete_stop_and_copy(pending);
+        if raw <= threshold || wire <= EPS {
+            self.complete_stop_and_copy(wire);
             return true;
         }
         false
@@ -400,13 +414,14 @@ impl<'a> Run<'a> {
     }
 
     fn sync(&mut self) {
-        let found = self.mem.sync();
+        let found = self.mem.sync(self.xbzrle_cache_pages());
         // QEMU's dirty-pages-rate counts pages, whatever they cost on the wire.
         self.period_dirty += found.pages as f64 * self.sc.page_size as f64;
         self.pass += 1;
         self.first_pass = false;
-        self.pass_left = self.pages_cost(found, true);
+        self.pass_left = self.pages_cost(found);
         self.pass_bytes = self.pass_left;
+        self.pass_raw = found.pages as f64 * self.sc.page_size as f64;
         let gib = self.sc.ram_bytes as f64 / (1u64 << 30) as f64;
         self.stall((self.cfg.sync_fixed_ms + self.cfg.sync_ms_per_gib * gib) / 1000.0);
         let period = self.t - self.period_start;
@@ -459,9 +474,11 @@ impl<'a> Run<'a> {
                         let dirty = SyncFound {
                             pages: self.mem.dirty_pages(),
                             data_pages: self.mem.dirty_data_pages(),
+                            cached_pages: 0,
                         };
-                        let pending = self.pass_left + self.pages_cost(dirty, true);
-                        self.completion_check(pending);
+                        let wire = self.pass_left + self.pages_cost(dirty);
+                        let raw = self.remaining_raw() + (dirty.pages * self.sc.page_size) as f64;
+                        self.completion_check(wire, raw);
                     }
                 }
                 Action::SetBandwidth { bytes_per_s } => self.max_bw = bytes_per_s.max(1) as f64,
@@ -508,12 +525,21 @@ impl<'a> Run<'a> {
         self.out.downtime_ms = Some(((self.t - blackout_start) * 1000.0).round() as u64);
         // Post-copy sends what the destination lacks, whole (no XBZRLE after the switch).
         let sent = (self.pass_bytes - self.pass_left).max(0.0);
-        let resend = !self.first_pass;
-        let (data_cost, zero_cost) = (self.page_cost(true, resend), self.page_cost(false, resend));
+        // Wire cost of the pass's data pages on average (some went as XBZRLE deltas).
+        let p = self.mem.pass_pages();
+        let zero_cost = ZERO_PAGE_BYTES;
+        let data_cost = if p.data_pages > 0 {
+            ((self.pass_bytes - (p.pages - p.data_pages) as f64 * zero_cost) / p.data_pages as f64)
+                .max(0.0)
+        } else {
+            0.0
+        };
         let missing = self
             .mem
             .postcopy_missing(sent, |data| if data { data_cost } else { zero_cost });
-        self.pc_left = self.pages_cost(missing, false);
+        // The switch's final sync (`ram.c::ram_postcopy_send_discard_bitmap`).
+        self.pass += 1;
+        self.pc_left = self.pages_cost(missing);
         self.pass_left = 0.0;
         self.throttle = 0;
         self.dirty_limit_active = false;
@@ -528,8 +554,9 @@ impl<'a> Run<'a> {
         self.pass = 1;
         self.mem.restart();
         self.first_pass = true;
-        self.pass_left = self.pages_cost(self.mem.pass_pages(), false);
+        self.pass_left = self.pages_cost(self.mem.pass_pages());
         self.pass_bytes = self.pass_left;
+        self.pass_raw = self.mem.pass_pages().pages as f64 * self.sc.page_size as f64;
         self.transferred_attempt = 0.0;
         self.throttle = 0;
         self.dirty_limit_active = false;
@@ -568,6 +595,7 @@ pub fn simulate_with(
         pass_left: 0.0,
         mem,
         pass_bytes: 0.0,
+        pass_raw: 0.0,
         first_pass: true,
         transferred: 0.0,
         transferred_attempt: 0.0,
@@ -610,8 +638,9 @@ pub fn simulate_with(
         trace: trace.then(Vec::new),
         finished: false,
     };
-    run.pass_left = run.pages_cost(run.mem.pass_pages(), false);
+    run.pass_left = run.pages_cost(run.mem.pass_pages());
     run.pass_bytes = run.pass_left;
+    run.pass_raw = run.mem.pass_pages().pages as f64 * scenario.page_size as f64;
     let horizon = cfg.horizon_ms as f64 / 1000.0;
     let tick = cfg.tick_ms.max(1) as f64 / 1000.0;
     let mut steps = 0u64;
@@ -672,8 +701,8 @@ pub fn simulate_with(
                 run.advance(dt.max(0.0));
                 if run.pass_left <= 1.0 && to_pass_end <= dt + EPS {
                     run.sync();
-                    let pending = run.pass_left;
-                    if run.completion_check(pending) {
+                    let (wire, raw) = (run.pass_left, run.remaining_raw());
+                    if run.completion_check(wire, raw) {
                         break;
                     }
                     let s = run.sample();

@@ -160,12 +160,14 @@ struct StreamState {
 }
 
 /// What a sync found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SyncFound {
     /// Pages the new pass sends.
     pub pages: u64,
     /// Of them, pages holding data (the rest are zero pages).
     pub data_pages: u64,
+    /// Of the data pages, those in the XBZRLE cache (sent as a delta).
+    pub cached_pages: u64,
 }
 
 /// The guest's memory and the writes into it, for one migration.
@@ -179,6 +181,10 @@ pub struct GuestMemory {
     log: Bitmap,
     /// The migration bitmap as it stood when the current pass started.
     pass: Bitmap,
+    /// Pages in the XBZRLE cache.
+    cache: Bitmap,
+    /// Pages the cache holds at most (`xbzrle-cache-size` ÷ page size).
+    cache_capacity: u64,
     /// `states[offsets[phase] + stream]`.
     states: Vec<StreamState>,
     offsets: Vec<usize>,
@@ -209,6 +215,8 @@ impl GuestMemory {
             touched,
             log: Bitmap::new(pages),
             pass,
+            cache: Bitmap::new(pages),
+            cache_capacity: 0,
             states: vec![StreamState::default(); n],
             offsets,
             rng: ChaCha8Rng::seed_from_u64(workload.seed),
@@ -330,22 +338,41 @@ impl GuestMemory {
     }
 
     /// The dirty-bitmap sync at a pass boundary: the log becomes the next pass, the log is
-    /// cleared. The previous pass must have been sent completely.
-    pub fn sync(&mut self) -> SyncFound {
+    /// cleared. The previous pass must have been sent completely. With `xbzrle_cache_pages`
+    /// set, data pages of the new pass already in the cache go as deltas and the others enter
+    /// the cache as they are sent whole (`ram.c::save_xbzrle_page`: a cache miss inserts the
+    /// page and sends it normally; QEMU starts caching only after the first round,
+    /// `xbzrle_started`), until the cache is full.
+    pub fn sync(&mut self, xbzrle_cache_pages: Option<u64>) -> SyncFound {
         self.materialize();
         std::mem::swap(&mut self.pass, &mut self.log);
         self.log.clear();
-        SyncFound {
-            pages: self.pass.count(),
-            data_pages: self.pass.count_and(&self.touched),
+        let mut found = self.pass_pages();
+        if let Some(cap) = xbzrle_cache_pages {
+            self.cache_capacity = cap;
+            let mut cached = 0;
+            let mut held = self.cache.count();
+            for w in 0..self.pass.words.len() {
+                let data = self.pass.words[w] & self.touched.words[w];
+                cached += u64::from((data & self.cache.words[w]).count_ones());
+                let new = data & !self.cache.words[w];
+                let n = u64::from(new.count_ones());
+                if n > 0 && held + n <= self.cache_capacity {
+                    self.cache.words[w] |= new;
+                    held += n;
+                }
+            }
+            found.cached_pages = cached;
         }
+        found
     }
 
-    /// The current pass as sent: `(pages, data pages)`.
+    /// The current pass as it started (no page of it in the XBZRLE cache counted).
     pub fn pass_pages(&self) -> SyncFound {
         SyncFound {
             pages: self.pass.count(),
             data_pages: self.pass.count_and(&self.touched),
+            cached_pages: 0,
         }
     }
 
@@ -354,6 +381,7 @@ impl GuestMemory {
     pub fn restart(&mut self) {
         self.materialize();
         self.log.clear();
+        self.cache.clear();
         self.pass.fill();
     }
 
@@ -387,6 +415,7 @@ impl GuestMemory {
         SyncFound {
             pages: missing.count(),
             data_pages: missing.count_and(&self.touched),
+            cached_pages: 0,
         }
     }
 
@@ -460,28 +489,28 @@ mod tests {
     #[test]
     fn a_sweep_dirties_linearly_then_the_whole_range() {
         let mut m = GuestMemory::new(&one(WritePattern::Sequential, 100.0), 4096);
-        m.sync();
+        m.sync(None);
         m.accrue(0.0, 2.5, 1.0);
-        assert_eq!(m.sync().pages, 250);
+        assert_eq!(m.sync(None).pages, 250);
         m.accrue(2.5, 5.0, 1.0);
-        assert_eq!(m.sync().pages, 500);
+        assert_eq!(m.sync(None).pages, 500);
         m.accrue(7.5, 100.0, 1.0);
-        assert_eq!(m.sync().pages, 1000);
+        assert_eq!(m.sync(None).pages, 1000);
         // Throttled to half: half the pages.
         m.accrue(107.5, 2.0, 0.5);
-        assert_eq!(m.sync().pages, 100);
+        assert_eq!(m.sync(None).pages, 100);
     }
 
     #[test]
     fn random_writes_hit_fewer_distinct_pages_than_writes() {
         let mut m = GuestMemory::new(&one(WritePattern::Random, 1000.0), 4096);
-        m.sync();
+        m.sync(None);
         m.accrue(0.0, 1.0, 1.0);
-        let d = m.sync().pages;
+        let d = m.sync(None).pages;
         // 1000 writes over 1000 pages: about 632 distinct.
         assert!((560..700).contains(&d), "{d}");
         m.accrue(1.0, 0.05, 1.0);
-        let d = m.sync().pages;
+        let d = m.sync(None).pages;
         assert!((40..=50).contains(&d), "{d}");
     }
 
@@ -493,7 +522,7 @@ mod tests {
         // Resident [0, 1000) plus the stream's range [100, 1100) once written: only resident
         // so far.
         assert_eq!(p.data_pages, 1000);
-        assert_eq!(m.sync().pages, 0);
+        assert_eq!(m.sync(None).pages, 0);
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl Default for LabPhysics {
             tbf_efficiency: 0.956,
             tcg_max_pages_per_s: 2562.0,
             switchover_overhead_ms: 90,
-            xbzrle_saving: 0.0,
+            xbzrle_saving: 0.6,
         }
     }
 }
@@ -190,6 +190,8 @@ pub fn scenario_from_lab(w: &LabWorkload, phys: &LabPhysics) -> Result<Scenario,
     let ram_bytes = w.memory_mib * MIB;
     let mut features = QemuFeatures::qemu_10_tcg();
     features.postcopy_ram = w.post_copy;
+    // The bench plans without a dirty-rate probe (tern-engine `RunnerSetup::probe_seconds` 0).
+    features.calc_dirty_rate = false;
     let sla = SlaCatalog::builtin().get("standard")?.clone();
     Ok(Scenario {
         id: 0,
