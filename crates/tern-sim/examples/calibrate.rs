@@ -4,14 +4,17 @@
 //! and prints a Markdown table: real vs simulated total time and outcome class.
 //!
 //! The only input read is the results file; the lab's physical constants are
-//! `LabPhysics::default()` (what this comparison was tuned with).
+//! `LabPhysics::default()` (what this comparison was tuned with). With `--write-traces DIR` it
+//! also writes each bench scenario as a replayable `RunTrace` (`DIR/<set>-<scenario>.json`, the
+//! first repeat of each policy as the real outcome; see the `replay` example).
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
+use tern_sim::trace::RealOutcome;
 use tern_sim::{
-    LabPattern, LabPhysics, LabWorkload, SimConfig, SimOutcome, SimResult, scenario_from_lab,
-    simulate_with,
+    LabPattern, LabPhysics, LabWorkload, RunTrace, SimConfig, SimOutcome, SimResult,
+    scenario_from_lab, simulate_with,
 };
 
 fn class_of_real(outcome: &str) -> &'static str {
@@ -51,12 +54,20 @@ struct Arm {
     totals: Vec<f64>,
     passes: Vec<f64>,
     bytes: Vec<f64>,
+    blackouts: Vec<f64>,
     classes: Vec<&'static str>,
 }
 
 fn main() {
-    let path = std::env::args()
-        .nth(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let traces_dir = args
+        .iter()
+        .position(|a| a == "--write-traces")
+        .and_then(|i| args.get(i + 1).cloned());
+    let path = args
+        .iter()
+        .find(|a| a.ends_with(".json"))
+        .cloned()
         .unwrap_or_else(|| "bench/results/quick-2026-11-27.json".into());
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -90,9 +101,9 @@ fn main() {
         SimConfig::default().sync_ms_per_gib,
     );
     println!(
-        "| scenario | policy | real total | sim total | error | real class | sim class | match | passes real / sim | MB real / sim |"
+        "| scenario | policy | real total | sim total | error | real class | sim class | match | passes real / sim | MB real / sim | blackout ms real / sim |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let (mut rows, mut within, mut matched) = (0, 0, 0);
     let mut worst: Vec<(f64, String)> = vec![];
     for s in doc["scenarios"].as_array().into_iter().flatten() {
@@ -110,6 +121,8 @@ fn main() {
         let cap_ms = spec["time_cap_s"].as_f64().map(|s| (s * 1000.0) as u64);
         let mut arms: BTreeMap<String, Arm> = BTreeMap::new();
         let mut order = vec![];
+        let mut real: Vec<RealOutcome> = vec![];
+        let mut wps: Vec<f64> = vec![];
         for r in s["runs"].as_array().into_iter().flatten() {
             let label = r["arm"].as_str().unwrap_or("?").to_string();
             let m = &r["metrics"];
@@ -121,15 +134,66 @@ fn main() {
                     totals: vec![],
                     passes: vec![],
                     bytes: vec![],
+                    blackouts: vec![],
                     classes: vec![],
                 }
             });
+            if r["repeat"].as_u64() == Some(0) && r["post_copy"].as_bool() != Some(false) {
+                real.push(RealOutcome {
+                    policy: arm.policy.clone(),
+                    outcome: m["outcome"].as_str().unwrap_or("?").to_string(),
+                    total_ms: (m["total_time_s"].as_f64().unwrap_or(0.0) * 1000.0) as u64,
+                    bytes_sent: m["bytes_sent"].as_u64().unwrap_or(0),
+                    passes: m["passes"].as_u64().unwrap_or(0),
+                });
+            }
+            if let Some(w) = m["wps_before"].as_f64() {
+                wps.push(w);
+            }
             arm.totals
                 .push(m["total_time_s"].as_f64().unwrap_or(f64::NAN));
+            if let Some(b) = m["blackout_ms"]
+                .as_f64()
+                .filter(|_| m["outcome"] != "timeout")
+            {
+                arm.blackouts.push(b);
+            }
             arm.passes.push(m["passes"].as_f64().unwrap_or(f64::NAN));
             arm.bytes.push(m["bytes_sent"].as_f64().unwrap_or(f64::NAN));
             arm.classes
                 .push(class_of_real(m["outcome"].as_str().unwrap_or("?")));
+        }
+        if let Some(dir) = &traces_dir {
+            let trace = RunTrace {
+                format: 1,
+                name: name.clone(),
+                workload: LabWorkload {
+                    memory_mib: spec["memory_mib"].as_u64().unwrap_or(192),
+                    working_set_mib: spec["working_set_mib"].as_u64().unwrap_or(0),
+                    dirty_pages_per_s: spec["dirty_pages_per_s"].as_f64(),
+                    pattern,
+                    link: spec["link"].as_str().unwrap_or("300mbit").to_string(),
+                    context,
+                    post_copy: true,
+                },
+                // The guest's own counter (median over the runs), for reference; `scenario()`
+                // replays it instead of the configured rate.
+                measured_pages_per_s: Some(median(wps.clone())).filter(|m| m.is_finite()),
+                time_cap_ms: cap_ms,
+                physics: None,
+                passes: vec![],
+                real: real.clone(),
+            };
+            let set = doc["set"].as_str().unwrap_or("bench");
+            let file = format!("{dir}/{set}-{name}.json");
+            let written = serde_json::to_string_pretty(&trace)
+                .map_err(|e| e.to_string())
+                .and_then(|t| std::fs::write(&file, t + "\n").map_err(|e| e.to_string()));
+            if let Err(e) = written {
+                eprintln!("error: writing {file}: {e}");
+                std::process::exit(2);
+            }
+            eprintln!("wrote {file}");
         }
         for label in order {
             let arm = &arms[&label];
@@ -190,12 +254,18 @@ fn main() {
             }
             worst.push((err.abs(), format!("{name}/{label} {err:+.0} %")));
             println!(
-                "| {name} | {label} | {real_t:.2} s | {sim_t:.2} s | {err:+.0} % | {real_class} | {sim_class} | {} | {:.0} / {} | {:.0} / {:.0} |",
+                "| {name} | {label} | {real_t:.2} s | {sim_t:.2} s | {err:+.0} % | {real_class} | {sim_class} | {} | {:.0} / {} | {:.0} / {:.0} | {} / {} |",
                 if ok { "yes" } else { "**no**" },
                 median(arm.passes.clone()),
                 o.passes,
                 median(arm.bytes.clone()) / 1e6,
                 o.bytes_sent as f64 / 1e6,
+                if arm.blackouts.is_empty() {
+                    "–".to_string()
+                } else {
+                    format!("{:.0}", median(arm.blackouts.clone()))
+                },
+                o.downtime_ms.map_or("–".to_string(), |d| d.to_string()),
             );
         }
     }
