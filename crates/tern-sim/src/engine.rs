@@ -16,7 +16,10 @@
 //!   exceed 50 % of bytes sent, twice, throttle by `cpu-throttle-initial`, then +`increment` up to
 //!   `max-cpu-throttle`; the write rate scales by `1 − throttle`;
 //! * dirty-limit: the same trigger caps the write rate at `vcpu-dirty-limit × vCPUs`;
-//! * XBZRLE: re-sent pages cost `1 − saving` of their size;
+//! * XBZRLE: a re-sent page in the cache costs `1 − saving` of its size; the first re-send of
+//!   a page misses the cache and goes whole (`crate::memory::GuestMemory::sync`);
+//! * `remaining` and the completion test count dirty pages × page size, as QEMU does, while the
+//!   time to send them counts wire bytes (zero pages as markers, XBZRLE deltas);
 //! * post-copy: blackout = overhead + 20 ms (platform.md saw 44–94 ms gaps), then every page not
 //!   yet valid on the destination is sent at link rate while the guest runs degraded;
 //! * pause: the write rate drops to 0; blackout lasts until completion;
@@ -31,8 +34,9 @@ use tern_policy::{
 use crate::memory::{GuestMemory, PAGE_HEADER_BYTES, SyncFound, ZERO_PAGE_BYTES};
 use crate::scenario::{OutageKind, Scenario};
 
-/// Simulation settings.
+/// Simulation settings (fields missing from a serialized config take their defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SimConfig {
     /// Poll interval for `Tick` observations, ms (Nova polls every 500 ms).
     pub tick_ms: u64,
@@ -155,9 +159,6 @@ struct Run<'a> {
     pass_bytes: f64,
     /// Its pages × page size (QEMU's `remaining` at the start of the pass).
     pass_raw: f64,
-    /// Whether the current pass is the first of its attempt (no XBZRLE: QEMU encodes only
-    /// pages it has sent before, `ram.c::save_xbzrle_page` after `xbzrle_enabled`).
-    first_pass: bool,
     transferred: f64,
     transferred_attempt: f64,
     downtime_limit_ms: u64,
@@ -418,7 +419,6 @@ impl<'a> Run<'a> {
         // QEMU's dirty-pages-rate counts pages, whatever they cost on the wire.
         self.period_dirty += found.pages as f64 * self.sc.page_size as f64;
         self.pass += 1;
-        self.first_pass = false;
         self.pass_left = self.pages_cost(found);
         self.pass_bytes = self.pass_left;
         self.pass_raw = found.pages as f64 * self.sc.page_size as f64;
@@ -553,7 +553,6 @@ impl<'a> Run<'a> {
         self.mode = Mode::Precopy;
         self.pass = 1;
         self.mem.restart();
-        self.first_pass = true;
         self.pass_left = self.pages_cost(self.mem.pass_pages());
         self.pass_bytes = self.pass_left;
         self.pass_raw = self.mem.pass_pages().pages as f64 * self.sc.page_size as f64;
@@ -596,7 +595,6 @@ pub fn simulate_with(
         mem,
         pass_bytes: 0.0,
         pass_raw: 0.0,
-        first_pass: true,
         transferred: 0.0,
         transferred_attempt: 0.0,
         downtime_limit_ms: p.downtime_limit_ms,
