@@ -45,8 +45,9 @@ pub struct LabWorkload {
     pub memory_mib: u64,
     /// `tern-load` working set, MiB.
     pub working_set_mib: u64,
-    /// `tern_rate=`: page writes/s (`None` = `max`, as fast as the vCPU manages).
-    #[serde(default)]
+    /// `tern_rate=`: page writes/s (`None` = `max`, as fast as the vCPU manages). Also read as
+    /// `dirty_rate`, the bench TOML's name.
+    #[serde(default, alias = "dirty_rate")]
     pub dirty_pages_per_s: Option<f64>,
     /// `tern_pattern=`.
     pub pattern: LabPattern,
@@ -332,6 +333,25 @@ mod tests {
             link: "300mbit".into(),
             context: MigrationContext::Manual,
             post_copy: true,
+        }
+    }
+
+    #[test]
+    fn the_quick_sets_scenarios_read_as_lab_workloads() {
+        #[derive(Deserialize)]
+        struct Set {
+            scenario: Vec<LabWorkload>,
+        }
+        let text = include_str!("../../../bench/scenarios/quick.toml");
+        let set: Set = toml::from_str(text).unwrap();
+        assert_eq!(set.scenario.len(), 5);
+        let rho3 = &set.scenario[3];
+        assert_eq!(rho3.working_set_mib, 48);
+        assert_eq!(rho3.dirty_pages_per_s, Some(27000.0));
+        assert_eq!(rho3.pattern, LabPattern::Seq);
+        for w in &set.scenario {
+            let sc = scenario_from_lab(w, &LabPhysics::default()).unwrap();
+            assert_eq!(sc.link_bytes_per_s, (300e6 / 8.0 * 0.956) as u64);
         }
     }
 
