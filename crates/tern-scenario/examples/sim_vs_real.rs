@@ -143,6 +143,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             deadline_ms: None,
             xbzrle_saving: 0.0,
             probe_error: 0.0,
+            workload: None,
         };
         let sim = tern_sim::simulate(&scenario, "tern")?;
         let err = (sim.total_ms as f64 - total_ms as f64) / total_ms as f64 * 100.0;

@@ -1,10 +1,13 @@
-//! The migration model: event-driven, piecewise-constant rates, closed-form dirtying.
+//! The migration model: event-driven, piecewise-constant rates, page-granular dirtying.
 //!
 //! Between events (pass end, poll tick, link change, workload phase change) the link rate and the
-//! guest's write rate are constant, so bytes sent grow linearly and the distinct dirty set grows
-//! as `W − (W − D₀)·e^{−r·Δt/W}`. What is modelled from QEMU:
-//! * passes: the first sends all non-zero RAM; each next pass sends the set dirtied during the
-//!   previous one (the bitmap synced at the pass boundary, `dirty-sync-count` + 1);
+//! guest's write rate are constant, so bytes sent grow linearly and the guest's write streams
+//! accrue writes; the dirty set is whatever pages those writes hit (`crate::memory`, driven by
+//! the scenario's `crate::workload::Workload`), not a formula. What is modelled from QEMU:
+//! * passes: the first visits every page, sending data pages whole and zero (never-touched)
+//!   pages as markers; each next pass sends the pages written since the previous sync (the
+//!   bitmap synced at the pass boundary, `dirty-sync-count` + 1), which costs time proportional
+//!   to guest RAM (`SimConfig::sync_ms_per_gib`);
 //! * completion check at each sync and whenever `downtime-limit` changes: `pending ≤ bandwidth ×
 //!   downtime-limit` ⇒ stop-and-copy, blackout = pending / link + device-state overhead (through
 //!   any outage that hits it);
@@ -13,7 +16,10 @@
 //!   exceed 50 % of bytes sent, twice, throttle by `cpu-throttle-initial`, then +`increment` up to
 //!   `max-cpu-throttle`; the write rate scales by `1 − throttle`;
 //! * dirty-limit: the same trigger caps the write rate at `vcpu-dirty-limit × vCPUs`;
-//! * XBZRLE: re-sent pages cost `1 − saving` of their size;
+//! * XBZRLE: a re-sent page in the cache costs `1 − saving` of its size; the first re-send of
+//!   a page misses the cache and goes whole (`crate::memory::GuestMemory::sync`);
+//! * `remaining` and the completion test count dirty pages × page size, as QEMU does, while the
+//!   time to send them counts wire bytes (zero pages as markers, XBZRLE deltas);
 //! * post-copy: blackout = overhead + 20 ms (platform.md saw 44–94 ms gaps), then every page not
 //!   yet valid on the destination is sent at link rate while the guest runs degraded;
 //! * pause: the write rate drops to 0; blackout lasts until completion;
@@ -25,10 +31,12 @@ use tern_policy::{
     Observation, Phase,
 };
 
+use crate::memory::{GuestMemory, PAGE_HEADER_BYTES, SyncFound, ZERO_PAGE_BYTES};
 use crate::scenario::{OutageKind, Scenario};
 
-/// Simulation settings.
+/// Simulation settings (fields missing from a serialized config take their defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SimConfig {
     /// Poll interval for `Tick` observations, ms (Nova polls every 500 ms).
     pub tick_ms: u64,
@@ -38,6 +46,11 @@ pub struct SimConfig {
     pub postcopy_switch_ms: u64,
     /// Time to recover a paused post-copy after the link returns, ms.
     pub postcopy_recover_ms: u64,
+    /// Dirty-bitmap sync time per GiB of guest RAM, ms: `migration_bitmap_sync` fetches and
+    /// walks a bitmap as large as RAM while the migration thread sends nothing.
+    pub sync_ms_per_gib: f64,
+    /// Fixed part of every sync (iterating RAM blocks and memory listeners), ms.
+    pub sync_fixed_ms: f64,
 }
 
 impl Default for SimConfig {
@@ -47,6 +60,8 @@ impl Default for SimConfig {
             horizon_ms: 3_600_000,
             postcopy_switch_ms: 20,
             postcopy_recover_ms: 100,
+            sync_ms_per_gib: 2.0,
+            sync_fixed_ms: 0.5,
         }
     }
 }
@@ -138,7 +153,12 @@ struct Run<'a> {
     mode: Mode,
     pass: u64,
     pass_left: f64,
-    dirty_acc: f64,
+    /// The guest's pages and the writes into them.
+    mem: GuestMemory,
+    /// Wire bytes the current pass had to send when it started.
+    pass_bytes: f64,
+    /// Its pages × page size (QEMU's `remaining` at the start of the pass).
+    pass_raw: f64,
     transferred: f64,
     transferred_attempt: f64,
     downtime_limit_ms: u64,
@@ -194,14 +214,57 @@ impl<'a> Run<'a> {
     }
 
     fn next_phase_change(&self, t: f64) -> f64 {
-        let ms = t * 1000.0;
-        self.sc
-            .dirty_phases
-            .iter()
-            .map(|p| p.from_ms as f64)
-            .filter(|&f| f > ms + 1e-6)
-            .fold(f64::INFINITY, f64::min)
-            / 1000.0
+        self.mem
+            .workload()
+            .next_phase_ms(t * 1000.0)
+            .map_or(f64::INFINITY, |ms| ms as f64 / 1000.0)
+    }
+
+    /// Wire bytes of a set of pages: data pages whole, or as an XBZRLE delta when the page is
+    /// in the cache; zero pages as a marker.
+    fn pages_cost(&self, p: SyncFound) -> f64 {
+        let page = self.sc.page_size as f64;
+        let delta = page * (1.0 - self.sc.xbzrle_saving.clamp(0.0, 1.0));
+        let whole = p.data_pages.saturating_sub(p.cached_pages) as f64;
+        whole * (page + PAGE_HEADER_BYTES)
+            + p.cached_pages as f64 * (delta + PAGE_HEADER_BYTES)
+            + p.pages.saturating_sub(p.data_pages) as f64 * ZERO_PAGE_BYTES
+    }
+
+    /// XBZRLE cache size in pages when the migration uses XBZRLE (QEMU's default
+    /// `xbzrle-cache-size` is 64 MiB, migration/options.c `DEFAULT_MIGRATE_XBZRLE_CACHE_SIZE`).
+    fn xbzrle_cache_pages(&self) -> Option<u64> {
+        (self.plan.capabilities.xbzrle && self.sc.features.xbzrle)
+            .then(|| (64u64 << 20) / self.sc.page_size.max(1))
+    }
+
+    /// What QEMU reports as `remaining`: dirty pages × page size, zero pages included
+    /// (`ram.c::ram_bytes_remaining`), whatever they cost on the wire.
+    fn remaining_raw(&self) -> f64 {
+        if self.pass_bytes > 0.0 {
+            self.pass_raw * (self.pass_left / self.pass_bytes).clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
+    }
+
+    /// The guest runs `dt` seconds while the migration thread sends nothing (a bitmap sync).
+    fn stall(&mut self, dt: f64) {
+        if dt > 0.0 {
+            let scale = self.write_scale();
+            self.mem.accrue(self.t, dt, scale);
+            self.t += dt;
+        }
+    }
+
+    /// Effective ÷ nominal write rate now.
+    fn write_scale(&self) -> f64 {
+        let raw = self.mem.nominal_pages_per_s(self.t);
+        if raw > 0.0 {
+            self.write_rate() / raw
+        } else {
+            0.0
+        }
     }
 
     /// Effective raw write rate (pages/s) now.
@@ -209,7 +272,7 @@ impl<'a> Run<'a> {
         if self.mode == Mode::Paused {
             return 0.0;
         }
-        let raw = self.sc.pages_per_s_at(self.t * 1000.0);
+        let raw = self.mem.nominal_pages_per_s(self.t);
         let mut r = raw * (1.0 - f64::from(self.throttle) / 100.0);
         if let Some(mb) = self.dirty_limit_mb.filter(|_| self.dirty_limit_active) {
             let cap = mb as f64 * 1e6 * f64::from(self.sc.vcpus.max(1)) / self.sc.page_size as f64;
@@ -219,7 +282,7 @@ impl<'a> Run<'a> {
     }
 
     fn degraded_pct(&self) -> u8 {
-        let raw = self.sc.pages_per_s_at(self.t * 1000.0);
+        let raw = self.mem.nominal_pages_per_s(self.t);
         if raw <= 0.0 || self.mode == Mode::Paused {
             // A paused guest counts as downtime, not as throttled.
             return self.throttle;
@@ -237,7 +300,7 @@ impl<'a> Run<'a> {
         let b = self.bw_at(self.t);
         let remaining = match self.mode {
             Mode::Postcopy => self.pc_left,
-            _ => self.pass_left,
+            _ => self.remaining_raw(),
         };
         IterationSample {
             at_ms: self.rel_ms(),
@@ -297,18 +360,23 @@ impl<'a> Run<'a> {
         let downtime = self.t - blackout_start;
         self.out.downtime_ms = Some((downtime * 1000.0).round() as u64);
         self.out.result = SimResult::Completed;
+        // The final sync of stop-and-copy (`ram.c::ram_save_complete`) counts in
+        // `dirty-sync-count`.
+        self.pass += 1;
         self.finished = true;
     }
 
-    /// QEMU's completion test with the exact pending size (after a downtime change or a sync).
-    fn completion_check(&mut self, pending: f64) -> bool {
+    /// QEMU's completion test with the exact pending size (after a downtime change or a sync):
+    /// `remaining` (pages × page size, `raw`) against bandwidth × downtime-limit
+    /// (`migration.c::migration_iteration_run`); the stop then sends `wire` bytes.
+    fn completion_check(&mut self, wire: f64, raw: f64) -> bool {
         let b = self.bw_at(self.t);
         if b <= 0.0 {
             return false;
         }
         let threshold = b * self.downtime_limit_ms as f64 / 1000.0;
-        if pending <= threshold || pending <= EPS {
-            self.complete_stop_and_copy(pending);
+        if raw <= threshold || wire <= EPS {
+            self.complete_stop_and_copy(wire);
             return true;
         }
         false
@@ -332,11 +400,8 @@ impl<'a> Run<'a> {
                 self.transferred += sent;
                 self.transferred_attempt += sent;
                 self.period_xfer += sent;
-                let w = self.sc.wws_bytes as f64;
-                let r = self.write_rate() * self.sc.page_size as f64;
-                if w > 0.0 && r > 0.0 {
-                    self.dirty_acc = w - (w - self.dirty_acc) * (-r * dt / w).exp();
-                }
+                let scale = self.write_scale();
+                self.mem.accrue(self.t, dt, scale);
             }
             Mode::Postcopy => {
                 let sent = (b * dt).min(self.pc_left);
@@ -350,16 +415,15 @@ impl<'a> Run<'a> {
     }
 
     fn sync(&mut self) {
-        let found = self.dirty_acc;
-        self.period_dirty += found;
-        self.dirty_acc = 0.0;
+        let found = self.mem.sync(self.xbzrle_cache_pages());
+        // QEMU's dirty-pages-rate counts pages, whatever they cost on the wire.
+        self.period_dirty += found.pages as f64 * self.sc.page_size as f64;
         self.pass += 1;
-        let cost = if self.plan.capabilities.xbzrle && self.sc.features.xbzrle {
-            1.0 - self.sc.xbzrle_saving
-        } else {
-            1.0
-        };
-        self.pass_left = found * cost;
+        self.pass_left = self.pages_cost(found);
+        self.pass_bytes = self.pass_left;
+        self.pass_raw = found.pages as f64 * self.sc.page_size as f64;
+        let gib = self.sc.ram_bytes as f64 / (1u64 << 30) as f64;
+        self.stall((self.cfg.sync_fixed_ms + self.cfg.sync_ms_per_gib * gib) / 1000.0);
         let period = self.t - self.period_start;
         if period >= 1.0 {
             self.last_dirty_rate_pages = self.period_dirty / self.sc.page_size as f64 / period;
@@ -407,8 +471,14 @@ impl<'a> Run<'a> {
                 Action::SetDowntimeLimit { ms } => {
                     self.downtime_limit_ms = ms.clamp(1, 2_000_000);
                     if self.mode != Mode::Postcopy {
-                        let pending = self.pass_left + self.dirty_acc;
-                        self.completion_check(pending);
+                        let dirty = SyncFound {
+                            pages: self.mem.dirty_pages(),
+                            data_pages: self.mem.dirty_data_pages(),
+                            cached_pages: 0,
+                        };
+                        let wire = self.pass_left + self.pages_cost(dirty);
+                        let raw = self.remaining_raw() + (dirty.pages * self.sc.page_size) as f64;
+                        self.completion_check(wire, raw);
                     }
                 }
                 Action::SetBandwidth { bytes_per_s } => self.max_bw = bytes_per_s.max(1) as f64,
@@ -453,9 +523,24 @@ impl<'a> Run<'a> {
         let blackout_start = self.pause_at.unwrap_or(self.t);
         self.t += blackout;
         self.out.downtime_ms = Some(((self.t - blackout_start) * 1000.0).round() as u64);
-        self.pc_left = (self.pass_left + self.dirty_acc).min(self.sc.ram_bytes as f64);
+        // Post-copy sends what the destination lacks, whole (no XBZRLE after the switch).
+        let sent = (self.pass_bytes - self.pass_left).max(0.0);
+        // Wire cost of the pass's data pages on average (some went as XBZRLE deltas).
+        let p = self.mem.pass_pages();
+        let zero_cost = ZERO_PAGE_BYTES;
+        let data_cost = if p.data_pages > 0 {
+            ((self.pass_bytes - (p.pages - p.data_pages) as f64 * zero_cost) / p.data_pages as f64)
+                .max(0.0)
+        } else {
+            0.0
+        };
+        let missing = self
+            .mem
+            .postcopy_missing(sent, |data| if data { data_cost } else { zero_cost });
+        // The switch's final sync (`ram.c::ram_postcopy_send_discard_bitmap`).
+        self.pass += 1;
+        self.pc_left = self.pages_cost(missing);
         self.pass_left = 0.0;
-        self.dirty_acc = 0.0;
         self.throttle = 0;
         self.dirty_limit_active = false;
         self.mode = Mode::Postcopy;
@@ -467,8 +552,10 @@ impl<'a> Run<'a> {
         self.attempt_start = resume_at;
         self.mode = Mode::Precopy;
         self.pass = 1;
-        self.pass_left = self.sc.ram_bytes as f64 * self.sc.nonzero_fraction;
-        self.dirty_acc = 0.0;
+        self.mem.restart();
+        self.pass_left = self.pages_cost(self.mem.pass_pages());
+        self.pass_bytes = self.pass_left;
+        self.pass_raw = self.mem.pass_pages().pages as f64 * self.sc.page_size as f64;
         self.transferred_attempt = 0.0;
         self.throttle = 0;
         self.dirty_limit_active = false;
@@ -493,6 +580,10 @@ pub fn simulate_with(
     let input = scenario.plan_input();
     let plan = policy.plan(&input);
     let p = plan.parameters;
+    let mem = GuestMemory::new(
+        &scenario.effective_workload(),
+        scenario.ram_bytes / scenario.page_size.max(1),
+    );
     let mut run = Run {
         sc: scenario,
         cfg,
@@ -500,8 +591,10 @@ pub fn simulate_with(
         attempt_start: 0.0,
         mode: Mode::Precopy,
         pass: 1,
-        pass_left: scenario.ram_bytes as f64 * scenario.nonzero_fraction,
-        dirty_acc: 0.0,
+        pass_left: 0.0,
+        mem,
+        pass_bytes: 0.0,
+        pass_raw: 0.0,
         transferred: 0.0,
         transferred_attempt: 0.0,
         downtime_limit_ms: p.downtime_limit_ms,
@@ -543,6 +636,9 @@ pub fn simulate_with(
         trace: trace.then(Vec::new),
         finished: false,
     };
+    run.pass_left = run.pages_cost(run.mem.pass_pages());
+    run.pass_bytes = run.pass_left;
+    run.pass_raw = run.mem.pass_pages().pages as f64 * scenario.page_size as f64;
     let horizon = cfg.horizon_ms as f64 / 1000.0;
     let tick = cfg.tick_ms.max(1) as f64 / 1000.0;
     let mut steps = 0u64;
@@ -603,8 +699,8 @@ pub fn simulate_with(
                 run.advance(dt.max(0.0));
                 if run.pass_left <= 1.0 && to_pass_end <= dt + EPS {
                     run.sync();
-                    let pending = run.pass_left;
-                    if run.completion_check(pending) {
+                    let (wire, raw) = (run.pass_left, run.remaining_raw());
+                    if run.completion_check(wire, raw) {
                         break;
                     }
                     let s = run.sample();

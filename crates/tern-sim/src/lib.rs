@@ -3,13 +3,25 @@
 //!
 //! * [`Scenario`] describes one migration (guest, workload, link, outages, permissions); it is
 //!   serde-serializable so the lab can record a real run and replay it ([`simulate`]).
+//! * The guest's memory is simulated page by page ([`memory`]): a [`Workload`] of write streams
+//!   (sequential sweeps, uniform random, hot/cold regions, bursts, phases) dirties pages, and each
+//!   pass sends what those writes hit — data pages whole or as XBZRLE deltas, never-touched
+//!   pages as zero-page markers. The dirty set emerges from the writes; it is not the law
+//!   tern's convergence model fits, so tern is not graded by its own assumptions.
+//! * [`trace`] turns a bench scenario ([`LabWorkload`]: `tern-load`'s working set, rate,
+//!   pattern, and the link) into a scenario and replays recorded lab runs ([`RunTrace`]) under
+//!   every policy; `examples/calibrate.rs` compares them with the lab
+//!   (`bench/results/sim-calibration.md`).
 //! * [`generate_scenarios`] makes `n` scenarios from a seed (ChaCha8), the same for every policy.
 //! * [`run`] implements the CLI (`tern sim --compare --scenarios N --seed S -o json`); it returns
 //!   the text to print and does no I/O itself.
 
 mod engine;
+pub mod memory;
 mod report;
 mod scenario;
+pub mod trace;
+pub mod workload;
 
 use std::str::FromStr;
 
@@ -18,6 +30,8 @@ pub use report::{
     ComparisonRecord, aggregate, compare_impact, compare_outcomes, guest_impact_ms, table,
 };
 pub use scenario::{DirtyPhase, Outage, OutageKind, Scenario, generate_scenarios};
+pub use trace::{LabPattern, LabPhysics, LabWorkload, RunTrace, replay, scenario_from_lab};
+pub use workload::{Burst, PageRange, Workload, WorkloadPhase, WritePattern, WriteStream};
 
 use tern_policy::{MigrationContext, POLICY_NAMES, UnknownPolicy, policy_by_name};
 

@@ -1,6 +1,8 @@
 //! Scenarios: one VM, one link, one reason to move. Serializable so the lab can record a real run
 //! as a scenario and replay it here for the sim-vs-real comparison.
 
+use crate::memory::dirty_pages_in;
+use crate::workload::{Burst, PageRange, Workload, WorkloadPhase, WritePattern, WriteStream};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -88,6 +90,12 @@ pub struct Scenario {
     pub xbzrle_saving: f64,
     /// Relative error of the pre-flight probe (−0.15 = reads 15 % low).
     pub probe_error: f64,
+    /// The guest's write process, page by page. When absent (scenarios recorded before it
+    /// existed) it is derived from `nonzero_fraction`, `wws_bytes` and `dirty_phases`: uniform
+    /// random writes over the working set ([`Scenario::effective_workload`]). When present,
+    /// those three fields only describe it (for tables and debug output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
 }
 
 impl Scenario {
@@ -101,23 +109,58 @@ impl Scenario {
             .map_or(0.0, |p| p.pages_per_s)
     }
 
-    /// Distinct bytes dirtied in `t` seconds from clean at raw rate `pages_per_s`.
-    pub fn dirtied_bytes(&self, pages_per_s: f64, t: f64) -> f64 {
-        let w = self.wws_bytes as f64;
-        if w <= 0.0 {
-            return 0.0;
+    /// Guest pages.
+    pub fn pages(&self) -> u64 {
+        self.ram_bytes / self.page_size.max(1)
+    }
+
+    /// The write process the simulator runs: `workload`, or for a scenario without one,
+    /// uniform random writes over the first `wws_bytes` of RAM at the `dirty_phases` rates with
+    /// the first `nonzero_fraction` of RAM (at least the working set) holding data.
+    pub fn effective_workload(&self) -> Workload {
+        if let Some(w) = &self.workload {
+            return w.clone();
         }
-        let r = pages_per_s * self.page_size as f64;
-        w * (1.0 - (-r * t / w).exp())
+        let pages = self.pages();
+        let ws = (self.wws_bytes / self.page_size.max(1)).min(pages);
+        let resident = ((pages as f64 * self.nonzero_fraction.clamp(0.0, 1.0)) as u64).max(ws);
+        Workload {
+            resident: vec![PageRange {
+                first: 0,
+                pages: resident,
+            }],
+            phases: self
+                .dirty_phases
+                .iter()
+                .map(|p| WorkloadPhase {
+                    from_ms: p.from_ms,
+                    streams: vec![WriteStream {
+                        range: PageRange {
+                            first: 0,
+                            pages: ws,
+                        },
+                        pattern: WritePattern::Random,
+                        pages_per_s: p.pages_per_s,
+                    }],
+                })
+                .collect(),
+            burst: None,
+            seed: self.id,
+        }
+    }
+
+    /// Distinct bytes the guest dirties in its first `secs` seconds, unthrottled (from the
+    /// write process, sampled page by page).
+    pub fn dirtied_bytes(&self, secs: f64) -> f64 {
+        dirty_pages_in(&self.effective_workload(), self.pages(), secs) as f64
+            * self.page_size as f64
     }
 
     /// What `calc-dirty-rate` with a 1 s period would report before the migration.
     pub fn probe(&self) -> Option<DirtyRateProbe> {
         self.features.calc_dirty_rate.then(|| DirtyRateProbe {
             period_ms: 1000,
-            dirty_bytes_per_s: (self.dirtied_bytes(self.pages_per_s_at(0.0), 1.0)
-                * (1.0 + self.probe_error))
-                .max(0.0) as u64,
+            dirty_bytes_per_s: (self.dirtied_bytes(1.0) * (1.0 + self.probe_error)).max(0.0) as u64,
         })
     }
 
@@ -240,12 +283,22 @@ fn generate_one(rng: &mut ChaCha8Rng, id: u64, classes: &[SlaClass]) -> Scenario
         _ => None,
     };
     let assumed_overhead_ms = 50;
+    let nonzero_fraction = rng.gen_range(0.3..1.0);
+    let workload = draw_workload(
+        rng,
+        id,
+        ram_bytes / 4096,
+        (wws_bytes / 4096).max(1),
+        (ram_bytes as f64 / 4096.0 * nonzero_fraction) as u64,
+        &dirty_phases,
+    );
+    let wws_bytes = workload.working_set_pages() * 4096;
     Scenario {
         id,
         context,
         sla,
         ram_bytes,
-        nonzero_fraction: rng.gen_range(0.3..1.0),
+        nonzero_fraction,
         wws_bytes,
         dirty_phases,
         page_size: 4096,
@@ -261,6 +314,96 @@ fn generate_one(rng: &mut ChaCha8Rng, id: u64, classes: &[SlaClass]) -> Scenario
         deadline_ms,
         xbzrle_saving: rng.gen_range(0.0..0.3),
         probe_error: rng.gen_range(-0.15..0.15),
+        workload: Some(workload),
+    }
+}
+
+/// A write process of one of the shapes real guests show, with the total rates of
+/// `phases`: one sequential sweep (a scan, `tern-load seq`), uniform random writes
+/// (`tern-load random`), a hot/cold split (a small hot set taking most writes over a larger
+/// cold one), or bursts (on/off). A second phase may move the working set to fresh, never
+/// touched pages (a new allocation: zero pages become data).
+fn draw_workload(
+    rng: &mut ChaCha8Rng,
+    id: u64,
+    ram_pages: u64,
+    ws_pages: u64,
+    nonzero_pages: u64,
+    phases: &[DirtyPhase],
+) -> Workload {
+    let ws_pages = ws_pages.min(ram_pages).max(1);
+    let resident_end = nonzero_pages.clamp(ws_pages, ram_pages);
+    let ws_first = resident_end - ws_pages;
+    let shape = rng.gen_range(0..4u8);
+    let streams_at = |rng: &mut ChaCha8Rng, first: u64, rate: f64| -> Vec<WriteStream> {
+        let range = PageRange {
+            first,
+            pages: ws_pages,
+        };
+        match shape {
+            0 => vec![WriteStream {
+                range,
+                pattern: WritePattern::Sequential,
+                pages_per_s: rate,
+            }],
+            2 if ws_pages >= 8 => {
+                let hot = ((ws_pages as f64 * rng.gen_range(0.05..0.25)) as u64).max(1);
+                let share = rng.gen_range(0.7..0.95);
+                vec![
+                    WriteStream {
+                        range: PageRange { first, pages: hot },
+                        pattern: WritePattern::Random,
+                        pages_per_s: rate * share,
+                    },
+                    WriteStream {
+                        range: PageRange {
+                            first: first + hot,
+                            pages: ws_pages - hot,
+                        },
+                        pattern: if rng.gen_bool(0.5) {
+                            WritePattern::Random
+                        } else {
+                            WritePattern::Sequential
+                        },
+                        pages_per_s: rate * (1.0 - share),
+                    },
+                ]
+            }
+            _ => vec![WriteStream {
+                range,
+                pattern: if rng.gen_bool(0.5) {
+                    WritePattern::Random
+                } else {
+                    WritePattern::Sequential
+                },
+                pages_per_s: rate,
+            }],
+        }
+    };
+    let mut out = Vec::with_capacity(phases.len());
+    let mut first = ws_first;
+    for (i, p) in phases.iter().enumerate() {
+        if i > 0 && rng.gen_bool(0.5) && resident_end + ws_pages <= ram_pages {
+            // The workload moves to memory it allocates now.
+            first = resident_end;
+        }
+        out.push(WorkloadPhase {
+            from_ms: p.from_ms,
+            streams: streams_at(rng, first, p.pages_per_s),
+        });
+    }
+    let burst = (shape == 3).then(|| Burst {
+        on_ms: rng.gen_range(500..5_000),
+        off_ms: rng.gen_range(500..5_000),
+    });
+    Workload {
+        resident: vec![PageRange {
+            first: 0,
+            pages: resident_end,
+        }],
+        phases: out,
+        burst,
+        seed: id ^ rng.r#gen::<u64>(),
     }
 }
 
@@ -285,11 +428,44 @@ mod tests {
     }
 
     #[test]
-    fn dirty_curve_saturates_at_the_working_set() {
-        let s = &generate_scenarios(1, 1)[0];
-        let w = s.wws_bytes as f64;
-        assert!(s.dirtied_bytes(1e6, 1000.0) <= w);
-        assert!(s.dirtied_bytes(1e6, 1000.0) > 0.99 * w);
-        assert_eq!(s.dirtied_bytes(0.0, 10.0), 0.0);
+    fn dirtying_saturates_at_the_working_set() {
+        for s in generate_scenarios(20, 3) {
+            let w = s.wws_bytes as f64;
+            assert!(s.dirtied_bytes(1.0) <= w);
+        }
+        let mut s = generate_scenarios(1, 1).remove(0);
+        s.workload = None;
+        s.dirty_phases = vec![DirtyPhase {
+            from_ms: 0,
+            pages_per_s: 1e7,
+        }];
+        assert_eq!(s.dirtied_bytes(10.0), s.wws_bytes as f64);
+        s.dirty_phases[0].pages_per_s = 0.0;
+        assert_eq!(s.dirtied_bytes(10.0), 0.0);
+    }
+
+    #[test]
+    fn generator_draws_every_workload_shape() {
+        let a = generate_scenarios(400, 5);
+        let ws: Vec<&Workload> = a.iter().filter_map(|s| s.workload.as_ref()).collect();
+        assert_eq!(ws.len(), 400);
+        assert!(ws.iter().any(|w| w.burst.is_some()));
+        assert!(ws.iter().any(|w| w.phases[0].streams.len() == 2));
+        assert!(
+            ws.iter()
+                .any(|w| w.phases[0].streams[0].pattern == WritePattern::Sequential)
+        );
+        assert!(
+            ws.iter()
+                .any(|w| w.phases[0].streams[0].pattern == WritePattern::Random)
+        );
+        assert!(ws.iter().any(|w| w.phases.len() == 2));
+        for (s, w) in a.iter().zip(&ws) {
+            for p in &w.phases {
+                for st in &p.streams {
+                    assert!(st.range.end() <= s.pages());
+                }
+            }
+        }
     }
 }

@@ -105,6 +105,7 @@ fn arb_scenario(
                     deadline_ms: None,
                     xbzrle_saving: 0.1,
                     probe_error: 0.0,
+                    workload: None,
                 }
             },
         )
@@ -177,6 +178,8 @@ proptest! {
 fn qemu_model_converges_idle_and_not_hot_guests() {
     let base = &generate_scenarios(1, 3)[0];
     let mut idle = base.clone();
+    // Described by the legacy fields: uniform random writes over `wws_bytes`.
+    idle.workload = None;
     idle.dirty_phases = vec![DirtyPhase {
         from_ms: 0,
         pages_per_s: 0.0,
@@ -184,7 +187,10 @@ fn qemu_model_converges_idle_and_not_hot_guests() {
     idle.outages.clear();
     let o = simulate(&idle, "qemu-default").unwrap();
     assert_eq!(o.result, SimResult::Completed);
-    assert_eq!(o.passes, 2, "one pass of RAM, then an empty dirty set");
+    assert_eq!(
+        o.passes, 3,
+        "one pass of RAM, an empty dirty set, the final sync (dirty-sync-count as in the lab)"
+    );
     assert!(o.downtime_ms.unwrap() <= 300 + idle.switchover_overhead_ms);
     // First pass sends the non-zero RAM at the link rate.
     let expect =
@@ -222,6 +228,7 @@ fn qemu_model_converges_idle_and_not_hot_guests() {
 fn link_down_in_postcopy_without_recovery_loses_the_vm() {
     let mut sc = generate_scenarios(1, 3)[0].clone();
     sc.context = MigrationContext::Evacuate;
+    sc.workload = None;
     sc.ram_bytes = 1024 * MIB;
     sc.wws_bytes = 256 * MIB;
     sc.link_bytes_per_s = 12_500_000;
