@@ -811,6 +811,19 @@ impl Agent {
                 )
                 .await;
             }
+            MigrationState::Stranded | MigrationState::Unknown => {
+                // The guest's state is split between the QEMUs (stranded) or where it runs is
+                // not known (unknown): removing either QEMU could lose it or, after a restart
+                // elsewhere, run it twice.
+                self.event(
+                    rec,
+                    note(
+                        Self::since(rec),
+                        format!("migration {state}: both QEMUs are kept for the operator"),
+                    ),
+                )
+                .await;
+            }
             _ => {
                 let text = match dest.delete_incoming(&rec.vm).await {
                     Ok(_) => format!(
