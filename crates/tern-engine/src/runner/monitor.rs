@@ -48,7 +48,8 @@ impl MigrationRunner {
             self.publish_progress(&info, &sample);
             self.last_info = Some(info.clone());
             if self.handle_status(&status, &info).await {
-                continue;
+                // Ended: terminal, or `unknown` after the destination stayed silent.
+                break;
             }
             if self.state.is_after_switch() {
                 self.supervise(&status, &sample).await;
@@ -157,7 +158,8 @@ impl MigrationRunner {
         });
     }
 
-    /// Reacts to QEMU's status. Returns true when the state became terminal.
+    /// Reacts to QEMU's status. Returns true when QEMU's migration ended (the state is then
+    /// terminal, or `unknown` when the destination could not be asked).
     async fn handle_status(&mut self, status: &MigrationStatus, info: &MigrationInfo) -> bool {
         match status {
             MigrationStatus::PostcopyActive
