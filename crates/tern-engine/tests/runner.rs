@@ -455,7 +455,13 @@ async fn adopting_a_precopy_cancels_it_and_keeps_the_guest_on_the_source() {
         },
     )
     .await;
-    assert_eq!(r.state, MigrationState::Aborted, "{:#?}", r.events);
+    assert_eq!(r.state, MigrationState::Failed, "{:#?}", r.events);
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("agent restarted during pre-copy")
+    );
     assert!(pair.calls().iter().any(|c| c == "src:migrate_cancel"));
     assert!(pair.model().source_running, "the paused guest was resumed");
     assert!(r.events.iter().all(|e| e.at_ms >= 5_000));

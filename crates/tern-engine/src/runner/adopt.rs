@@ -4,7 +4,7 @@
 //! QEMU drives the stream on its own, so a migration outlives the process that started it.
 //! The new runner asks the source where it is and continues from there with the same rules
 //! as a fresh one: before the switch it cancels (the guest stays on the source, which holds
-//! the only complete state); after it, it supervises post-copy — including pause and
+//! the only complete state; the migration ends `failed`); after it, it supervises post-copy — including pause and
 //! recovery — until completion.
 
 use serde::{Deserialize, Serialize};
@@ -119,7 +119,14 @@ impl MigrationRunner {
                      stays on the source (the plan and the policy's state died with the agent)",
                 );
                 match self.source.migrate_cancel().await {
-                    Ok(()) => self.abort_requested = true,
+                    Ok(()) => {
+                        self.abort_requested = true;
+                        self.adoption_cancel = Some(
+                            "agent restarted during pre-copy; migration cancelled, guest kept \
+                             on the source"
+                                .into(),
+                        );
+                    }
                     Err(e) => self.note(format!("migrate_cancel failed: {e}")),
                 }
                 self.monitor(&mut control).await;

@@ -224,6 +224,9 @@ pub struct MigrationRunner {
     recoveries_before: u32,
     /// An abort was requested (by the policy or an operator) and QEMU accepted it.
     abort_requested: bool,
+    /// Set when an adopted pre-copy was cancelled: it ends `failed` with this reason (the
+    /// migration did not end as anyone asked), not `aborted`.
+    adoption_cancel: Option<String>,
 }
 
 impl MigrationRunner {
@@ -256,6 +259,7 @@ impl MigrationRunner {
             supervisor: None,
             recoveries_before: 0,
             abort_requested: false,
+            adoption_cancel: None,
         }
     }
 

@@ -204,6 +204,10 @@ impl MigrationRunner {
                         MigrationState::Lost,
                         format!("failed after the switch: {why}"),
                     );
+                } else if let Some(why) = self.adoption_cancel.clone() {
+                    self.resume_source_if_paused().await;
+                    self.error = Some(why.clone());
+                    self.transition(MigrationState::Failed, why);
                 } else if self.abort_requested {
                     // `migrate_cancel` tears the socket down; QEMU may report that as
                     // `failed` ("Broken pipe") rather than `cancelled`. It was our abort.
@@ -233,6 +237,11 @@ impl MigrationRunner {
             }
             MigrationStatus::Cancelled => {
                 self.resume_source_if_paused().await;
+                if let Some(why) = self.adoption_cancel.clone() {
+                    self.error = Some(why.clone());
+                    self.transition(MigrationState::Failed, why);
+                    return true;
+                }
                 self.transition(
                     MigrationState::Aborted,
                     "cancelled; the guest keeps running on the source",
