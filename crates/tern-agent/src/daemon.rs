@@ -71,7 +71,8 @@ struct Inner {
     store: Store,
     catalog: SlaCatalog,
     active: Mutex<BTreeMap<String, ActiveMigration>>,
-    capabilities: AsyncMutex<Option<Vec<String>>>,
+    /// The host QEMU binary's migration capabilities and commands, probed once.
+    capabilities: AsyncMutex<Option<QemuProbe>>,
     /// Serialises migration admission so two requests for one VM cannot both pass the checks.
     admission: AsyncMutex<()>,
 }
@@ -236,7 +237,7 @@ impl Agent {
     /// Host facts (`GET /v1/host`).
     pub async fn facts(&self) -> HostFacts {
         let h = &self.inner.host;
-        let caps = self.capabilities().await;
+        let probe = self.capabilities().await;
         let accel =
             std::fs::read_to_string(tern_guest::default_cache_dir().join("accelerator.json"))
                 .ok()
@@ -262,7 +263,8 @@ impl Agent {
             machine_available_mib: mem_available_mib(),
             qemu_version: h.qemu().version.to_string(),
             qemu_path: h.qemu().path.display().to_string(),
-            migration_capabilities: caps,
+            migration_capabilities: probe.capabilities,
+            qemu_commands: probe.commands,
             accelerator: accel,
             kvm_device: std::path::Path::new("/dev/kvm").exists(),
             migration: self.inner.config.migration.clone(),
@@ -271,7 +273,7 @@ impl Agent {
         }
     }
 
-    async fn capabilities(&self) -> Vec<String> {
+    async fn capabilities(&self) -> QemuProbe {
         let mut cached = self.inner.capabilities.lock().await;
         if let Some(c) = cached.as_ref() {
             return c.clone();
@@ -283,7 +285,7 @@ impl Agent {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not probe QEMU's migration capabilities");
-                Vec::new()
+                QemuProbe::default()
             }
         }
     }
@@ -534,36 +536,30 @@ impl Agent {
         let policy = tern_policy::policy_by_name(&req.policy)
             .map_err(|e| AgentError::Invalid(e.to_string()))?;
         let qmp = self.inner.host.qmp(&req.vm)?;
-        let src: std::collections::BTreeSet<String> = qmp
-            .supported_capabilities()
-            .await?
-            .into_iter()
-            .map(|c| c.as_str().to_string())
-            .collect();
-        let dst: std::collections::BTreeSet<String> =
-            a.facts.migration_capabilities.iter().cloned().collect();
-        let both = |c: &str| src.contains(c) && dst.contains(c);
-        let v = self.inner.host.qemu().version;
-        let mut input = a.input;
-        input.features = tern_policy::QemuFeatures {
-            postcopy_ram: both("postcopy-ram"),
-            postcopy_preempt: both("postcopy-preempt"),
-            postcopy_recovery: both("postcopy-ram"),
-            auto_converge: src.contains("auto-converge"),
-            dirty_limit: src.contains("dirty-limit")
-                && a.spec.accelerator == tern_qemu::Accelerator::Kvm,
-            multifd: both("multifd"),
-            multifd_with_postcopy: (v.major, v.minor) >= (10, 1),
-            xbzrle: src.contains("xbzrle"),
-            calc_dirty_rate: true,
-        };
+        // The same function as the real run (`tern_engine::features`): the source QEMU
+        // itself (capabilities, commands, the `dirty-limit` probe), and for the destination,
+        // which has no QEMU yet, what its agent reports of its QEMU binary.
+        let destination = tern_engine::features::facts_from_names(
+            a.facts.migration_capabilities.iter().map(String::as_str),
+            a.facts.qemu_commands.iter().map(String::as_str),
+            tern_engine::features::parse_version(&a.facts.qemu_version),
+        );
+        let tern_engine::QemuPlanInput {
+            mut input,
+            refusals,
+            ..
+        } = tern_engine::plan_input_from_qemus(&qmp, destination, a.input)
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
         if probe_s > 0 {
             let p = tern_engine::probe_dirty_rate(&qmp, probe_s.min(10))
                 .await
                 .map_err(|e| AgentError::Internal(e.to_string()))?;
             input.probe = Some(p);
         }
-        Ok(policy.plan(&input))
+        let mut plan = policy.plan(&input);
+        plan.reasons.extend(refusals);
+        Ok(plan)
     }
 
     /// Starts a migration of one of this host's VMs (`POST /v1/migrations`). Every check runs
@@ -1217,11 +1213,21 @@ fn mem_available_mib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Asks a throwaway QEMU (`-machine none`) which migration capabilities it supports.
+/// What the host's QEMU binary supports for migrations.
+#[derive(Debug, Clone, Default)]
+struct QemuProbe {
+    /// `query-migrate-capabilities` names.
+    capabilities: Vec<String>,
+    /// `query-commands` names.
+    commands: Vec<String>,
+}
+
+/// Asks a throwaway QEMU (`-machine none`) which migration capabilities and commands it
+/// supports.
 async fn probe_capabilities(
     qemu: &QemuBinary,
     runtime_dir: &std::path::Path,
-) -> Result<Vec<String>, AgentError> {
+) -> Result<QemuProbe, AgentError> {
     let sock = runtime_dir.join("caps-probe.sock");
     let _ = std::fs::remove_file(&sock);
     let mut child = tokio::process::Command::new(&qemu.path)
@@ -1246,8 +1252,12 @@ async fn probe_capabilities(
         let (qmp, _ev) =
             tern_qmp::QmpClient::connect_with_retry(&sock, Duration::from_secs(5)).await?;
         let caps = qmp.supported_capabilities().await?;
+        let commands = tern_engine::endpoint::command_names(&qmp).await;
         let _ = qmp.quit().await;
-        Ok::<_, AgentError>(caps.into_iter().map(|c| c.as_str().to_string()).collect())
+        Ok::<_, AgentError>(QemuProbe {
+            capabilities: caps.into_iter().map(|c| c.as_str().to_string()).collect(),
+            commands: commands.into_iter().collect(),
+        })
     }
     .await;
     let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;

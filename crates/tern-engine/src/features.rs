@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 
-use tern_policy::QemuFeatures;
+use tern_policy::{PlanInput, PostCopyPermission, QemuFeatures};
 use tern_qmp::MigrationCapability;
 
 use crate::EngineError;
@@ -74,6 +74,80 @@ pub async fn detect_features(
         destination,
         dirty_limit_accepted,
     })
+}
+
+/// What the two QEMUs contribute to a plan: features and the safety gates' verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QemuPlanInput {
+    /// The caller's input with `features` set and post-copy forbidden where a gate failed.
+    pub input: PlanInput,
+    /// The facts the features came from.
+    pub facts: FeatureFacts,
+    /// Why post-copy was refused by a gate (for the log and the plan's reasons).
+    pub refusals: Vec<String>,
+}
+
+/// The one path from two QEMUs to a plan input, for the real run and the dry-run alike:
+/// [`detect_features`], [`qemu_features`], [`post_copy_safety_gates`]. The caller plans with
+/// `policy.plan(&result.input)` and appends `result.refusals` to the plan's reasons.
+pub async fn plan_input_from_qemus(
+    source: &dyn SourceEndpoint,
+    destination: EndpointFacts,
+    mut input: PlanInput,
+) -> Result<QemuPlanInput, EngineError> {
+    let facts = detect_features(source, destination).await?;
+    input.features = qemu_features(&facts);
+    let refusals = post_copy_safety_gates(source, &mut input).await;
+    Ok(QemuPlanInput {
+        input,
+        facts,
+        refusals,
+    })
+}
+
+/// The safety gates the source QEMU itself decides, applied to `input` (post-copy forbidden
+/// for this migration when one fails); returns why, one line per refusal. The real run and
+/// the dry-run both call this, so both plan with the same permission.
+///
+/// * A paused guest must not be migrated post-copy (Nova LP#1671011: the destination would
+///   start a guest the operator stopped).
+/// * No post-copy with a VFIO device (state in host hardware that cannot be fetched page by
+///   page; Nova forbids post-copy with PCI passthrough too). A QEMU that cannot list its
+///   devices is treated as having one.
+pub async fn post_copy_safety_gates(
+    source: &dyn SourceEndpoint,
+    input: &mut PlanInput,
+) -> Vec<String> {
+    let mut refusals = Vec::new();
+    if input.vm.post_copy != PostCopyPermission::Allowed {
+        return refusals;
+    }
+    if let Ok(st) = source.run_state().await
+        && !st.running
+    {
+        input.vm.post_copy = PostCopyPermission::Forbidden;
+        refusals.push(format!(
+            "the guest is {} on the source: post-copy refused for this migration",
+            st.status.as_str()
+        ));
+        return refusals;
+    }
+    let refused = match source.vfio_devices().await {
+        Ok(devs) if devs.is_empty() => None,
+        Ok(devs) => Some(format!(
+            "VFIO device(s) on the source: {}: post-copy refused for this migration",
+            devs.join(", ")
+        )),
+        Err(e) => Some(format!(
+            "cannot list the guest's devices to rule out VFIO ({e}): post-copy refused for \
+             this migration"
+        )),
+    };
+    if let Some(text) = refused {
+        input.vm.post_copy = PostCopyPermission::Forbidden;
+        refusals.push(text);
+    }
+    refusals
 }
 
 /// Destination facts from what a destination host advertises (capability and command names

@@ -10,7 +10,10 @@ pub mod runner;
 pub mod state;
 
 pub use endpoint::{DestinationEndpoint, EndpointFacts, SourceEndpoint};
-pub use features::{FeatureFacts, detect_features, qemu_features};
+pub use features::{
+    FeatureFacts, QemuPlanInput, detect_features, plan_input_from_qemus, post_copy_safety_gates,
+    qemu_features,
+};
 pub use runner::{
     AdoptedMigration, DEFAULT_POLL_INTERVAL, DEFAULT_POSTCOPY_STALL_TIMEOUT,
     DEFAULT_RECOVERY_WINDOW, MigrationProgress, MigrationReport, MigrationRunner, MigrationSetup,

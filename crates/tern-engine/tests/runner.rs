@@ -9,7 +9,7 @@ use std::time::Duration;
 use fake::{FakePair, Fault, When};
 use tern_engine::{
     AdoptedMigration, MigrationReport, MigrationRunner, MigrationSetup, MigrationState,
-    OperatorCommand, OperatorRequest, qemu_features,
+    OperatorCommand, OperatorRequest,
 };
 use tern_policy::{
     Action, Decision, MigrationContext, MigrationPlan, MigrationPolicy, Observation, PlanInput,
@@ -537,25 +537,40 @@ async fn adopting_a_failed_precopy_keeps_the_guest_on_the_source() {
     assert_eq!(r.state, MigrationState::Failed);
 }
 
-/// The dry-run builds features with the same function from the same facts, so the plan it
-/// shows is the plan the runner executes.
+/// The dry-run goes through the same path from QEMUs to a plan input as the real run, so the
+/// plan it shows is the plan the runner executes.
 #[tokio::test(start_paused = true)]
 async fn the_dry_run_plan_equals_the_plan_that_runs() {
-    use tern_engine::{DestinationEndpoint, SourceEndpoint, detect_features};
-    let pair = FakePair::new(256 * MIB, LINK, 2 * MIB);
-    let source = pair.source();
-    let facts = detect_features(
-        &source,
-        DestinationEndpoint::facts(pair.destination().as_ref())
+    use tern_engine::{DestinationEndpoint, QemuPlanInput, plan_input_from_qemus};
+    for post_copy in [PostCopyPermission::Allowed, PostCopyPermission::Forbidden] {
+        let pair = FakePair::new(256 * MIB, LINK, 2 * MIB);
+        let destination = DestinationEndpoint::facts(pair.destination().as_ref())
             .await
-            .expect("facts"),
-    )
-    .await
-    .expect("facts");
-    let _ = SourceEndpoint::facts(&source).await;
-    let mut dry = input(PostCopyPermission::Allowed);
-    dry.features = qemu_features(&facts);
-    let dry_plan = tern().plan(&dry);
-    let r = run(&pair, tern(), setup(PostCopyPermission::Allowed)).await;
-    assert_eq!(r.plan.as_ref(), Some(&dry_plan));
+            .expect("facts");
+        let QemuPlanInput {
+            input, refusals, ..
+        } = plan_input_from_qemus(&pair.source(), destination, input(post_copy))
+            .await
+            .expect("plan input");
+        let mut dry_plan = tern().plan(&input);
+        dry_plan.reasons.extend(refusals);
+        let r = run(&pair, tern(), setup(post_copy)).await;
+        assert_eq!(r.plan.as_ref(), Some(&dry_plan));
+    }
+}
+
+/// A paused guest is refused post-copy by the gates, with the reason in the plan.
+#[tokio::test(start_paused = true)]
+async fn a_paused_guest_is_planned_without_postcopy_and_says_why() {
+    let pair = FakePair::new(256 * MIB, LINK, 2 * MIB);
+    pair.model().source_running = false;
+    let r = run(&pair, switch_at(1), setup(PostCopyPermission::Allowed)).await;
+    let plan = r.plan.expect("a plan");
+    assert!(!plan.may_switch_to_postcopy());
+    assert!(
+        plan.reasons
+            .iter()
+            .any(|r| r.contains("the guest is paused"))
+    );
+    assert!(pair.switch_call().is_none());
 }

@@ -1,56 +1,31 @@
 //! Preparing a migration: features from both QEMUs, the safety gates, the plan, capabilities
 //! and parameters on both ends, `migrate-incoming` and `migrate`.
 
-use tern_policy::PostCopyPermission;
 use tern_qmp::{MigrationCapability, MigrationCapabilityStatus, MigrationParameters};
 use tokio::time::Instant;
 
 use super::{MigrationRunner, probe_dirty_rate};
 use crate::EngineError;
-use crate::features::{detect_features, qemu_features};
+use crate::features::{QemuPlanInput, plan_input_from_qemus};
 use crate::state::{MigrationEventKind, MigrationState};
 
 impl MigrationRunner {
     pub(super) async fn prepare(&mut self) -> Result<(), EngineError> {
-        let facts = detect_features(self.source.as_ref(), self.destination.facts().await?).await?;
-        let features = qemu_features(&facts);
+        let QemuPlanInput {
+            mut input,
+            facts,
+            refusals,
+        } = plan_input_from_qemus(
+            self.source.as_ref(),
+            self.destination.facts().await?,
+            self.setup.plan_input.clone(),
+        )
+        .await?;
+        let features = input.features;
         let src_supported = facts.source.capabilities;
         let dst_supported = facts.destination.capabilities;
-        let mut input = self.setup.plan_input.clone();
-        input.features = features;
-        // Safety gate: a paused guest must not be migrated post-copy (Nova LP#1671011: the
-        // destination would start a guest the operator stopped).
-        if let Ok(st) = self.source.run_state().await
-            && !st.running
-            && input.vm.post_copy == PostCopyPermission::Allowed
-        {
-            input.vm.post_copy = PostCopyPermission::Forbidden;
-            self.record(MigrationEventKind::Note {
-                text: format!(
-                    "the guest is {} on the source: post-copy refused for this migration",
-                    st.status.as_str()
-                ),
-            });
-        }
-        // Safety gate: no post-copy with a VFIO device (state in host hardware that cannot be
-        // fetched page by page; Nova forbids post-copy with PCI passthrough too). A QEMU
-        // that cannot list its devices is treated as having one.
-        if input.vm.post_copy == PostCopyPermission::Allowed {
-            let refused = match self.source.vfio_devices().await {
-                Ok(devs) if devs.is_empty() => None,
-                Ok(devs) => Some(format!(
-                    "VFIO device(s) on the source: {}: post-copy refused for this migration",
-                    devs.join(", ")
-                )),
-                Err(e) => Some(format!(
-                    "cannot list the guest's devices to rule out VFIO ({e}): post-copy refused \
-                     for this migration"
-                )),
-            };
-            if let Some(text) = refused {
-                input.vm.post_copy = PostCopyPermission::Forbidden;
-                self.record(MigrationEventKind::Note { text });
-            }
+        for text in &refusals {
+            self.note(text.clone());
         }
         if self.setup.probe_seconds > 0 && features.calc_dirty_rate {
             match probe_dirty_rate(self.source.as_ref(), self.setup.probe_seconds).await {
@@ -60,7 +35,8 @@ impl MigrationRunner {
                 }),
             }
         }
-        let plan = self.policy.plan(&input);
+        let mut plan = self.policy.plan(&input);
+        plan.reasons.extend(refusals);
         self.record(MigrationEventKind::Note {
             text: format!(
                 "plan by {}: post-copy {} ({}); {}",
