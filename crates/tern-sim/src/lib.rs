@@ -8,6 +8,7 @@
 //!   the text to print and does no I/O itself.
 
 mod engine;
+mod postcopy;
 mod report;
 mod scenario;
 
