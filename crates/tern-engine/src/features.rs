@@ -152,7 +152,7 @@ pub async fn post_copy_safety_gates(
 
 /// Destination facts from what a destination host advertises (capability and command names
 /// of its QEMU binary, its version string), for a dry-run before any destination QEMU exists.
-/// Unknown names are kept as [`MigrationCapability::Unknown`]-style values by the parser.
+/// Names this tern does not know are kept (as `MigrationCapability::Unknown`), never dropped.
 pub fn facts_from_names<'a>(
     capabilities: impl IntoIterator<Item = &'a str>,
     commands: impl IntoIterator<Item = &'a str>,

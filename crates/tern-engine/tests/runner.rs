@@ -102,9 +102,16 @@ async fn run(
     setup: MigrationSetup,
 ) -> MigrationReport {
     let (_tx, rx) = mpsc::channel(1);
-    MigrationRunner::new(pair.source(), pair.destination(), policy, setup)
-        .run(rx)
+    within_an_hour(MigrationRunner::new(pair.source(), pair.destination(), policy, setup).run(rx))
         .await
+}
+
+/// A runner that never ends fails the test instead of hanging it (an hour of virtual time
+/// passes in milliseconds).
+async fn within_an_hour<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(3600), f)
+        .await
+        .expect("the runner did not reach an end within an hour of migration time")
 }
 
 /// Runs the migration and sends `command` once the runner reaches `when`.
@@ -128,7 +135,8 @@ async fn run_with_command(
         // Keep the channel open until the runner ends.
         (answer, tx)
     };
-    let (report, (answer, _tx)) = tokio::join!(runner.run(rx), operator);
+    let (report, (answer, _tx)) =
+        within_an_hour(async { tokio::join!(runner.run(rx), operator) }).await;
     (report, answer)
 }
 
@@ -431,14 +439,14 @@ async fn an_unreachable_destination_agent_during_recovery_is_retried_not_lost() 
 
 async fn adopt(pair: &FakePair, adopted: AdoptedMigration) -> MigrationReport {
     let (_tx, rx) = mpsc::channel(1);
-    MigrationRunner::new(
+    let runner = MigrationRunner::new(
         pair.source(),
         pair.destination(),
         passive(),
         setup(PostCopyPermission::Allowed),
     )
-    .adopt(adopted, rx)
-    .await
+    .adopt(adopted, rx);
+    within_an_hour(runner).await
 }
 
 #[tokio::test(start_paused = true)]
@@ -573,4 +581,51 @@ async fn a_paused_guest_is_planned_without_postcopy_and_says_why() {
             .any(|r| r.contains("the guest is paused"))
     );
     assert!(pair.switch_call().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovery_attempt_hanging_in_a_dead_network_is_paused_and_retried() {
+    let pair = FakePair::new(256 * MIB, LINK, LINK / 2);
+    // Packets vanish: the attempt hangs in postcopy-recover-setup (SYN retries).
+    pair.at(When::AfterSwitch(1_000), Fault::CutLink { noticed: false })
+        .at(When::AfterSwitch(40_000), Fault::RestoreLink);
+    let r = run(&pair, switch_at(2), setup(PostCopyPermission::Allowed)).await;
+    assert_eq!(r.state, MigrationState::Completed, "{:#?}", r.events);
+    let stuck: Vec<u64> = r
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(&e.kind,
+            tern_engine::MigrationEventKind::Decision { action, .. }
+                if action == "postcopy-pause-stuck-attempt")
+        })
+        .map(|e| e.at_ms)
+        .collect();
+    assert!(stuck.len() >= 2, "{stuck:?}");
+    assert!(stuck.windows(2).all(|w| w[1] - w[0] >= 10_000), "{stuck:?}");
+    assert_eq!(r.recoveries, 1);
+    assert_no_cancel_after_switch(&pair);
+}
+
+#[tokio::test(start_paused = true)]
+async fn set_bandwidth_is_applied_in_postcopy_and_refused_after_the_end() {
+    let pair = FakePair::new(256 * MIB, LINK, LINK / 2);
+    let (r, answer) = run_with_command(
+        &pair,
+        switch_at(2),
+        setup(PostCopyPermission::Allowed),
+        MigrationState::Postcopy,
+        OperatorCommand::SetBandwidth {
+            bytes_per_s: 50_000_000,
+        },
+    )
+    .await;
+    assert_eq!(answer.as_deref(), Ok("bandwidth set to 50000000 B/s"));
+    assert_eq!(r.state, MigrationState::Completed);
+    let switch = pair.switch_call().expect("switched");
+    assert!(
+        pair.calls()[switch..]
+            .iter()
+            .any(|c| c == "src:migrate-set-parameters")
+    );
 }

@@ -150,7 +150,7 @@ pub enum PostcopyAction {
 }
 
 impl PostcopyAction {
-    /// A short name for logs (`pause-both`, `recover`, …).
+    /// The action's name in event logs (`postcopy-pause-both`, `postcopy-recover`, …).
     pub fn name(&self) -> &'static str {
         match self {
             Self::PauseBoth => "postcopy-pause-both",
