@@ -55,6 +55,9 @@ pub struct AgentOptions {
     pub stop_vms_on_exit: bool,
 }
 
+/// How long a migration left `unknown` waits before it is adopted again.
+const UNKNOWN_READOPT_DELAY: Duration = Duration::from_secs(30);
+
 struct ActiveMigration {
     vm: String,
     control: Option<mpsc::Sender<OperatorRequest>>,
@@ -782,9 +785,10 @@ impl Agent {
     async fn finish_migration(&self, rec: &MigrationRecord, report: MigrationReport) {
         self.settle(rec, report.state).await;
         if report.state == MigrationState::Unknown {
-            // Not an end: the next start adopts it again and asks both sides.
+            // Not an end: adopted again later (and at the next start), asking both sides.
             let _ = self.inner.store.set_state(&rec.id, report.state).await;
             self.release(rec);
+            self.adopt_again_later(rec);
             return;
         }
         if let Err(e) = self
@@ -892,6 +896,14 @@ impl Agent {
             if rec.source != self.inner.config.host {
                 continue;
             }
+            self.adopt_unfinished(rec);
+        }
+        Ok(())
+    }
+
+    /// Hands an unfinished migration to an adopting runner (in the background).
+    fn adopt_unfinished(&self, rec: MigrationRecord) {
+        {
             let _ = self.inner.host.begin_outbound(&rec.vm);
             self.inner
                 .active
@@ -909,10 +921,26 @@ impl Agent {
                         ),
                     },
                 );
-            let agent = self.clone();
-            tokio::spawn(async move { agent.recover(rec).await });
         }
-        Ok(())
+        let agent = self.clone();
+        tokio::spawn(async move { agent.recover(rec).await });
+    }
+
+    /// A migration left `unknown` (the destination agent did not answer) is adopted again
+    /// after a while, so it ends `completed` once the destination answers, without waiting
+    /// for this agent to restart.
+    fn adopt_again_later(&self, rec: &MigrationRecord) {
+        let agent = self.clone();
+        let id = rec.id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(UNKNOWN_READOPT_DELAY).await;
+            if let Ok(Some(rec)) = agent.inner.store.migration(&id).await
+                && rec.finished_ms.is_none()
+                && agent.migration_of(&rec.vm).is_none()
+            {
+                agent.adopt_unfinished(rec);
+            }
+        });
     }
 
     async fn transition(
@@ -1072,6 +1100,7 @@ impl Agent {
                 self.transition(rec, from, MigrationState::Unknown, &why)
                     .await;
                 self.release(rec);
+                self.adopt_again_later(rec);
             }
             _ => {
                 let why = "agent restarted; the source QEMU is gone and the destination does not run the guest";
