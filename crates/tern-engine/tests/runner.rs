@@ -629,3 +629,17 @@ async fn set_bandwidth_is_applied_in_postcopy_and_refused_after_the_end() {
             .any(|c| c == "src:migrate-set-parameters")
     );
 }
+
+/// Found by `runner_properties`: the link breaks within one poll of the switch, so no poll
+/// ever sees `postcopy-active`; the runner must still know it switched and recover.
+#[tokio::test(start_paused = true)]
+async fn a_cut_right_at_the_switch_is_recognised_as_postcopy_and_recovered() {
+    let pair = FakePair::new(128 * MIB, LINK, LINK / 10);
+    pair.at(When::AfterSwitch(0), Fault::CutLink { noticed: true })
+        .at(When::AfterSwitch(5_000), Fault::RestoreLink);
+    let r = run(&pair, switch_at(1), setup(PostCopyPermission::Allowed)).await;
+    assert_eq!(r.state, MigrationState::Completed, "{:#?}", r.events);
+    assert!(r.switched_to_postcopy);
+    assert_eq!(r.recoveries, 1);
+    assert_no_cancel_after_switch(&pair);
+}

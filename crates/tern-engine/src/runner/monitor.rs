@@ -161,20 +161,26 @@ impl MigrationRunner {
     /// Reacts to QEMU's status. Returns true when QEMU's migration ended (the state is then
     /// terminal, or `unknown` when the destination could not be asked).
     async fn handle_status(&mut self, status: &MigrationStatus, info: &MigrationInfo) -> bool {
+        // Any post-copy status means the switch happened, even if the poll missed
+        // `postcopy-active` (the channel can break within one poll interval of the switch;
+        // QEMU is then already `postcopy-paused` and must be recovered, not waited on).
+        if status.is_postcopy()
+            && matches!(
+                self.state,
+                MigrationState::Precopy | MigrationState::GuestPaused
+            )
+        {
+            self.switched = true;
+            self.supervisor = Some(PostcopySupervisor::new(self.setup.postcopy_timings()));
+            self.transition(
+                MigrationState::Postcopy,
+                format!(
+                    "QEMU reports {}: the guest now runs on the destination",
+                    status.as_str()
+                ),
+            );
+        }
         match status {
-            MigrationStatus::PostcopyActive
-                if matches!(
-                    self.state,
-                    MigrationState::Precopy | MigrationState::GuestPaused
-                ) =>
-            {
-                self.switched = true;
-                self.supervisor = Some(PostcopySupervisor::new(self.setup.postcopy_timings()));
-                self.transition(
-                    MigrationState::Postcopy,
-                    "QEMU reports postcopy-active: the guest now runs on the destination",
-                );
-            }
             MigrationStatus::PostcopyPaused
                 if matches!(
                     self.state,

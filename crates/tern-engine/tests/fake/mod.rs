@@ -164,6 +164,19 @@ impl Model {
             0
         };
         let sent = link * dt_ms / 1000;
+        if !self.dest_qemu_alive {
+            // The stream's peer is gone: the socket closes.
+            match self.status {
+                MigrationStatus::Active => self.status = MigrationStatus::Failed,
+                MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyRecover
+                | MigrationStatus::PostcopyRecoverSetup => {
+                    self.status = MigrationStatus::PostcopyPaused
+                }
+                _ => {}
+            }
+            return;
+        }
         match self.status {
             MigrationStatus::Active => {
                 if !self.link_up && self.link_noticed {
