@@ -41,6 +41,10 @@ pub struct HostFacts {
     pub qemu_path: String,
     /// Migration capabilities this QEMU supports (`query-migrate-capabilities`).
     pub migration_capabilities: Vec<String>,
+    /// QMP commands this QEMU has (`query-commands`): post-copy recovery needs
+    /// `migrate-recover` on the destination, so a dry-run asks for it here.
+    #[serde(default)]
+    pub qemu_commands: Vec<String>,
     /// The accelerator guests use here (from the cached probe; `unknown` before any probe).
     pub accelerator: String,
     /// Whether `/dev/kvm` exists.

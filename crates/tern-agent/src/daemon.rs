@@ -8,31 +8,34 @@
 //! completion. Invariant: the guest runs on exactly one host, before, during and after.
 //!
 //! QEMU processes outlive the agent (they are not killed when it exits, unless asked). After
-//! a restart the agent re-attaches to them and settles every unfinished migration by asking
-//! QEMU where it is:
+//! a restart the agent re-attaches to them and hands every unfinished migration to
+//! [`MigrationRunner::adopt`], which asks QEMU where it is and continues under the same rules
+//! as a fresh run (the URI recovery needs is in the store):
 //! - pre-copy (or not started): the source still holds the only running guest, so the
 //!   migration is cancelled, the guest resumed if it was paused, the destination's incoming
 //!   QEMU removed, and the migration recorded `failed` — the same outcome Nova gives a
 //!   migration whose compute service restarted (`_cleanup_incomplete_migrations`), without
 //!   its risk of a guest on neither host;
-//! - post-copy: the destination runs the guest and only the source has the missing pages, so
-//!   cancelling is impossible; the agent keeps monitoring until QEMU reports `completed`;
+//! - post-copy, paused or recovering: the destination runs the guest and only the source has
+//!   the missing pages, so cancelling is impossible; the runner supervises it, including
+//!   `migrate-pause` and recovery after a network cut, until QEMU reports `completed`;
 //! - completed: only the bookkeeping (quit the source, promote the destination) is left.
 //!
-//! A migration finished this way gets a report rebuilt from QEMU's final statistics and the
-//! events persisted before the restart (the engine that would have written it died).
+//! A migration whose destination agent does not answer is `unknown` (never `lost`: its QEMU
+//! may run the guest) and is adopted again at the next start. The report of an adopted
+//! migration joins the events persisted before the restart with the adopting runner's.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tern_engine::{
-    MigrationEvent, MigrationEventKind, MigrationProgress, MigrationReport, MigrationRunner,
-    MigrationSetup, MigrationState, OperatorCommand, OperatorRequest, TakenAction,
+    AdoptedMigration, MigrationEvent, MigrationEventKind, MigrationProgress, MigrationReport,
+    MigrationRunner, MigrationSetup, MigrationState, OperatorCommand, OperatorRequest, TakenAction,
 };
 use tern_policy::SlaCatalog;
 use tern_qemu::QemuBinary;
-use tern_qmp::{MigrationStatus, RunState};
+use tern_qmp::RunState;
 use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
 
 use crate::api::{HostFacts, IncomingReply, IncomingRequest, StartMigrationRequest};
@@ -52,6 +55,9 @@ pub struct AgentOptions {
     pub stop_vms_on_exit: bool,
 }
 
+/// How long a migration left `unknown` waits before it is adopted again.
+const UNKNOWN_READOPT_DELAY: Duration = Duration::from_secs(30);
+
 struct ActiveMigration {
     vm: String,
     control: Option<mpsc::Sender<OperatorRequest>>,
@@ -68,7 +74,8 @@ struct Inner {
     store: Store,
     catalog: SlaCatalog,
     active: Mutex<BTreeMap<String, ActiveMigration>>,
-    capabilities: AsyncMutex<Option<Vec<String>>>,
+    /// The host QEMU binary's migration capabilities and commands, probed once.
+    capabilities: AsyncMutex<Option<QemuProbe>>,
     /// Serialises migration admission so two requests for one VM cannot both pass the checks.
     admission: AsyncMutex<()>,
 }
@@ -233,7 +240,7 @@ impl Agent {
     /// Host facts (`GET /v1/host`).
     pub async fn facts(&self) -> HostFacts {
         let h = &self.inner.host;
-        let caps = self.capabilities().await;
+        let probe = self.capabilities().await;
         let accel =
             std::fs::read_to_string(tern_guest::default_cache_dir().join("accelerator.json"))
                 .ok()
@@ -259,7 +266,8 @@ impl Agent {
             machine_available_mib: mem_available_mib(),
             qemu_version: h.qemu().version.to_string(),
             qemu_path: h.qemu().path.display().to_string(),
-            migration_capabilities: caps,
+            migration_capabilities: probe.capabilities,
+            qemu_commands: probe.commands,
             accelerator: accel,
             kvm_device: std::path::Path::new("/dev/kvm").exists(),
             migration: self.inner.config.migration.clone(),
@@ -268,7 +276,7 @@ impl Agent {
         }
     }
 
-    async fn capabilities(&self) -> Vec<String> {
+    async fn capabilities(&self) -> QemuProbe {
         let mut cached = self.inner.capabilities.lock().await;
         if let Some(c) = cached.as_ref() {
             return c.clone();
@@ -280,7 +288,7 @@ impl Agent {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not probe QEMU's migration capabilities");
-                Vec::new()
+                QemuProbe::default()
             }
         }
     }
@@ -531,36 +539,30 @@ impl Agent {
         let policy = tern_policy::policy_by_name(&req.policy)
             .map_err(|e| AgentError::Invalid(e.to_string()))?;
         let qmp = self.inner.host.qmp(&req.vm)?;
-        let src: std::collections::BTreeSet<String> = qmp
-            .supported_capabilities()
-            .await?
-            .into_iter()
-            .map(|c| c.as_str().to_string())
-            .collect();
-        let dst: std::collections::BTreeSet<String> =
-            a.facts.migration_capabilities.iter().cloned().collect();
-        let both = |c: &str| src.contains(c) && dst.contains(c);
-        let v = self.inner.host.qemu().version;
-        let mut input = a.input;
-        input.features = tern_policy::QemuFeatures {
-            postcopy_ram: both("postcopy-ram"),
-            postcopy_preempt: both("postcopy-preempt"),
-            postcopy_recovery: both("postcopy-ram"),
-            auto_converge: src.contains("auto-converge"),
-            dirty_limit: src.contains("dirty-limit")
-                && a.spec.accelerator == tern_qemu::Accelerator::Kvm,
-            multifd: both("multifd"),
-            multifd_with_postcopy: (v.major, v.minor) >= (10, 1),
-            xbzrle: src.contains("xbzrle"),
-            calc_dirty_rate: true,
-        };
+        // The same function as the real run (`tern_engine::features`): the source QEMU
+        // itself (capabilities, commands, the `dirty-limit` probe), and for the destination,
+        // which has no QEMU yet, what its agent reports of its QEMU binary.
+        let destination = tern_engine::features::facts_from_names(
+            a.facts.migration_capabilities.iter().map(String::as_str),
+            a.facts.qemu_commands.iter().map(String::as_str),
+            tern_engine::features::parse_version(&a.facts.qemu_version),
+        );
+        let tern_engine::QemuPlanInput {
+            mut input,
+            refusals,
+            ..
+        } = tern_engine::plan_input_from_qemus(&qmp, destination, a.input)
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
         if probe_s > 0 {
             let p = tern_engine::probe_dirty_rate(&qmp, probe_s.min(10))
                 .await
                 .map_err(|e| AgentError::Internal(e.to_string()))?;
             input.probe = Some(p);
         }
-        Ok(policy.plan(&input))
+        let mut plan = policy.plan(&input);
+        plan.reasons.extend(refusals);
+        Ok(plan)
     }
 
     /// Starts a migration of one of this host's VMs (`POST /v1/migrations`). Every check runs
@@ -614,6 +616,7 @@ impl Agent {
             error: None,
             report: None,
             link_bytes_per_s: order.link_bytes_per_s,
+            stream_uri: Some(incoming.uri.clone()),
         };
         if let Err(e) = self.inner.store.insert_migration(record.clone()).await {
             let _ = dest.delete_incoming(&req.vm).await;
@@ -638,15 +641,34 @@ impl Agent {
         let mut setup = MigrationSetup::new(id.clone(), incoming.uri.clone(), input);
         setup.recovery_window =
             Duration::from_secs(self.inner.config.migration.postcopy_recovery_window_s);
-        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let runner = MigrationRunner::new(
             source_qmp,
             Box::new(RemoteDestination::new(&url, &req.vm)),
             policy,
             setup,
-        )
-        .with_event_sink(ev_tx);
+        );
+        if let Err(why) = self.drive(&record, runner, None) {
+            self.conclude(&record, MigrationState::Failed, Some(why.clone()))
+                .await;
+            return Err(AgentError::Internal(why));
+        }
+        Ok(record)
+    }
+
+    /// Runs `runner` (fresh, or adopting a migration when `adopted` is set) on a thread of its
+    /// own, persists its events as they come, registers it for operator commands and
+    /// progress, and settles the migration when it ends. Fails only if the thread cannot be
+    /// started (nothing has been done then).
+    fn drive(
+        &self,
+        record: &MigrationRecord,
+        runner: MigrationRunner,
+        adopted: Option<AdoptedMigration>,
+    ) -> Result<(), String> {
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let runner = runner.with_event_sink(ev_tx);
         let (ctl_tx, ctl_rx) = mpsc::channel(8);
+        let id = record.id.clone();
         self.inner
             .active
             .lock()
@@ -654,7 +676,7 @@ impl Agent {
             .insert(
                 id.clone(),
                 ActiveMigration {
-                    vm: req.vm.clone(),
+                    vm: record.vm.clone(),
                     control: Some(ctl_tx),
                     progress: Some(runner.progress()),
                     no_control_reason: String::new(),
@@ -675,7 +697,12 @@ impl Agent {
                     .build();
                 match rt {
                     Ok(rt) => {
-                        let report = rt.block_on(runner.run(ctl_rx));
+                        let report = rt.block_on(async move {
+                            match adopted {
+                                Some(a) => runner.adopt(a, ctl_rx).await,
+                                None => runner.run(ctl_rx).await,
+                            }
+                        });
                         let _ = done_tx.send(Ok(report));
                     }
                     Err(e) => {
@@ -685,29 +712,42 @@ impl Agent {
                 }
             });
         if let Err(e) = thread {
-            let why = format!("cannot start the migration thread: {e}");
-            self.conclude(&record, MigrationState::Failed, Some(why.clone()))
-                .await;
-            return Err(AgentError::Internal(why));
+            self.release(record);
+            return Err(format!("cannot start the migration thread: {e}"));
         }
         tokio::spawn(async move {
             let report = done_rx.await;
             let _ = persister.await;
-            match report {
-                Ok(Ok(report)) => agent.finish_migration(&rec, report).await,
-                Ok(Err(e)) => agent.conclude(&rec, MigrationState::Failed, Some(e)).await,
-                Err(_) => {
-                    agent
-                        .conclude(
-                            &rec,
-                            MigrationState::Failed,
-                            Some("the migration thread ended without a report".into()),
-                        )
-                        .await
+            let why = match report {
+                Ok(Ok(report)) => {
+                    let report = if adopted.is_some() {
+                        agent.with_history(&rec, report).await
+                    } else {
+                        report
+                    };
+                    agent.finish_migration(&rec, report).await;
+                    return;
                 }
+                Ok(Err(e)) => e,
+                Err(_) => "the migration thread ended without a report".to_string(),
+            };
+            if adopted.is_some() {
+                // Where the guest is was not established: leave the migration unfinished
+                // for the next start to adopt, and both QEMUs in place.
+                agent
+                    .event(
+                        &rec,
+                        note(Self::since(&rec), format!("adoption failed: {why}")),
+                    )
+                    .await;
+                agent.release(&rec);
+            } else {
+                agent
+                    .conclude(&rec, MigrationState::Failed, Some(why))
+                    .await;
             }
         });
-        Ok(record)
+        Ok(())
     }
 
     fn spawn_persister(
@@ -744,6 +784,13 @@ impl Agent {
     /// exactly one host.
     async fn finish_migration(&self, rec: &MigrationRecord, report: MigrationReport) {
         self.settle(rec, report.state).await;
+        if report.state == MigrationState::Unknown {
+            // Not an end: adopted again later (and at the next start), asking both sides.
+            let _ = self.inner.store.set_state(&rec.id, report.state).await;
+            self.release(rec);
+            self.adopt_again_later(rec);
+            return;
+        }
         if let Err(e) = self
             .inner
             .store
@@ -811,6 +858,19 @@ impl Agent {
                 )
                 .await;
             }
+            MigrationState::Stranded | MigrationState::Unknown => {
+                // The guest's state is split between the QEMUs (stranded) or where it runs is
+                // not known (unknown): removing either QEMU could lose it or, after a restart
+                // elsewhere, run it twice.
+                self.event(
+                    rec,
+                    note(
+                        Self::since(rec),
+                        format!("migration {state}: both QEMUs are kept for the operator"),
+                    ),
+                )
+                .await;
+            }
             _ => {
                 let text = match dest.delete_incoming(&rec.vm).await {
                     Ok(_) => format!(
@@ -836,6 +896,14 @@ impl Agent {
             if rec.source != self.inner.config.host {
                 continue;
             }
+            self.adopt_unfinished(rec);
+        }
+        Ok(())
+    }
+
+    /// Hands an unfinished migration to an adopting runner (in the background).
+    fn adopt_unfinished(&self, rec: MigrationRecord) {
+        {
             let _ = self.inner.host.begin_outbound(&rec.vm);
             self.inner
                 .active
@@ -853,10 +921,26 @@ impl Agent {
                         ),
                     },
                 );
-            let agent = self.clone();
-            tokio::spawn(async move { agent.recover(rec).await });
         }
-        Ok(())
+        let agent = self.clone();
+        tokio::spawn(async move { agent.recover(rec).await });
+    }
+
+    /// A migration left `unknown` (the destination agent did not answer) is adopted again
+    /// after a while, so it ends `completed` once the destination answers, without waiting
+    /// for this agent to restart.
+    fn adopt_again_later(&self, rec: &MigrationRecord) {
+        let agent = self.clone();
+        let id = rec.id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(UNKNOWN_READOPT_DELAY).await;
+            if let Ok(Some(rec)) = agent.inner.store.migration(&id).await
+                && rec.finished_ms.is_none()
+                && agent.migration_of(&rec.vm).is_none()
+            {
+                agent.adopt_unfinished(rec);
+            }
+        });
     }
 
     async fn transition(
@@ -889,168 +973,151 @@ impl Agent {
             .remove(&rec.id);
     }
 
-    /// Settles a migration found unfinished after a restart (see the module docs).
+    /// Settles a migration found unfinished after a restart (see the module docs): the
+    /// runner adopts it at its current phase (pre-copy: cancel, the guest stays on the
+    /// source; post-copy, paused or recovering: supervised, including recovery, to the end).
     async fn recover(&self, rec: MigrationRecord) {
         let from = rec.state;
         self.event(
             &rec,
             note(
                 Self::since(&rec),
-                format!("agent restarted; the migration was {from}: asking QEMU where it is"),
+                format!("agent restarted; the migration was {from}: adopting it"),
             ),
         )
         .await;
-        let qmp = match self.inner.host.qmp(&rec.vm) {
-            Ok(q) => q,
-            Err(_) => {
-                // The source QEMU is gone: the guest is wherever the destination says.
-                let dest = AgentClient::new(&rec.destination_url);
-                let running_there =
-                    matches!(dest.show_vm(&rec.vm).await, Ok(i) if i.run_state == "running");
-                if running_there {
-                    self.transition(&rec, from, MigrationState::Completed,
-                        "agent restarted; the source QEMU is gone and the destination runs the guest").await;
-                    self.conclude(&rec, MigrationState::Completed, None).await;
-                } else {
-                    let why = "agent restarted; the source QEMU is gone and the destination does not run the guest";
-                    self.transition(&rec, from, MigrationState::Lost, why).await;
-                    self.conclude(&rec, MigrationState::Lost, Some(why.into()))
-                        .await;
-                }
-                return;
-            }
+        let Ok(qmp) = self.inner.host.qmp(&rec.vm) else {
+            self.settle_without_source(&rec).await;
+            return;
         };
-        let info = match qmp.query_migrate().await {
-            Ok(i) => i,
-            Err(e) => {
-                let why = format!("agent restarted; the source QEMU does not answer: {e}");
-                self.transition(&rec, from, MigrationState::Failed, &why)
-                    .await;
-                self.conclude(&rec, MigrationState::Failed, Some(why)).await;
-                return;
-            }
+        let policy = tern_policy::policy_by_name(&rec.policy)
+            .or_else(|_| tern_policy::policy_by_name(tern_policy::DEFAULT_POLICY));
+        let (Ok(policy), Ok(input)) = (policy, self.adoption_input(&rec)) else {
+            let why = "cannot rebuild the migration's policy or limits; left for the operator";
+            self.event(&rec, note(Self::since(&rec), why)).await;
+            self.release(&rec);
+            return;
         };
-        let status = info.status_or_none();
-        match status {
-            MigrationStatus::Completed => self.recover_completed(&rec, from, Some(&info)).await,
-            MigrationStatus::PostcopyActive
-            | MigrationStatus::PostcopyPaused
-            | MigrationStatus::PostcopyRecover
-            | MigrationStatus::PostcopyRecoverSetup => {
-                if from != MigrationState::Postcopy {
-                    self.transition(&rec, from, MigrationState::Postcopy,
-                        "agent restarted during post-copy: the destination runs the guest; monitoring until completion").await;
-                }
-                self.monitor_postcopy(&rec, &qmp).await;
-            }
-            MigrationStatus::Cancelled | MigrationStatus::Failed | MigrationStatus::None => {
-                self.resume_source(&rec, &qmp).await;
-                let why = format!(
-                    "agent restarted; QEMU reports the migration {}: guest kept on the source",
-                    status.as_str()
-                );
-                self.transition(&rec, from, MigrationState::Failed, &why)
-                    .await;
-                self.conclude(&rec, MigrationState::Failed, Some(why)).await;
-            }
-            _ => {
-                // Pre-copy (setup, active, device, …): cancel; the source keeps the guest.
-                let _ = qmp.migrate_cancel().await;
-                let mut last = status.clone();
-                let mut last_info = info.clone();
-                for _ in 0..100 {
-                    match qmp.query_migrate().await {
-                        Ok(i) => {
-                            last = i.status_or_none();
-                            last_info = i;
-                        }
-                        Err(_) => break,
-                    }
-                    if matches!(
-                        last,
-                        MigrationStatus::Cancelled
-                            | MigrationStatus::Failed
-                            | MigrationStatus::Completed
-                    ) || last.as_str().starts_with("postcopy")
-                    {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                if matches!(last, MigrationStatus::Completed) {
-                    // It finished before the cancel took effect.
-                    self.recover_completed(&rec, from, Some(&last_info)).await;
-                    return;
-                }
-                if last.as_str().starts_with("postcopy") {
-                    self.transition(
-                        &rec,
-                        from,
-                        MigrationState::Postcopy,
-                        "agent restarted; post-copy had started: monitoring until completion",
-                    )
-                    .await;
-                    self.monitor_postcopy(&rec, &qmp).await;
-                    return;
-                }
-                self.resume_source(&rec, &qmp).await;
-                let why = "agent restarted during pre-copy; migration cancelled, guest kept on the source";
-                self.transition(&rec, from, MigrationState::Failed, why)
-                    .await;
-                self.conclude(&rec, MigrationState::Failed, Some(why.into()))
-                    .await;
-            }
-        }
-    }
-
-    async fn resume_source(&self, rec: &MigrationRecord, qmp: &tern_qmp::QmpClient) {
-        if let Ok(s) = qmp.query_status().await
-            && !s.running
-            && matches!(s.status, RunState::Paused)
-        {
-            let text = match qmp.cont().await {
-                Ok(()) => "the guest was paused on the source; resumed it".to_string(),
-                Err(e) => format!("resuming the guest on the source failed: {e}"),
-            };
-            self.event(rec, note(Self::since(rec), text)).await;
-        }
-    }
-
-    async fn recover_completed(
-        &self,
-        rec: &MigrationRecord,
-        from: MigrationState,
-        info: Option<&tern_qmp::MigrationInfo>,
-    ) {
-        self.transition(
-            rec,
-            from,
-            MigrationState::Completed,
-            "agent restarted; QEMU reports the migration completed",
-        )
-        .await;
-        self.settle(rec, MigrationState::Completed).await;
-        let report = self
-            .report_after_restart(rec, MigrationState::Completed, info)
+        let uri = rec.stream_uri.clone().unwrap_or_default();
+        if uri.is_empty() {
+            self.event(
+                &rec,
+                note(
+                    Self::since(&rec),
+                    "the migration's stream URI was not recorded (older agent): post-copy \
+                     recovery is impossible for it",
+                ),
+            )
             .await;
-        let _ = self
+        }
+        let mut setup = MigrationSetup::new(rec.id.clone(), uri, input);
+        setup.recovery_window =
+            Duration::from_secs(self.inner.config.migration.postcopy_recovery_window_s);
+        let runner = MigrationRunner::new(
+            qmp,
+            Box::new(RemoteDestination::new(&rec.destination_url, &rec.vm)),
+            policy,
+            setup,
+        );
+        let adopted = AdoptedMigration {
+            state: from,
+            elapsed_ms: Self::since(&rec),
+            recoveries: self.recoveries_recorded(&rec).await,
+        };
+        if let Err(why) = self.drive(&rec, runner, Some(adopted)) {
+            self.event(&rec, note(Self::since(&rec), why)).await;
+        }
+    }
+
+    /// The plan input the adopting runner is given. It does not plan (the migration runs
+    /// already); the input only has to be valid.
+    fn adoption_input(&self, rec: &MigrationRecord) -> Result<tern_policy::PlanInput, AgentError> {
+        let spec = self.inner.host.spec(&rec.vm)?;
+        let sla = self
+            .inner
+            .catalog
+            .get(&spec.migration.sla_class)
+            .or_else(|_| self.inner.catalog.get("standard"))
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .clone();
+        let context = rec
+            .context
+            .parse()
+            .unwrap_or(tern_policy::MigrationContext::Manual);
+        Ok(tern_policy::PlanInput::new(
+            context,
+            sla,
+            tern_policy::VmLimits::new(spec.memory_mib * 1024 * 1024),
+            tern_policy::QemuFeatures::qemu_10_tcg(),
+        ))
+    }
+
+    /// Post-copy recoveries already recorded for `rec` (before the restart).
+    async fn recoveries_recorded(&self, rec: &MigrationRecord) -> u32 {
+        let events = self
             .inner
             .store
-            .finish(&rec.id, MigrationState::Completed, None, Some(&report))
-            .await;
-        self.release(rec);
+            .events(&rec.id, 0)
+            .await
+            .unwrap_or_default();
+        events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.event.kind,
+                    MigrationEventKind::State {
+                        from: MigrationState::Recovering,
+                        to: MigrationState::Postcopy,
+                        ..
+                    }
+                )
+            })
+            .count() as u32
     }
 
-    /// The report of a migration the agent finished after a restart. The engine that ran it
-    /// died with the old process, so its report is rebuilt from what survived: QEMU's final
-    /// statistics (bytes, total time, passes) and the events already persisted (states,
-    /// decisions and actions up to the kill, then the restart's own). Capabilities and the
-    /// plan are not known any more and are left empty.
-    async fn report_after_restart(
+    /// The source QEMU is gone: the guest is wherever the destination says. An unreachable
+    /// destination agent says nothing: the migration is `unknown` and adopted again at the
+    /// next start.
+    async fn settle_without_source(&self, rec: &MigrationRecord) {
+        let from = rec.state;
+        let dest = AgentClient::new(&rec.destination_url);
+        match dest.show_vm(&rec.vm).await {
+            Ok(i) if i.run_state == "running" => {
+                self.transition(
+                    rec,
+                    from,
+                    MigrationState::Completed,
+                    "agent restarted; the source QEMU is gone and the destination runs the guest",
+                )
+                .await;
+                self.conclude(rec, MigrationState::Completed, None).await;
+            }
+            Err(e @ ClientError::Unreachable { .. }) => {
+                let why = format!(
+                    "agent restarted; the source QEMU is gone and the destination agent does \
+                     not answer ({e}): where the guest runs is not known"
+                );
+                self.transition(rec, from, MigrationState::Unknown, &why)
+                    .await;
+                self.release(rec);
+                self.adopt_again_later(rec);
+            }
+            _ => {
+                let why = "agent restarted; the source QEMU is gone and the destination does not run the guest";
+                self.transition(rec, from, MigrationState::Lost, why).await;
+                self.conclude(rec, MigrationState::Lost, Some(why.into()))
+                    .await;
+            }
+        }
+    }
+
+    /// The report of a migration adopted after a restart: the adopting runner's report,
+    /// with the events and actions persisted before the restart (the runner that made them
+    /// died with the old process) so the report covers the whole migration.
+    async fn with_history(
         &self,
         rec: &MigrationRecord,
-        state: MigrationState,
-        info: Option<&tern_qmp::MigrationInfo>,
+        mut report: MigrationReport,
     ) -> MigrationReport {
         let events: Vec<MigrationEvent> = self
             .inner
@@ -1061,20 +1128,16 @@ impl Agent {
             .into_iter()
             .map(|e| e.event)
             .collect();
-        let mut switched = false;
-        let mut paused_guest = false;
         let mut actions = Vec::new();
-        let mut recoveries = 0;
         for e in &events {
             match &e.kind {
-                MigrationEventKind::State { to, from, .. } => {
-                    switched |= *to == MigrationState::Postcopy;
-                    if *from == MigrationState::Recovering && *to == MigrationState::Postcopy {
-                        recoveries += 1;
-                    }
+                MigrationEventKind::State { to, .. } => {
+                    report.switched_to_postcopy |= *to == MigrationState::Postcopy;
                 }
-                MigrationEventKind::Decision { action, reason } if action != "continue" => {
-                    paused_guest |= action == "pause-guest";
+                MigrationEventKind::Decision { action, reason }
+                    if action != "continue" && !action.starts_with("postcopy-") =>
+                {
+                    report.paused_guest |= action == "pause-guest";
                     actions.push(TakenAction {
                         at_ms: e.at_ms,
                         action: action.clone(),
@@ -1084,73 +1147,14 @@ impl Agent {
                 _ => {}
             }
         }
-        let ram = info.and_then(|i| i.ram.as_ref());
-        MigrationReport {
-            id: rec.id.clone(),
-            policy: rec.policy.clone(),
-            state,
-            switched_to_postcopy: switched,
-            paused_guest,
-            total_time_ms: info
-                .and_then(|i| i.total_time)
-                .unwrap_or_else(|| Self::since(rec)),
-            bytes_sent: ram.and_then(|r| r.transferred).unwrap_or(0),
-            ram_bytes: ram.and_then(|r| r.total).unwrap_or(0),
-            passes: ram.and_then(|r| r.dirty_sync_count).unwrap_or(0),
-            qemu_downtime_ms: info.and_then(|i| i.downtime),
-            capabilities: Vec::new(),
-            post_copy_verdict: "unknown after the agent restart".into(),
-            actions,
-            events,
-            error: None,
-            recoveries,
-            plan: None,
+        if !events.is_empty() {
+            report.events = events;
+            report.actions = actions;
         }
-    }
-
-    async fn monitor_postcopy(&self, rec: &MigrationRecord, qmp: &tern_qmp::QmpClient) {
-        let mut paused_noted = false;
-        loop {
-            match qmp.query_migrate().await {
-                Ok(i) => match i.status_or_none() {
-                    MigrationStatus::Completed => {
-                        self.recover_completed(rec, MigrationState::Postcopy, Some(&i))
-                            .await;
-                        return;
-                    }
-                    MigrationStatus::Failed | MigrationStatus::Cancelled => {
-                        let why = format!(
-                            "post-copy failed after the agent restart: {}",
-                            i.error_desc.unwrap_or_default()
-                        );
-                        self.transition(rec, MigrationState::Postcopy, MigrationState::Lost, &why)
-                            .await;
-                        self.conclude(rec, MigrationState::Lost, Some(why)).await;
-                        return;
-                    }
-                    MigrationStatus::PostcopyPaused if !paused_noted => {
-                        paused_noted = true;
-                        self.event(
-                            rec,
-                            note(
-                                Self::since(rec),
-                                "post-copy is paused (network); waiting for it to resume",
-                            ),
-                        )
-                        .await;
-                    }
-                    _ => {}
-                },
-                Err(e) => {
-                    let why = format!("source QEMU died during post-copy: {e}");
-                    self.transition(rec, MigrationState::Postcopy, MigrationState::Lost, &why)
-                        .await;
-                    self.conclude(rec, MigrationState::Lost, Some(why)).await;
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        if report.post_copy_verdict.is_empty() {
+            report.post_copy_verdict = "unknown after the agent restart".into();
         }
+        report
     }
 
     // ---- reads and operator commands ----------------------------------------------------
@@ -1238,11 +1242,21 @@ fn mem_available_mib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Asks a throwaway QEMU (`-machine none`) which migration capabilities it supports.
+/// What the host's QEMU binary supports for migrations.
+#[derive(Debug, Clone, Default)]
+struct QemuProbe {
+    /// `query-migrate-capabilities` names.
+    capabilities: Vec<String>,
+    /// `query-commands` names.
+    commands: Vec<String>,
+}
+
+/// Asks a throwaway QEMU (`-machine none`) which migration capabilities and commands it
+/// supports.
 async fn probe_capabilities(
     qemu: &QemuBinary,
     runtime_dir: &std::path::Path,
-) -> Result<Vec<String>, AgentError> {
+) -> Result<QemuProbe, AgentError> {
     let sock = runtime_dir.join("caps-probe.sock");
     let _ = std::fs::remove_file(&sock);
     let mut child = tokio::process::Command::new(&qemu.path)
@@ -1267,8 +1281,12 @@ async fn probe_capabilities(
         let (qmp, _ev) =
             tern_qmp::QmpClient::connect_with_retry(&sock, Duration::from_secs(5)).await?;
         let caps = qmp.supported_capabilities().await?;
+        let commands = tern_engine::endpoint::command_names(&qmp).await;
         let _ = qmp.quit().await;
-        Ok::<_, AgentError>(caps.into_iter().map(|c| c.as_str().to_string()).collect())
+        Ok::<_, AgentError>(QemuProbe {
+            capabilities: caps.into_iter().map(|c| c.as_str().to_string()).collect(),
+            commands: commands.into_iter().collect(),
+        })
     }
     .await;
     let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;

@@ -310,7 +310,7 @@ pub async fn migrate_with(
             let _ = destination.promote_incoming(&order.vm);
             (Some(destination.identity().name.clone()), false)
         }
-        MigrationState::Lost | MigrationState::Stranded => {
+        MigrationState::Lost | MigrationState::Stranded | MigrationState::Unknown => {
             // Keep both QEMUs for the operator: the report says what is left where.
             (None, source.has_vm(&order.vm))
         }

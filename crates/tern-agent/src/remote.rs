@@ -268,8 +268,13 @@ impl RemoteDestination {
     }
 }
 
+/// An agent that did not answer says nothing about its QEMU ([`EngineError::PeerUnreachable`]);
+/// one that answered with an error does.
 fn remote(e: ClientError) -> EngineError {
-    EngineError::Remote(e.to_string())
+    match e {
+        ClientError::Unreachable { .. } => EngineError::PeerUnreachable(e.to_string()),
+        other => EngineError::Remote(other.to_string()),
+    }
 }
 
 #[async_trait]

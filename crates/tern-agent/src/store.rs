@@ -74,6 +74,11 @@ pub struct MigrationRecord {
     /// Link rate between the hosts (bytes/s), when known (shaped lab links).
     #[serde(default)]
     pub link_bytes_per_s: Option<u64>,
+    /// The URI the destination listens on (`tcp:198.18.0.2:49152`). Post-copy recovery
+    /// listens there again (`migrate-recover`), so an agent that adopts the migration after a
+    /// restart needs it. `None` for migrations recorded by older agents.
+    #[serde(default)]
+    pub stream_uri: Option<String>,
 }
 
 /// An event with the wall-clock time it was recorded.
@@ -126,7 +131,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     finished_ms INTEGER,
     error TEXT,
     report TEXT,
-    link_bytes_per_s INTEGER
+    link_bytes_per_s INTEGER,
+    stream_uri TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -159,6 +165,14 @@ impl Store {
             .map_err(|e| db_err("pragma", e))?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| db_err("schema", e))?;
+        // Databases written before `stream_uri` existed get the column (NULL for old rows).
+        if conn
+            .prepare("SELECT stream_uri FROM migrations LIMIT 0")
+            .is_err()
+        {
+            conn.execute_batch("ALTER TABLE migrations ADD COLUMN stream_uri TEXT")
+                .map_err(|e| db_err("adding migrations.stream_uri", e))?;
+        }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
@@ -258,8 +272,8 @@ impl Store {
             c.execute(
                 "INSERT INTO migrations (id, vm, source, destination, destination_url, context, \
                  policy, state, created_ms, updated_ms, finished_ms, error, report, \
-                 link_bytes_per_s) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL, NULL, ?11)",
+                 link_bytes_per_s, stream_uri) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL, NULL, ?11, ?12)",
                 params![
                     m.id,
                     m.vm,
@@ -271,7 +285,8 @@ impl Store {
                     state_str(m.state),
                     m.created_ms as i64,
                     m.updated_ms as i64,
-                    m.link_bytes_per_s.map(|v| v as i64)
+                    m.link_bytes_per_s.map(|v| v as i64),
+                    m.stream_uri
                 ],
             )
             .map_err(|e| db_err("insert migration", e))?;
@@ -397,7 +412,7 @@ fn select_migrations(
 ) -> Result<Vec<MigrationRecord>, AgentError> {
     let sql = format!(
         "SELECT id, vm, source, destination, destination_url, context, policy, state, \
-         created_ms, updated_ms, finished_ms, error, report, link_bytes_per_s \
+         created_ms, updated_ms, finished_ms, error, report, link_bytes_per_s, stream_uri \
          FROM migrations {} \
          ORDER BY created_ms DESC, id DESC",
         match (id.is_some(), unfinished) {
@@ -424,6 +439,7 @@ fn select_migrations(
         Option<String>,
         Option<String>,
         Option<i64>,
+        Option<String>,
     );
     let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
         Ok((
@@ -441,6 +457,7 @@ fn select_migrations(
             r.get(11)?,
             r.get(12)?,
             r.get(13)?,
+            r.get(14)?,
         ))
     };
     let rows: Vec<Row> = match id {
@@ -476,6 +493,7 @@ fn select_migrations(
                     None => None,
                 },
                 link_bytes_per_s: r.13.map(|v| v as u64),
+                stream_uri: r.14,
             })
         })
         .collect()
@@ -502,6 +520,7 @@ mod tests {
             error: None,
             report: None,
             link_bytes_per_s: Some(25_000_000),
+            stream_uri: Some("tcp:198.18.0.2:49152".into()),
         }
     }
 
@@ -551,6 +570,23 @@ mod tests {
         assert_eq!(vms[0].spec.name, "b");
         assert_eq!(vms[0].role, VmRole::Incoming);
         assert_eq!(vms[0].pid, 12);
+    }
+
+    #[tokio::test]
+    async fn the_stream_uri_is_kept_and_old_databases_gain_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        {
+            // A database from before `stream_uri`.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&SCHEMA.replace(",\n    stream_uri TEXT", ""))
+                .unwrap();
+            assert!(c.prepare("SELECT stream_uri FROM migrations").is_err());
+        }
+        let s = Store::open(&path).unwrap();
+        s.insert_migration(record("m1", 100)).await.unwrap();
+        let m = s.migration("m1").await.unwrap().unwrap();
+        assert_eq!(m.stream_uri.as_deref(), Some("tcp:198.18.0.2:49152"));
     }
 
     #[tokio::test]

@@ -1,4 +1,9 @@
-//! The destination side of a migration, behind one interface.
+//! Both sides of a migration, each behind one interface.
+//!
+//! The runner reaches the source QEMU through [`SourceEndpoint`] and the destination through
+//! [`DestinationEndpoint`]; production implements both with a [`QmpClient`] (or, for the
+//! destination, the destination agent's HTTP API), and unit tests with a scripted fake, so the
+//! runner's whole life cycle can be tested in milliseconds without QEMU.
 //!
 //! The source agent runs the migration next to its QEMU; the destination QEMU belongs to
 //! another host's agent. The runner therefore talks to the destination only through
@@ -12,7 +17,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tern_qmp::{
     MigrationCapability, MigrationCapabilityStatus, MigrationInfo, MigrationParameters, QmpClient,
-    StatusInfo,
+    QmpEvents, StatusInfo,
 };
 
 use crate::EngineError;
@@ -50,6 +55,139 @@ pub trait DestinationEndpoint: Send + Sync {
     async fn migrate_recover(&self, uri: &str) -> Result<(), EngineError>;
     /// `migrate-pause` (forces a side stuck in `postcopy-active` into `postcopy-paused`).
     async fn migrate_pause(&self) -> Result<(), EngineError>;
+}
+
+/// The operations a migration needs on the source QEMU (the one the guest runs on before the
+/// switch). Every QMP command the runner sends to the source goes through here.
+#[async_trait]
+pub trait SourceEndpoint: Send + Sync {
+    /// What the source QEMU supports (`query-migrate-capabilities`, `query-commands`,
+    /// version).
+    async fn facts(&self) -> Result<EndpointFacts, EngineError>;
+    /// Whether QEMU accepts enabling `cap` now (run-time probe, see
+    /// [`crate::features::detect_features`]); switches it off again.
+    async fn capability_accepted(&self, cap: MigrationCapability) -> bool;
+    /// `migrate-set-capabilities`.
+    async fn set_capabilities(&self, caps: &[MigrationCapabilityStatus])
+    -> Result<(), EngineError>;
+    /// `migrate-set-parameters`.
+    async fn set_parameters(&self, params: &MigrationParameters) -> Result<(), EngineError>;
+    /// `migrate-set-parameters vcpu-dirty-limit` (MB/s per vCPU).
+    async fn set_dirty_limit(&self, mb_per_s: u64) -> Result<(), EngineError>;
+    /// `query-status`.
+    async fn run_state(&self) -> Result<StatusInfo, EngineError>;
+    /// The guest's VFIO devices (post-copy safety gate).
+    async fn vfio_devices(&self) -> Result<Vec<String>, EngineError>;
+    /// `migrate` to `uri`.
+    async fn migrate(&self, uri: &str) -> Result<(), EngineError>;
+    /// `migrate uri resume=true` (post-copy recovery, after `migrate-recover` on the
+    /// destination).
+    async fn migrate_resume(&self, uri: &str) -> Result<(), EngineError>;
+    /// `migrate_cancel` (only ever sent before the switch).
+    async fn migrate_cancel(&self) -> Result<(), EngineError>;
+    /// `migrate-pause`.
+    async fn migrate_pause(&self) -> Result<(), EngineError>;
+    /// `migrate-start-postcopy`.
+    async fn migrate_start_postcopy(&self) -> Result<(), EngineError>;
+    /// `stop` (pause the vCPUs).
+    async fn stop(&self) -> Result<(), EngineError>;
+    /// `cont`.
+    async fn cont(&self) -> Result<(), EngineError>;
+    /// `query-migrate`.
+    async fn migration_info(&self) -> Result<MigrationInfo, EngineError>;
+    /// `calc-dirty-rate` for `seconds`.
+    async fn start_dirty_rate_probe(&self, seconds: u64) -> Result<(), EngineError>;
+    /// `query-dirty-rate`: the measured rate in MB/s once measured, `None` while measuring.
+    async fn measured_dirty_rate(&self) -> Result<Option<u64>, EngineError>;
+    /// QEMU's events (`MIGRATION_PASS` wakes the monitor up early). A closed receiver
+    /// means the QMP connection is gone.
+    fn subscribe_events(&self) -> QmpEvents;
+}
+
+#[async_trait]
+impl SourceEndpoint for QmpClient {
+    async fn facts(&self) -> Result<EndpointFacts, EngineError> {
+        DestinationEndpoint::facts(self).await
+    }
+    async fn capability_accepted(&self, cap: MigrationCapability) -> bool {
+        let on = [MigrationCapabilityStatus::new(cap.clone(), true)];
+        if self.migrate_set_capabilities(&on).await.is_err() {
+            return false;
+        }
+        let off = [MigrationCapabilityStatus::new(cap, false)];
+        let _ = self.migrate_set_capabilities(&off).await;
+        true
+    }
+    async fn set_capabilities(
+        &self,
+        caps: &[MigrationCapabilityStatus],
+    ) -> Result<(), EngineError> {
+        Ok(self.migrate_set_capabilities(caps).await?)
+    }
+    async fn set_parameters(&self, params: &MigrationParameters) -> Result<(), EngineError> {
+        Ok(self.migrate_set_parameters(params).await?)
+    }
+    async fn set_dirty_limit(&self, mb_per_s: u64) -> Result<(), EngineError> {
+        self.execute_raw(
+            "migrate-set-parameters",
+            serde_json::json!({ "vcpu-dirty-limit": mb_per_s }),
+        )
+        .await?;
+        Ok(())
+    }
+    async fn run_state(&self) -> Result<StatusInfo, EngineError> {
+        Ok(self.query_status().await?)
+    }
+    async fn vfio_devices(&self) -> Result<Vec<String>, EngineError> {
+        Ok(QmpClient::vfio_devices(self).await?)
+    }
+    async fn migrate(&self, uri: &str) -> Result<(), EngineError> {
+        Ok(QmpClient::migrate(self, uri).await?)
+    }
+    async fn migrate_resume(&self, uri: &str) -> Result<(), EngineError> {
+        Ok(QmpClient::migrate_resume(self, uri).await?)
+    }
+    async fn migrate_cancel(&self) -> Result<(), EngineError> {
+        Ok(QmpClient::migrate_cancel(self).await?)
+    }
+    async fn migrate_pause(&self) -> Result<(), EngineError> {
+        Ok(QmpClient::migrate_pause(self).await?)
+    }
+    async fn migrate_start_postcopy(&self) -> Result<(), EngineError> {
+        Ok(QmpClient::migrate_start_postcopy(self).await?)
+    }
+    async fn stop(&self) -> Result<(), EngineError> {
+        Ok(QmpClient::stop(self).await?)
+    }
+    async fn cont(&self) -> Result<(), EngineError> {
+        Ok(QmpClient::cont(self).await?)
+    }
+    async fn migration_info(&self) -> Result<MigrationInfo, EngineError> {
+        Ok(self.query_migrate().await?)
+    }
+    async fn start_dirty_rate_probe(&self, seconds: u64) -> Result<(), EngineError> {
+        self.execute_raw(
+            "calc-dirty-rate",
+            serde_json::json!({ "calc-time": seconds }),
+        )
+        .await?;
+        Ok(())
+    }
+    async fn measured_dirty_rate(&self) -> Result<Option<u64>, EngineError> {
+        let v = self
+            .execute_raw("query-dirty-rate", serde_json::json!({}))
+            .await?;
+        if v.get("status").and_then(|s| s.as_str()) == Some("measured") {
+            Ok(Some(
+                v.get("dirty-rate").and_then(|d| d.as_u64()).unwrap_or(0),
+            ))
+        } else {
+            Ok(None)
+        }
+    }
+    fn subscribe_events(&self) -> QmpEvents {
+        QmpClient::subscribe_events(self)
+    }
 }
 
 /// Collects `query-commands` names.

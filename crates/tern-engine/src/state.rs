@@ -38,6 +38,11 @@ pub enum MigrationState {
     /// Post-copy stayed paused (network down) for longer than the recovery window. Both
     /// QEMUs are kept, paused, so an operator can still recover once the network is back.
     Stranded,
+    /// The source handed the guest over (or post-copy runs) but the destination's agent does
+    /// not answer, so where the guest runs is not known. Not `lost`: the destination QEMU may
+    /// well be running it, and treating it as lost would invite starting a second copy.
+    /// Both QEMUs are kept; it becomes `completed` (or is recovered) once the peer answers.
+    Unknown,
 }
 
 impl MigrationState {
@@ -61,6 +66,7 @@ impl MigrationState {
                 | Self::Completed
                 | Self::Lost
                 | Self::Stranded
+                | Self::Unknown
         )
     }
 
@@ -73,14 +79,18 @@ impl MigrationState {
                 | (Preparing, Precopy | Failed | Aborted)
                 | (
                     Precopy,
-                    GuestPaused | Postcopy | Completed | Failed | Aborted
+                    GuestPaused | Postcopy | Completed | Failed | Aborted | Unknown
                 )
-                | (GuestPaused, Completed | Failed | Aborted)
-                | (Postcopy, PostcopyPaused | Completed | Lost)
-                | (PostcopyPaused, Recovering | Lost | Stranded)
+                | (GuestPaused, Completed | Failed | Aborted | Unknown)
+                | (Postcopy, PostcopyPaused | Completed | Lost | Unknown)
+                | (PostcopyPaused, Recovering | Lost | Stranded | Unknown)
                 | (
                     Recovering,
-                    Postcopy | PostcopyPaused | Completed | Lost | Stranded
+                    Postcopy | PostcopyPaused | Completed | Lost | Stranded | Unknown
+                )
+                | (
+                    Unknown,
+                    Completed | Postcopy | PostcopyPaused | Recovering | Lost | Stranded
                 )
         )
     }
@@ -164,7 +174,8 @@ mod tests {
     use super::*;
     use MigrationState::*;
 
-    const ALL: [MigrationState; 12] = [
+    const ALL: [MigrationState; 13] = [
+        Unknown,
         Stranded,
         Pending,
         Preparing,
@@ -192,7 +203,7 @@ mod tests {
     fn after_the_switch_the_source_cannot_take_over() {
         // Once post-copy started, abort/failed (which mean "guest keeps running on the
         // source") are impossible: only completion or loss.
-        for s in [Postcopy, PostcopyPaused, Recovering] {
+        for s in [Postcopy, PostcopyPaused, Recovering, Unknown] {
             assert!(!s.can_become(Aborted));
             assert!(!s.can_become(Failed));
             assert!(s.is_after_switch());
@@ -231,5 +242,15 @@ mod tests {
         assert_eq!(v["at_ms"], 12);
         assert_eq!(Postcopy.to_string(), "postcopy");
         assert_eq!(GuestPaused.to_string(), "guest-paused");
+        assert_eq!(Unknown.to_string(), "unknown");
+    }
+
+    #[test]
+    fn unknown_is_never_terminal_and_can_become_what_the_peer_says() {
+        assert!(!Unknown.is_terminal());
+        for to in [Completed, Postcopy, PostcopyPaused, Recovering] {
+            assert!(Unknown.can_become(to));
+        }
+        assert!(!Unknown.can_become(Aborted) && !Unknown.can_become(Failed));
     }
 }

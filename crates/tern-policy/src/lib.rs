@@ -24,6 +24,7 @@ mod limits;
 mod model;
 mod observe;
 mod plan;
+mod postcopy;
 mod sla;
 mod stall;
 mod tern;
@@ -38,6 +39,12 @@ pub use observe::{Action, Decision, IterationSample, Observation, Phase, mbit, m
 pub use plan::{
     Capabilities, DirtyRateProbe, MigrationParameters, MigrationPlan, MultifdCompression,
     PlanInput, PostCopyVerdict, post_copy_permission, post_copy_verdict,
+};
+pub use postcopy::{
+    DEFAULT_POSTCOPY_STALL_TIMEOUT_MS, DEFAULT_RECOVERY_ATTEMPT_TIMEOUT_MS,
+    DEFAULT_RECOVERY_BACKOFF_MAX_MS, DEFAULT_RECOVERY_BACKOFF_MIN_MS, DEFAULT_RECOVERY_WINDOW_MS,
+    PostcopyAction, PostcopyDecision, PostcopyObservation, PostcopyStatus, PostcopySupervisor,
+    PostcopyTimings, SupervisionPhase,
 };
 pub use sla::{MigrationContext, SlaCatalog, SlaClass, SlaError, UnknownContext};
 pub use stall::{StallDetector, StallStatus, link_degraded};

@@ -1025,6 +1025,7 @@ pub fn summary_from(
             MigrationState::Aborted => "aborted",
             MigrationState::Lost => "lost",
             MigrationState::Stranded => "stranded",
+            MigrationState::Unknown => "unknown",
             _ => "failed",
         }
         .to_string(),

@@ -44,7 +44,8 @@ pub struct SimConfig {
     pub horizon_ms: u64,
     /// Extra blackout of a post-copy switch on top of the device-state overhead, ms.
     pub postcopy_switch_ms: u64,
-    /// Time to recover a paused post-copy after the link returns, ms.
+    /// Time a recovery attempt takes once the link is back, ms (when attempts are made is
+    /// decided by the engine's `PostcopySupervisor`).
     pub postcopy_recover_ms: u64,
     /// Dirty-bitmap sync time per GiB of guest RAM, ms: `migration_bitmap_sync` fetches and
     /// walks a bitmap as large as RAM while the migration thread sends nothing.
@@ -76,7 +77,8 @@ pub enum SimResult {
     Aborted,
     /// Still migrating at the horizon (an endless pre-copy).
     TimedOut,
-    /// Post-copy failed without recovery: the VM is lost (restarted by the manager).
+    /// Post-copy failed without recovery, or stayed paused beyond the recovery window: the
+    /// guest stopped (restarted by the manager).
     VmLost,
 }
 
@@ -650,8 +652,18 @@ pub fn simulate_with(
             let back = run.next_link_change(run.t);
             match run.mode {
                 Mode::Postcopy => {
-                    if run.plan.postcopy_recovery {
-                        let resume = back + cfg.postcopy_recover_ms as f64 / 1000.0;
+                    // The engine's own supervisor decides when recovery is attempted and
+                    // when to give up (stranded counts as lost here: the guest stops).
+                    let resumed = run.plan.postcopy_recovery.then(|| {
+                        crate::postcopy::recovery_after_link_down(
+                            (run.t * 1000.0) as u64,
+                            (back * 1000.0).ceil() as u64,
+                            cfg.postcopy_recover_ms,
+                            crate::postcopy::PostcopyTimings::default(),
+                        )
+                    });
+                    if let Some(Some(resume_ms)) = resumed {
+                        let resume = resume_ms as f64 / 1000.0;
                         run.out.postcopy_ms += ((resume - run.t) * 1000.0) as u64;
                         run.t = resume;
                         continue;

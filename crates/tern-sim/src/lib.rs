@@ -18,6 +18,7 @@
 
 mod engine;
 pub mod memory;
+mod postcopy;
 mod report;
 mod scenario;
 pub mod trace;

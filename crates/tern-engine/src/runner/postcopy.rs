@@ -1,0 +1,204 @@
+//! After the switch: the runner executes what the pure [`PostcopySupervisor`] decides, and
+//! gates the switch itself on the destination answering.
+//!
+//! QEMU only enters `postcopy-paused` when a socket errors out; a silently dropped network
+//! can leave both sides in `postcopy-active` for minutes while TCP retransmits (qemu-devel,
+//! Sept 2025: "QEMU would stay in postcopy-active waiting for pages indefinitely"). The
+//! supervisor watches the bytes sent and asks for `migrate-pause` on both sides; recovery is
+//! QEMU's own protocol (`migrate-recover` on the destination, `migrate resume=true` on the
+//! source; docs/devel/migration/postcopy.rst, "Postcopy recovery").
+
+use std::collections::VecDeque;
+
+use tern_policy::{
+    IterationSample, PostcopyAction, PostcopyDecision, PostcopyObservation, PostcopyStatus,
+};
+use tern_qmp::MigrationStatus;
+
+use super::MigrationRunner;
+use crate::state::{MigrationEventKind, MigrationState};
+
+/// QEMU's status as the supervisor sees it.
+fn postcopy_status(status: &MigrationStatus) -> PostcopyStatus {
+    match status {
+        MigrationStatus::PostcopyActive => PostcopyStatus::Active,
+        MigrationStatus::PostcopyPaused => PostcopyStatus::Paused,
+        MigrationStatus::PostcopyRecover | MigrationStatus::PostcopyRecoverSetup => {
+            PostcopyStatus::Recovering
+        }
+        _ => PostcopyStatus::Ended,
+    }
+}
+
+impl MigrationRunner {
+    /// Switches to post-copy, after checking that the destination answers: the switch cannot
+    /// be undone, and recovering a post-copy interrupted later needs the destination
+    /// (`migrate-recover`). An unreachable destination agent therefore blocks the switch.
+    pub(super) async fn switch_to_postcopy(&mut self, reason: &str) -> Result<(), String> {
+        if let Err(e) = self.destination.migration_info().await {
+            return Err(format!(
+                "the destination does not answer ({e}): no switch to post-copy, since \
+                 recovering an interrupted post-copy needs it (requested: {reason})"
+            ));
+        }
+        self.take_action("switch-to-postcopy", reason);
+        self.source
+            .migrate_start_postcopy()
+            .await
+            .map_err(|e| format!("QEMU refused migrate-start-postcopy: {e}"))
+    }
+
+    /// Feeds one poll to the supervisor and executes its decisions.
+    pub(super) async fn supervise(&mut self, status: &MigrationStatus, sample: &IterationSample) {
+        if status == &MigrationStatus::PostcopyRecover
+            || status == &MigrationStatus::PostcopyRecoverSetup
+        {
+            // QEMU took an attempt up (ours, or an operator's by hand).
+            if self.state == MigrationState::PostcopyPaused {
+                self.transition(
+                    MigrationState::Recovering,
+                    format!("QEMU reports {}", status.as_str()),
+                );
+            }
+        }
+        self.supervise_with(PostcopyObservation::Poll {
+            at_ms: sample.at_ms,
+            status: postcopy_status(status),
+            transferred_bytes: sample.transferred_bytes,
+            remaining_bytes: sample.remaining_bytes,
+        })
+        .await;
+    }
+
+    async fn supervise_with(&mut self, first: PostcopyObservation) {
+        let mut queue = VecDeque::from([first]);
+        while let Some(obs) = queue.pop_front() {
+            let Some(supervisor) = self.supervisor.as_mut() else {
+                return;
+            };
+            for d in supervisor.observe(&obs) {
+                if let Some(follow_up) = self.execute_postcopy(d).await {
+                    queue.push_back(follow_up);
+                }
+                if self.state.is_terminal() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Executes one supervisor decision; returns an observation to feed back (a failed
+    /// recovery attempt).
+    async fn execute_postcopy(&mut self, d: PostcopyDecision) -> Option<PostcopyObservation> {
+        let PostcopyDecision { action, reason } = d;
+        match action {
+            PostcopyAction::Recovered { .. } => {
+                self.transition(MigrationState::Postcopy, reason);
+                return None;
+            }
+            PostcopyAction::GiveUpStranded { outage_ms } => {
+                self.error = Some(format!(
+                    "post-copy stayed paused for {} s (recovery window {} s)",
+                    outage_ms / 1000,
+                    self.setup.recovery_window.as_secs()
+                ));
+                self.transition(
+                    MigrationState::Stranded,
+                    format!(
+                        "{reason}. Once the network is back, recover with `migrate-recover \
+                         {uri}` on the destination and `migrate uri={uri} resume=true` on the \
+                         source; do not resume or kill either QEMU",
+                        uri = self.setup.uri
+                    ),
+                );
+                return None;
+            }
+            _ => {}
+        }
+        self.record(MigrationEventKind::Decision {
+            action: action.name().to_string(),
+            reason: reason.clone(),
+        });
+        match action {
+            PostcopyAction::PauseBoth => {
+                if let Err(e) = self.source.migrate_pause().await {
+                    self.note(format!("migrate-pause on the source: {e}"));
+                }
+                if let Err(e) = self.destination.migrate_pause().await {
+                    self.note(format!("migrate-pause on the destination: {e}"));
+                }
+                None
+            }
+            PostcopyAction::PauseStuckAttempt { .. } => {
+                if let Err(e) = self.source.migrate_pause().await {
+                    self.note(format!("migrate-pause on the source: {e}"));
+                }
+                None
+            }
+            PostcopyAction::Recover { attempt } => self.attempt_recovery(attempt).await,
+            PostcopyAction::Recovered { .. } | PostcopyAction::GiveUpStranded { .. } => None,
+        }
+    }
+
+    /// One recovery attempt: the destination must be in `postcopy-paused` before it can
+    /// listen again (`migrate-recover`), then the source reconnects (`migrate resume=true`).
+    async fn attempt_recovery(&mut self, n: u32) -> Option<PostcopyObservation> {
+        let failed = |runner: &Self, reason: String| PostcopyObservation::RecoveryAttemptFailed {
+            at_ms: runner.elapsed_ms(),
+            reason,
+        };
+        match self.destination.migration_info().await {
+            Ok(i) if i.status_or_none() == MigrationStatus::PostcopyActive => {
+                let _ = self.destination.migrate_pause().await;
+                let why = format!(
+                    "recovery attempt {n}: the destination was still postcopy-active; paused it"
+                );
+                self.note(why.clone());
+                return Some(failed(self, why));
+            }
+            Ok(_) => {}
+            Err(e) if e.is_peer_unreachable() => {
+                // Nothing is known about the destination QEMU; it may well be running the
+                // guest. Keep trying within the window.
+                let why = format!("recovery attempt {n}: the destination does not answer: {e}");
+                self.note(why.clone());
+                return Some(failed(self, why));
+            }
+            Err(e) => {
+                self.error = Some(format!("destination gone during post-copy: {e}"));
+                self.transition(
+                    MigrationState::Lost,
+                    format!(
+                        "the destination QEMU is gone during post-copy: the guest's current \
+                         state (vCPUs, devices, pages written since the switch) died with it; \
+                         the source still holds the pre-switch memory but not that state, so \
+                         the guest must be restarted ({e})"
+                    ),
+                );
+                return None;
+            }
+        }
+        if let Err(e) = self.destination.migrate_recover(&self.setup.uri).await {
+            self.note(format!(
+                "recovery attempt {n}: migrate-recover on the destination: {e}"
+            ));
+        }
+        match self.source.migrate_resume(&self.setup.uri).await {
+            Ok(()) => {
+                self.transition(
+                    MigrationState::Recovering,
+                    format!(
+                        "recovery attempt {n}: migrate-recover on the destination, migrate \
+                         resume on the source"
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                let why = format!("recovery attempt {n}: migrate resume failed: {e}");
+                self.note(why.clone());
+                Some(failed(self, why))
+            }
+        }
+    }
+}
