@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use tern_engine::{MigrationProgress, OperatorCommand};
-use tern_policy::MigrationContext;
+use tern_policy::{MigrationContext, PolicyName};
 use tern_qemu::VmSpec;
 
 use crate::config::HostMigrationConfig;
@@ -55,6 +55,7 @@ pub struct HostFacts {
 
 /// `POST /v1/incoming`: start a paused QEMU that will receive `spec`'s guest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IncomingRequest {
     /// The same spec the source runs (both ends must match exactly).
     pub spec: VmSpec,
@@ -66,35 +67,35 @@ pub struct IncomingRequest {
 /// The answer to [`IncomingRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncomingReply {
-    /// QEMU URI the source must stream to (`tcp:198.18.0.2:49152`).
+    /// QEMU URI the source must stream to (`tcp:198.18.0.2:49152`), built by the destination
+    /// agent from its own `migration_address` and a port it reserved.
     pub uri: String,
     /// The reserved port.
     pub port: u16,
 }
 
-/// A QEMU URI (`migrate-incoming`, `migrate-recover`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UriBody {
-    /// The URI.
-    pub uri: String,
-}
+/// The body of `POST /v1/incoming/{vm}/start` and `/recover`: nothing. The destination agent
+/// listens on the URI it chose when it prepared the incoming QEMU; a client-supplied URI
+/// (`exec:…`, `unix:…`, `fd:…`) would let it run commands or open files as QEMU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoBody {}
 
 /// `POST /v1/migrations`: move a VM of this host to another host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StartMigrationRequest {
     /// The VM.
     pub vm: String,
-    /// Destination host name.
+    /// Destination host name, one of the agent's configured `[peers]` (never a URL: the
+    /// agent connects only to peers from its configuration).
     pub to_host: String,
-    /// The destination agent's URL; found from `[peers]` or the lab when absent.
-    #[serde(default)]
-    pub to_agent_url: Option<String>,
     /// Why the VM moves.
     #[serde(default = "manual")]
     pub context: MigrationContext,
-    /// Policy name (`tern` or a baseline).
-    #[serde(default = "default_policy")]
-    pub policy: String,
+    /// The policy (`tern` or a baseline).
+    #[serde(default)]
+    pub policy: PolicyName,
     /// Deadline for must-finish contexts, in seconds.
     #[serde(default)]
     pub deadline_s: Option<u64>,
@@ -107,19 +108,61 @@ fn manual() -> MigrationContext {
     MigrationContext::Manual
 }
 
-fn default_policy() -> String {
-    tern_policy::DEFAULT_POLICY.to_string()
-}
-
-/// `POST /v1/migrations/plan`: what the policy would do for a migration request.
+/// `POST /v1/migrations/plan`: what the policy would do for a migration request: the fields
+/// of [`StartMigrationRequest`] and `probe_s`. (Spelt out rather than `flatten`ed: serde
+/// cannot refuse unknown fields through `flatten`.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PlanRequest {
-    /// The migration that would be started.
-    #[serde(flatten)]
-    pub request: StartMigrationRequest,
+    /// See [`StartMigrationRequest::vm`].
+    pub vm: String,
+    /// See [`StartMigrationRequest::to_host`].
+    pub to_host: String,
+    /// See [`StartMigrationRequest::context`].
+    #[serde(default = "manual")]
+    pub context: MigrationContext,
+    /// See [`StartMigrationRequest::policy`].
+    #[serde(default)]
+    pub policy: PolicyName,
+    /// See [`StartMigrationRequest::deadline_s`].
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
+    /// See [`StartMigrationRequest::link_bytes_per_s`].
+    #[serde(default)]
+    pub link_bytes_per_s: Option<u64>,
     /// Seconds of `calc-dirty-rate` probing of the guest first (0 = none, at most 10).
     #[serde(default)]
     pub probe_s: u64,
+}
+
+impl PlanRequest {
+    /// The plan request for `request`, probing the guest's dirty rate for `probe_s` seconds.
+    pub fn new(request: StartMigrationRequest, probe_s: u64) -> Self {
+        Self {
+            vm: request.vm,
+            to_host: request.to_host,
+            context: request.context,
+            policy: request.policy,
+            deadline_s: request.deadline_s,
+            link_bytes_per_s: request.link_bytes_per_s,
+            probe_s,
+        }
+    }
+
+    /// The migration request it plans, and the probe's length.
+    pub fn split(self) -> (StartMigrationRequest, u64) {
+        (
+            StartMigrationRequest {
+                vm: self.vm,
+                to_host: self.to_host,
+                context: self.context,
+                policy: self.policy,
+                deadline_s: self.deadline_s,
+                link_bytes_per_s: self.link_bytes_per_s,
+            },
+            self.probe_s,
+        )
+    }
 }
 
 /// A migration with its live progress and events (`GET /v1/migrations/{id}`).
@@ -136,8 +179,9 @@ pub struct MigrationView {
 
 /// `POST /v1/migrations/{id}/bandwidth`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BandwidthRequest {
-    /// New cap in bytes per second.
+    /// New cap in bytes per second (1000 to 50000000000: 8 kbit/s to 400 gbit/s).
     pub bytes_per_s: u64,
 }
 

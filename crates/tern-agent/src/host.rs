@@ -150,6 +150,15 @@ impl HostRuntime {
         Ok(port)
     }
 
+    /// The port reserved for incoming VM `vm`, if any.
+    pub fn inbound_port(&self, vm: &str) -> Option<u16> {
+        self.migrating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&format!("in:{vm}"))
+            .copied()
+    }
+
     /// Releases what `begin_outbound`/`begin_inbound` reserved for `vm`.
     pub fn end_migration(&self, vm: &str) {
         let mut m = self.migrating.lock().unwrap_or_else(|p| p.into_inner());

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{Method, StatusCode, Uri};
@@ -21,8 +22,8 @@ use tern_qmp::{MigrationCapabilityStatus, MigrationParameters};
 
 use crate::AgentError;
 use crate::api::{
-    BandwidthRequest, ErrorBody, Health, IncomingRequest, OperatorReply, StartMigrationRequest,
-    UriBody,
+    BandwidthRequest, ErrorBody, Health, IncomingRequest, NoBody, OperatorReply,
+    StartMigrationRequest,
 };
 use crate::daemon::Agent;
 
@@ -82,10 +83,43 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// The largest request body the agent reads (a VM spec is a few hundred bytes).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A request body, or the JSON error saying what is wrong with it: 413 over
+/// [`MAX_BODY_BYTES`], 415 without `Content-Type: application/json`, 400 for bad JSON, an
+/// unknown field or an invalid value (serde names the field and the valid values).
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v).map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        message: format!("invalid request body: {}", e.body_text()),
+    b.map(|Json(v)| v).map_err(|e| {
+        let status = match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let message = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => format!(
+                "request body too large: at most {MAX_BODY_BYTES} bytes (1 MiB) are accepted"
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => format!(
+                "invalid request body: {}: send JSON with `Content-Type: application/json`",
+                e.body_text()
+            ),
+            _ => format!("invalid request body: {}", e.body_text()),
+        };
+        ApiError { status, message }
+    })
+}
+
+/// The body of `/start` and `/recover`: `{}`. A `uri` is refused with why.
+fn no_body(b: Result<Json<NoBody>, JsonRejection>) -> Result<(), ApiError> {
+    body(b).map(|_| ()).map_err(|mut e| {
+        if e.status == StatusCode::BAD_REQUEST {
+            e.message.push_str(
+                ": send {} — the destination agent listens on the URI it chose itself \
+                 (tcp:<its migration_address>:<reserved port>); clients never supply one",
+            );
+        }
+        e
     })
 }
 
@@ -444,7 +478,8 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/migrations/{id}/abort", post(abort))
         .route("/v1/migrations/{id}/bandwidth", post(bandwidth))
         .fallback(no_route)
-        .method_not_allowed_fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(agent)
 }
 
@@ -453,6 +488,42 @@ async fn no_route(method: Method, uri: Uri) -> ApiError {
         status: StatusCode::NOT_FOUND,
         message: format!("no route {method} {uri}: the API is described at /openapi.json"),
     }
+}
+
+/// The methods the API serves on `path` (`/v1/vms/web` matches `/v1/vms/{name}`).
+pub fn allowed_methods(path: &str) -> Vec<String> {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let mut methods: Vec<String> = ROUTES
+        .iter()
+        .filter(|r| {
+            let pat: Vec<&str> = r.path.split('/').collect();
+            pat.len() == segs.len()
+                && pat
+                    .iter()
+                    .zip(&segs)
+                    .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
+        })
+        .map(|r| r.method.to_uppercase())
+        .collect();
+    methods.sort();
+    methods.dedup();
+    methods
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> Response {
+    let allowed = allowed_methods(uri.path()).join(", ");
+    let mut resp = ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!(
+            "method {method} is not allowed on {}: use {allowed} (see /openapi.json)",
+            uri.path()
+        ),
+    }
+    .into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&allowed) {
+        resp.headers_mut().insert(axum::http::header::ALLOW, v);
+    }
+    resp
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -533,6 +604,7 @@ async fn in_params(
     p: Result<Json<MigrationParameters>, JsonRejection>,
 ) -> ApiResult<Value> {
     let p = body(p)?;
+    check_parameters(&p)?;
     a.incoming_qmp(&vm)?
         .migrate_set_parameters(&p)
         .await
@@ -543,14 +615,36 @@ async fn in_params(
 async fn in_start(
     State(a): State<Agent>,
     Path(vm): Path<String>,
-    u: Result<Json<UriBody>, JsonRejection>,
+    b: Result<Json<NoBody>, JsonRejection>,
 ) -> ApiResult<Value> {
-    let u = body(u)?;
+    no_body(b)?;
+    let uri = a.incoming_uri(&vm)?;
     a.incoming_qmp(&vm)?
-        .migrate_incoming(&u.uri)
+        .migrate_incoming(&uri)
         .await
         .map_err(AgentError::from)?;
-    Ok(Json(json!({})))
+    Ok(Json(json!({"uri": uri})))
+}
+
+/// Parameters a client may set on the destination: no TLS object names (the agent sets those
+/// from its own configuration) and a bandwidth within the API's bounds.
+fn check_parameters(p: &MigrationParameters) -> Result<(), AgentError> {
+    for (name, v) in [
+        ("tls-creds", &p.tls_creds),
+        ("tls-hostname", &p.tls_hostname),
+        ("tls-authz", &p.tls_authz),
+    ] {
+        if let Some(v) = v {
+            return Err(AgentError::Invalid(format!(
+                "parameter {name} = {v:?} is refused: TLS settings come from the destination \
+                 agent's configuration, not from a client"
+            )));
+        }
+    }
+    if let Some(b) = p.max_bandwidth {
+        crate::bounds::check_bandwidth("max-bandwidth", b)?;
+    }
+    Ok(())
 }
 
 async fn in_status(State(a): State<Agent>, Path(vm): Path<String>) -> ApiResult<Value> {
@@ -582,14 +676,15 @@ async fn in_cont(State(a): State<Agent>, Path(vm): Path<String>) -> ApiResult<Va
 async fn in_recover(
     State(a): State<Agent>,
     Path(vm): Path<String>,
-    u: Result<Json<UriBody>, JsonRejection>,
+    b: Result<Json<NoBody>, JsonRejection>,
 ) -> ApiResult<Value> {
-    let u = body(u)?;
+    no_body(b)?;
+    let uri = a.incoming_uri(&vm)?;
     a.incoming_qmp(&vm)?
-        .migrate_recover(&u.uri)
+        .migrate_recover(&uri)
         .await
         .map_err(AgentError::from)?;
-    Ok(Json(json!({})))
+    Ok(Json(json!({"uri": uri})))
 }
 
 async fn in_pause(State(a): State<Agent>, Path(vm): Path<String>) -> ApiResult<Value> {
@@ -619,8 +714,8 @@ async fn plan_migration(
     State(a): State<Agent>,
     req: Result<Json<crate::api::PlanRequest>, JsonRejection>,
 ) -> ApiResult<tern_policy::MigrationPlan> {
-    let req = body(req)?;
-    Ok(Json(a.plan_migration(req.request, req.probe_s).await?))
+    let (req, probe_s) = body(req)?.split();
+    Ok(Json(a.plan_migration(req, probe_s).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -659,13 +754,7 @@ async fn bandwidth(
     req: Result<Json<BandwidthRequest>, JsonRejection>,
 ) -> ApiResult<OperatorReply> {
     let req = body(req)?;
-    if req.bytes_per_s == 0 {
-        return Err(ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: "bytes_per_s = 0 is invalid: give the new cap in bytes per second (> 0)"
-                .into(),
-        });
-    }
+    crate::bounds::check_bandwidth("bandwidth", req.bytes_per_s)?;
     operator(
         &a,
         &id,
@@ -766,9 +855,8 @@ mod tests {
     /// handler (not the fallback), and bad input must come back as JSON errors.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn router_serves_every_documented_route_with_json_errors() {
-        if tern_qemu::QemuBinary::locate().is_err() {
-            eprintln!("QEMU not installed; skipping");
-            return;
+        if let Err(e) = tern_qemu::QemuBinary::locate() {
+            panic!("this test needs QEMU (an agent refuses to start without it): {e}");
         }
         let dir = tempfile::tempdir().unwrap();
         let cfg = AgentConfig::from_toml(
@@ -820,20 +908,31 @@ mod tests {
         let e = c.show_vm("ghost").await.unwrap_err();
         assert_eq!(e.status(), Some(404));
         assert!(e.to_string().contains("\"ghost\""), "{e}");
+        let resp = http
+            .post(format!("{url}/v1/migrations"))
+            .json(&json!({"vm": "ghost", "to_host": "t2", "policy": "no-such-policy"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400);
+        let e = resp.text().await.unwrap();
+        assert!(
+            e.contains("no-such-policy") && e.contains("nova-2016"),
+            "{e}"
+        );
         let e = c
             .start_migration(&StartMigrationRequest {
                 vm: "ghost".into(),
                 to_host: "t2".into(),
-                to_agent_url: None,
                 context: tern_policy::MigrationContext::Manual,
-                policy: "no-such-policy".into(),
+                policy: tern_policy::PolicyName::Tern,
                 deadline_s: None,
                 link_bytes_per_s: None,
             })
             .await
             .unwrap_err();
-        assert_eq!(e.status(), Some(400), "{e}");
-        assert!(e.to_string().contains("no-such-policy"), "{e}");
+        assert_eq!(e.status(), Some(404), "{e}");
+        assert!(e.to_string().contains("\"t2\""), "{e}");
         let e = c
             .operator("ghost", OperatorCommand::Abort)
             .await

@@ -2,6 +2,8 @@
 //! its guests (close to QEMU, so a migration survives an outage of whatever sits above).
 //!
 //! - [`host`]: the VMs of one host (start, incoming, stop, QMP access);
+//! - [`admission`]: the one admission path (pure): order + facts of both hosts → policy input;
+//! - [`bounds`]: the bounds of every number a client may send (shared with the CLI);
 //! - [`migration`]: one migration between two hosts, from admission checks to cleanup;
 //! - [`config`]: the agent's TOML configuration (`/etc/tern/agent.toml`);
 //! - [`daemon`]: the long-running agent (`tern agent`): VMs and migrations of one host, kept
@@ -9,12 +11,14 @@
 //!   cleanly fails the migrations it was running;
 //! - [`http`]: its HTTP/JSON API (OpenAPI at `/openapi.json`), [`api`] the shared types and
 //!   [`remote`] the client (also the engine's destination endpoint over HTTP);
-//! - [`discovery`]: where the agents of a lab are found.
 
+pub mod admission;
 pub mod api;
+pub mod bounds;
 pub mod config;
 pub mod daemon;
-pub mod discovery;
+pub mod edge;
+pub mod files;
 pub mod host;
 pub mod http;
 pub mod migration;

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use tern_agent::AgentClient;
 use tern_agent::api::StartMigrationRequest;
-use tern_agent::discovery::{LabAgents, lab_agents_dir};
 use tern_engine::{MigrationReport, MigrationState, OperatorCommand};
 use tern_lab::Lab;
+use tern_lab::agents::{LabAgents, lab_agents_dir};
 use tern_scenario::faults::{FaultAction, FaultRecord, FaultTrigger};
 use tern_scenario::{LabEnvironment, MigrationSummary, ScenarioProgress, ScenarioSpec};
 use tokio::sync::mpsc;
@@ -154,9 +154,8 @@ async fn migrate_through_agents(
         .start_migration(&StartMigrationRequest {
             vm: vm.name.clone(),
             to_host: "h2".into(),
-            to_agent_url: Some(dest_url),
             context: spec.context,
-            policy: spec.policy.clone(),
+            policy: spec.policy.parse().map_err(Failure::input)?,
             deadline_s: spec.deadline_ms.map(|ms| ms.div_ceil(1000)),
             link_bytes_per_s: spec.link_rate.map(|r| r.bytes_per_sec()),
         })

@@ -17,7 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tern_agent::discovery::{LabAgents, lab_agents_dir};
+use tern_lab::agents::{LabAgents, lab_agents_dir};
 use tern_lab::{Lab, LabGuard, LabSpec, LinkRate};
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");

@@ -13,6 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,7 +50,12 @@ impl SerialRecorder {
     /// Starts recording `socket` into `log` (appending). Connecting is retried for
     /// `connect_timeout` while the socket does not exist yet.
     pub fn start(socket: &Path, log: &Path, connect_timeout: Duration) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(log)?;
+        // 0600: the guest's console may print secrets; only the agent (root) reads it.
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(log)?;
         let stop = Arc::new(AtomicBool::new(false));
         let socket = socket.to_path_buf();
         let stop2 = stop.clone();

@@ -89,6 +89,7 @@ impl fmt::Display for PostCopyPermission {
 
 /// Per-VM migration settings an admin attaches to a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmMigrationSettings {
     /// The admin's post-copy veto for this VM.
     #[serde(default)]
@@ -115,8 +116,10 @@ impl Default for VmMigrationSettings {
     }
 }
 
-/// Everything needed to start one guest.
+/// Everything needed to start one guest. Unknown fields are refused (a misspelt setting
+/// must not silently fall back to its default).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// Operator-facing name; lowercase letters, digits and '-' (it becomes part of paths).
     pub name: String,

@@ -528,7 +528,12 @@ async fn run_on_hosts(
     let order = MigrationOrder {
         vm: vm.name.clone(),
         context: spec.context,
-        policy: spec.policy.clone(),
+        policy: spec
+            .policy
+            .parse()
+            .map_err(|e: tern_policy::UnknownPolicy| {
+                tern_agent::AgentError::Invalid(e.to_string())
+            })?,
         link_bytes_per_s: spec.link_rate.map(|r| r.bytes_per_sec()),
         deadline_ms: spec.deadline_ms,
         probe_seconds: spec.probe_seconds,
@@ -867,7 +872,12 @@ impl ScenarioSession {
         let order = MigrationOrder {
             vm: SESSION_VM.into(),
             context: hop.context,
-            policy: hop.policy.clone(),
+            policy: hop
+                .policy
+                .parse()
+                .map_err(|e: tern_policy::UnknownPolicy| {
+                    tern_agent::AgentError::Invalid(e.to_string())
+                })?,
             link_bytes_per_s: self.spec.link_rate.map(|r| r.bytes_per_sec()),
             deadline_ms: hop.deadline_ms,
             probe_seconds: hop.probe_seconds,
