@@ -1,12 +1,14 @@
 //! The agent's HTTP/JSON API types, shared by the server ([`crate::http`]) and the client
 //! ([`crate::remote`]) so both sides agree by construction.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use tern_engine::{MigrationProgress, OperatorCommand};
 use tern_policy::{MigrationContext, PolicyName};
 use tern_qemu::VmSpec;
+use tern_qmp::MigrationCapability;
 
 use crate::config::HostMigrationConfig;
 use crate::store::{MigrationRecord, StoredEvent};
@@ -40,7 +42,7 @@ pub struct HostFacts {
     /// QEMU binary path.
     pub qemu_path: String,
     /// Migration capabilities this QEMU supports (`query-migrate-capabilities`).
-    pub migration_capabilities: Vec<String>,
+    pub migration_capabilities: BTreeSet<MigrationCapability>,
     /// The accelerator guests use here (from the cached probe; `unknown` before any probe).
     pub accelerator: String,
     /// Whether `/dev/kvm` exists.

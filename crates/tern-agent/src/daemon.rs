@@ -32,7 +32,10 @@ use tern_engine::{
 };
 use tern_policy::SlaCatalog;
 use tern_qemu::QemuBinary;
-use tern_qmp::{MigrationStatus, RunState};
+use tern_qmp::{MigrationCapability, MigrationStatus, RunState};
+
+/// A set of QEMU migration capabilities.
+type Capabilities = std::collections::BTreeSet<MigrationCapability>;
 use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
 
 use crate::api::{HostFacts, IncomingRequest, StartMigrationRequest};
@@ -71,7 +74,7 @@ struct Inner {
     store: Store,
     catalog: SlaCatalog,
     active: Mutex<BTreeMap<String, ActiveMigration>>,
-    capabilities: AsyncMutex<Option<Vec<String>>>,
+    capabilities: AsyncMutex<Option<Capabilities>>,
     /// Serialises migration admission so two requests for one VM cannot both pass the checks.
     admission: AsyncMutex<()>,
     /// This agent's exclusive hold on its runtime directory (and database).
@@ -261,7 +264,7 @@ impl Agent {
         }
     }
 
-    async fn capabilities(&self) -> Vec<String> {
+    async fn capabilities(&self) -> Capabilities {
         let mut cached = self.inner.capabilities.lock().await;
         if let Some(c) = cached.as_ref() {
             return c.clone();
@@ -273,7 +276,7 @@ impl Agent {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not probe QEMU's migration capabilities");
-                Vec::new()
+                Capabilities::new()
             }
         }
     }
@@ -369,8 +372,8 @@ impl Agent {
             source: me.clone(),
             destination: req.to_host.clone(),
             destination_url: url.clone(),
-            context: req.context.to_string(),
-            policy: req.policy.to_string(),
+            context: req.context,
+            policy: req.policy,
             state: MigrationState::Pending,
             created_ms: created,
             updated_ms: created,
@@ -670,7 +673,7 @@ impl Agent {
                 // The source QEMU is gone: the guest is wherever the destination says.
                 let dest = AgentClient::new(&rec.destination_url);
                 let running_there =
-                    matches!(dest.show_vm(&rec.vm).await, Ok(i) if i.run_state == "running");
+                    matches!(dest.show_vm(&rec.vm).await, Ok(i) if i.run_state.is_running());
                 if running_there {
                     self.transition(&rec, from, MigrationState::Completed,
                         "agent restarted; the source QEMU is gone and the destination runs the guest").await;
@@ -851,7 +854,7 @@ impl Agent {
         let ram = info.and_then(|i| i.ram.as_ref());
         MigrationReport {
             id: rec.id.clone(),
-            policy: rec.policy.clone(),
+            policy: rec.policy.to_string(),
             state,
             switched_to_postcopy: switched,
             paused_guest,
@@ -1006,7 +1009,7 @@ fn mem_available_mib() -> u64 {
 async fn probe_capabilities(
     qemu: &QemuBinary,
     runtime_dir: &std::path::Path,
-) -> Result<Vec<String>, AgentError> {
+) -> Result<Capabilities, AgentError> {
     let sock = runtime_dir.join("caps-probe.sock");
     let _ = std::fs::remove_file(&sock);
     let mut child = tokio::process::Command::new(&qemu.path)
@@ -1032,7 +1035,7 @@ async fn probe_capabilities(
             tern_qmp::QmpClient::connect_with_retry(&sock, Duration::from_secs(5)).await?;
         let caps = qmp.supported_capabilities().await?;
         let _ = qmp.quit().await;
-        Ok::<_, AgentError>(caps.into_iter().map(|c| c.as_str().to_string()).collect())
+        Ok::<_, AgentError>(caps)
     }
     .await;
     let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;

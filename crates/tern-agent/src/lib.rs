@@ -27,7 +27,7 @@ pub mod store;
 
 pub use config::{AgentConfig, HostMigrationConfig};
 pub use daemon::{Agent, AgentOptions};
-pub use host::{HostIdentity, HostRuntime, VmInfo, VmRole};
+pub use host::{HostIdentity, HostRuntime, ProcessState, VmInfo, VmRole, VmRunState};
 pub use migration::{MigrationOrder, MigrationOutcome, migrate};
 pub use remote::{AgentClient, ClientError, RemoteDestination};
 

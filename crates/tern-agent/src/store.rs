@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tern_engine::{MigrationEvent, MigrationReport, MigrationState};
+use tern_policy::{MigrationContext, PolicyName};
 use tern_qemu::VmSpec;
 
 use crate::AgentError;
@@ -56,9 +57,9 @@ pub struct MigrationRecord {
     /// The destination agent's base URL.
     pub destination_url: String,
     /// Why the VM moves.
-    pub context: String,
-    /// Policy name.
-    pub policy: String,
+    pub context: MigrationContext,
+    /// The policy.
+    pub policy: PolicyName,
     /// Current state.
     pub state: MigrationState,
     /// When it was accepted (ms since the epoch).
@@ -266,8 +267,8 @@ impl Store {
                     m.source,
                     m.destination,
                     m.destination_url,
-                    m.context,
-                    m.policy,
+                    m.context.as_str(),
+                    m.policy.as_str(),
                     state_str(m.state),
                     m.created_ms as i64,
                     m.updated_ms as i64,
@@ -464,8 +465,8 @@ fn select_migrations(
                 source: r.2,
                 destination: r.3,
                 destination_url: r.4,
-                context: r.5,
-                policy: r.6,
+                context: r.5.parse().map_err(|e| json_err("migrations.context", e))?,
+                policy: r.6.parse().map_err(|e| json_err("migrations.policy", e))?,
                 state: parse_state(&r.7)?,
                 created_ms: r.8 as u64,
                 updated_ms: r.9 as u64,
@@ -493,8 +494,8 @@ mod tests {
             source: "h1".into(),
             destination: "h2".into(),
             destination_url: "http://127.0.0.1:7702".into(),
-            context: "manual".into(),
-            policy: "tern".into(),
+            context: MigrationContext::Manual,
+            policy: PolicyName::Tern,
             state: MigrationState::Pending,
             created_ms: created,
             updated_ms: created,

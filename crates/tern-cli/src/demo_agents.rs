@@ -291,7 +291,7 @@ async fn migrate_through_agents(
     let rec = &full.record;
     let report = rec.report.clone().unwrap_or_else(|| MigrationReport {
         id: rec.id.clone(),
-        policy: rec.policy.clone(),
+        policy: rec.policy.to_string(),
         state: rec.state,
         switched_to_postcopy: full
             .events
@@ -314,7 +314,7 @@ async fn migrate_through_agents(
     let on_source = source.show_vm(&vm.name).await.ok();
     let on_destination = destination.show_vm(&vm.name).await.ok();
     let running =
-        |i: &Option<tern_agent::VmInfo>| i.as_ref().is_some_and(|i| i.run_state == "running");
+        |i: &Option<tern_agent::VmInfo>| i.as_ref().is_some_and(|i| i.run_state.is_running());
     let guest_location = if running(&on_destination) {
         Some("h2".to_string())
     } else if running(&on_source) {
@@ -328,7 +328,7 @@ async fn migrate_through_agents(
         destination_host: "h2".into(),
         guest_location,
         source_running: running(&on_source),
-        source_final_run_state: on_source.as_ref().map(|i| i.run_state.clone()),
+        source_final_run_state: on_source.as_ref().map(|i| i.run_state.to_string()),
         destination_vm_present: on_destination.is_some(),
         source_serial_log: created.serial_log.clone(),
         destination_serial_log: destination_serial_log.clone(),

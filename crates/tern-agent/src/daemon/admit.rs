@@ -4,6 +4,7 @@
 
 use tern_policy::PlanInput;
 use tern_qemu::VmSpec;
+use tern_qmp::MigrationCapability as Cap;
 
 use super::Agent;
 use crate::admission::{self, HostSide, SourceVm};
@@ -134,27 +135,21 @@ impl Agent {
         let a = self.admit(&req).await?;
         let policy = a.order.policy.build();
         let qmp = self.inner.host.qmp(&req.vm)?;
-        let src: std::collections::BTreeSet<String> = qmp
-            .supported_capabilities()
-            .await?
-            .into_iter()
-            .map(|c| c.as_str().to_string())
-            .collect();
-        let dst: std::collections::BTreeSet<String> =
-            a.facts.migration_capabilities.iter().cloned().collect();
-        let both = |c: &str| src.contains(c) && dst.contains(c);
+        let src = qmp.supported_capabilities().await?;
+        let dst = &a.facts.migration_capabilities;
+        let both = |c: &Cap| src.contains(c) && dst.contains(c);
         let v = self.inner.host.qemu().version;
         let mut input = a.input;
         input.features = tern_policy::QemuFeatures {
-            postcopy_ram: both("postcopy-ram"),
-            postcopy_preempt: both("postcopy-preempt"),
-            postcopy_recovery: both("postcopy-ram"),
-            auto_converge: src.contains("auto-converge"),
-            dirty_limit: src.contains("dirty-limit")
+            postcopy_ram: both(&Cap::PostcopyRam),
+            postcopy_preempt: both(&Cap::PostcopyPreempt),
+            postcopy_recovery: both(&Cap::PostcopyRam),
+            auto_converge: src.contains(&Cap::AutoConverge),
+            dirty_limit: src.contains(&Cap::DirtyLimit)
                 && a.spec.accelerator == tern_qemu::Accelerator::Kvm,
-            multifd: both("multifd"),
+            multifd: both(&Cap::Multifd),
             multifd_with_postcopy: (v.major, v.minor) >= (10, 1),
-            xbzrle: src.contains("xbzrle"),
+            xbzrle: src.contains(&Cap::Xbzrle),
             calc_dirty_rate: true,
         };
         if probe_s > 0 {
