@@ -14,18 +14,19 @@ use crate::config::HostMigrationConfig;
 use crate::store::{MigrationRecord, StoredEvent};
 
 /// The body of every error response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// What went wrong, naming the bad value and what would be valid.
     pub error: String,
 }
 
 /// What a host offers and supports (`GET /v1/host`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostFacts {
     /// Host name.
     pub host: String,
     /// Where incoming migration streams arrive.
+    #[schema(value_type = String)]
     pub migration_address: IpAddr,
     /// Network namespace QEMU runs in (lab hosts).
     pub netns: Option<String>,
@@ -42,6 +43,7 @@ pub struct HostFacts {
     /// QEMU binary path.
     pub qemu_path: String,
     /// Migration capabilities this QEMU supports (`query-migrate-capabilities`).
+    #[schema(value_type = Vec<String>)]
     pub migration_capabilities: BTreeSet<MigrationCapability>,
     /// The accelerator guests use here (from the cached probe; `unknown` before any probe).
     pub accelerator: String,
@@ -56,7 +58,7 @@ pub struct HostFacts {
 }
 
 /// `POST /v1/incoming`: start a paused QEMU that will receive `spec`'s guest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IncomingRequest {
     /// The same spec the source runs (both ends must match exactly).
@@ -67,7 +69,7 @@ pub struct IncomingRequest {
 }
 
 /// The answer to [`IncomingRequest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IncomingReply {
     /// QEMU URI the source must stream to (`tcp:198.18.0.2:49152`), built by the destination
     /// agent from its own `migration_address` and a port it reserved.
@@ -79,12 +81,12 @@ pub struct IncomingReply {
 /// The body of `POST /v1/incoming/{vm}/start` and `/recover`: nothing. The destination agent
 /// listens on the URI it chose when it prepared the incoming QEMU; a client-supplied URI
 /// (`exec:…`, `unix:…`, `fd:…`) would let it run commands or open files as QEMU.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NoBody {}
 
 /// `POST /v1/migrations`: move a VM of this host to another host.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartMigrationRequest {
     /// The VM.
@@ -113,7 +115,7 @@ fn manual() -> MigrationContext {
 /// `POST /v1/migrations/plan`: what the policy would do for a migration request: the fields
 /// of [`StartMigrationRequest`] and `probe_s`. (Spelt out rather than `flatten`ed: serde
 /// cannot refuse unknown fields through `flatten`.)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanRequest {
     /// See [`StartMigrationRequest::vm`].
@@ -168,19 +170,20 @@ impl PlanRequest {
 }
 
 /// A migration with its live progress and events (`GET /v1/migrations/{id}`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationView {
     /// The persisted record.
     #[serde(flatten)]
     pub record: MigrationRecord,
-    /// Live progress while it runs.
+    /// Live progress while it runs (the engine's `MigrationProgress`).
+    #[schema(value_type = Option<Object>)]
     pub progress: Option<MigrationProgress>,
     /// Events (all, or those after `?after=`).
     pub events: Vec<StoredEvent>,
 }
 
 /// `POST /v1/migrations/{id}/bandwidth`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BandwidthRequest {
     /// New cap in bytes per second (1000 to 50000000000: 8 kbit/s to 400 gbit/s).
@@ -188,16 +191,17 @@ pub struct BandwidthRequest {
 }
 
 /// The answer to an operator command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OperatorReply {
-    /// The command.
+    /// The command (`{"command": "abort"}`, …).
+    #[schema(value_type = Object)]
     pub command: OperatorCommand,
     /// What was done.
     pub result: String,
 }
 
 /// `GET /healthz`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     /// Host name.
     pub host: String,

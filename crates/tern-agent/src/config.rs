@@ -124,7 +124,7 @@ fn default_runtime_dir() -> PathBuf {
 }
 
 /// Per-host migration settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostMigrationConfig {
     /// Whether migrations into or out of this host may use post-copy. Nova keeps this switch

@@ -31,7 +31,7 @@ pub struct HostIdentity {
 }
 
 /// What role a QEMU process plays on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmRole {
     /// A guest that runs here.
@@ -41,7 +41,7 @@ pub enum VmRole {
 }
 
 /// A guest as reported to operators.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmInfo {
     /// The spec it was started from.
     pub spec: VmSpec,
@@ -51,8 +51,10 @@ pub struct VmInfo {
     pub pid: u32,
     /// QEMU's run state (`running`, `paused`, `postmigrate`, `inmigrate`, …), or what the
     /// agent knows when QEMU cannot say (`exited`, `unreachable`).
+    #[schema(value_type = String, example = "running")]
     pub run_state: VmRunState,
     /// The host-timestamped serial log.
+    #[schema(value_type = String)]
     pub serial_log: PathBuf,
 }
 

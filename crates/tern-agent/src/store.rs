@@ -44,7 +44,7 @@ pub struct StoredVm {
 }
 
 /// One migration as persisted and as reported by the API.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationRecord {
     /// Migration identifier.
     pub id: String,
@@ -60,7 +60,9 @@ pub struct MigrationRecord {
     pub context: MigrationContext,
     /// The policy.
     pub policy: PolicyName,
-    /// Current state.
+    /// Current state (`pending`, `precopy`, `postcopy`, `completed`, … as the engine names
+    /// them).
+    #[schema(value_type = String, example = "precopy")]
     pub state: MigrationState,
     /// When it was accepted (ms since the epoch).
     pub created_ms: u64,
@@ -71,6 +73,7 @@ pub struct MigrationRecord {
     /// Error text, if it failed.
     pub error: Option<String>,
     /// The engine's report, once terminal.
+    #[schema(value_type = Option<Object>)]
     pub report: Option<MigrationReport>,
     /// Link rate between the hosts (bytes/s), when known (shaped lab links).
     #[serde(default)]
@@ -78,7 +81,7 @@ pub struct MigrationRecord {
 }
 
 /// An event with the wall-clock time it was recorded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoredEvent {
     /// Position in the migration's log (1-based), for incremental reads.
     pub seq: u64,
@@ -86,6 +89,7 @@ pub struct StoredEvent {
     pub wall_ms: u64,
     /// The event (its `at_ms` counts from the migration's start).
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub event: MigrationEvent,
 }
 

@@ -10,7 +10,18 @@ use crate::{MigrationPolicy, POLICY_NAMES, UnknownPolicy};
 /// A selectable policy: ours (`tern`, the default) or a baseline. Serialized as its name in
 /// [`POLICY_NAMES`] (`"nova-2016"`), so JSON and TOML keep the strings they always had.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyName {
