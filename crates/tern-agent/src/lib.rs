@@ -9,8 +9,11 @@
 //! - [`daemon`]: the long-running agent (`tern agent`): VMs and migrations of one host, kept
 //!   in [`store`] (SQLite) so a restarted agent re-attaches to its QEMUs and finishes or
 //!   cleanly fails the migrations it was running;
-//! - [`http`]: its HTTP/JSON API (OpenAPI at `/openapi.json`), [`api`] the shared types and
-//!   [`remote`] the client (also the engine's destination endpoint over HTTP);
+//! - [`http`]: its HTTP/JSON API (OpenAPI at `/openapi.json`, derived from the handlers),
+//!   [`api`] the shared types and [`remote`] the client (also the engine's destination
+//!   endpoint over HTTP);
+//! - [`edge`]: checks of client input against the host's configuration (image directories,
+//!   SLA classes); [`files`]: the private runtime directory and its lock.
 
 pub mod admission;
 pub mod api;
