@@ -30,7 +30,7 @@ use tern_engine::{
     MigrationEvent, MigrationEventKind, MigrationProgress, MigrationReport, MigrationRunner,
     MigrationSetup, MigrationState, OperatorCommand, OperatorRequest, TakenAction,
 };
-use tern_policy::SlaCatalog;
+use tern_policy::{ActionKind, SlaCatalog};
 use tern_qemu::QemuBinary;
 use tern_qmp::{MigrationCapability, MigrationStatus, RunState};
 
@@ -840,8 +840,10 @@ impl Agent {
                         recoveries += 1;
                     }
                 }
-                MigrationEventKind::Decision { action, reason } if action != "continue" => {
-                    paused_guest |= action == "pause-guest";
+                MigrationEventKind::Decision { action, reason }
+                    if ActionKind::of_text(action) != Some(ActionKind::Continue) =>
+                {
+                    paused_guest |= ActionKind::of_text(action) == Some(ActionKind::PauseGuest);
                     actions.push(TakenAction {
                         at_ms: e.at_ms,
                         action: action.clone(),

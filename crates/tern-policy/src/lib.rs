@@ -36,7 +36,9 @@ pub use model::{
     preflight_estimate,
 };
 pub use names::PolicyName;
-pub use observe::{Action, Decision, IterationSample, Observation, Phase, mbit, mib, secs};
+pub use observe::{
+    Action, ActionKind, Decision, IterationSample, Observation, Phase, mbit, mib, secs,
+};
 pub use plan::{
     Capabilities, DirtyRateProbe, MigrationParameters, MigrationPlan, MultifdCompression,
     PlanInput, PostCopyVerdict, post_copy_permission, post_copy_verdict,
