@@ -118,9 +118,9 @@ pub(super) async fn in_caps(
 pub(super) async fn in_params(
     State(a): State<Agent>,
     Path(vm): Path<String>,
-    p: Result<Json<MigrationParameters>, JsonRejection>,
+    p: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Value> {
-    let p = body(p)?;
+    let p = typed_parameters(body(p)?)?;
     check_parameters(&p)?;
     a.incoming_qmp(&vm)?
         .migrate_set_parameters(&p)
@@ -145,6 +145,26 @@ pub(super) async fn in_start(
         .await
         .map_err(AgentError::from)?;
     Ok(Json(json!({"uri": uri})))
+}
+
+/// The parameters of a `/parameters` body, refusing names tern does not know (the QMP type
+/// keeps those in `extra` to read newer QEMUs' answers; a client must not pass them through)
+/// and raw-JSON parameters.
+fn typed_parameters(v: Value) -> Result<MigrationParameters, AgentError> {
+    let p: MigrationParameters = serde_json::from_value(v)
+        .map_err(|e| AgentError::Invalid(format!("invalid migration parameters: {e}")))?;
+    if let Some(unknown) = p.extra.keys().next() {
+        return Err(AgentError::Invalid(format!(
+            "unknown migration parameter `{unknown}`: give QEMU parameter names tern sets \
+             (downtime-limit, max-bandwidth, multifd-channels, …)"
+        )));
+    }
+    if p.block_bitmap_mapping.is_some() {
+        return Err(AgentError::Invalid(
+            "migration parameter `block-bitmap-mapping` is not settable through the API".into(),
+        ));
+    }
+    Ok(p)
 }
 
 /// Parameters a client may set on the destination: no TLS object names (the agent sets those
