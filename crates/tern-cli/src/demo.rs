@@ -85,6 +85,14 @@ pub struct DemoArgs {
     out: OutputArgs,
 }
 
+#[cfg(test)]
+impl DemoArgs {
+    /// The faults asked for, as `--fault` spells them.
+    pub fn fault_names(&self) -> Vec<String> {
+        self.faults.iter().map(ToString::to_string).collect()
+    }
+}
+
 fn secs(v: Option<f64>, flag: &str) -> Result<Option<Duration>, Failure> {
     match v {
         None => Ok(None),
