@@ -117,4 +117,64 @@ mod tests {
             0o600
         );
     }
+
+    /// Kills `flock` and the holder it forked by PID on every path (a panicking assertion
+    /// included).
+    struct Child(std::process::Child, Option<u32>);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            if let Some(pid) = self.1 {
+                // SAFETY: kill(2) on a PID this test started.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Another process (util-linux `flock`, standing in for another agent) holds the lock
+    /// and has written its PID: the refusal names that PID.
+    #[test]
+    fn a_lock_held_by_another_process_is_refused_naming_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("agent.lock");
+        let child = std::process::Command::new("flock")
+            .arg("-n")
+            .arg(&lock)
+            .args(["sh", "-c", "echo $$ > \"$0\"; exec sleep 30"])
+            .arg(&lock)
+            .spawn()
+            .expect("util-linux flock is needed for this test");
+        let mut child = Child(child, None);
+        // flock(1) forks the holder, which writes its own PID.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let pid: u32 = loop {
+            if let Ok(p) = std::fs::read_to_string(&lock)
+                .unwrap_or_default()
+                .trim()
+                .parse()
+            {
+                break p;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the other process never wrote its PID"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        child.1 = Some(pid);
+        assert_ne!(pid, std::process::id());
+        let e = lock_runtime_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(&format!("pid {pid}")), "{e}");
+        drop(child);
+        // Released when the holder dies: this agent may start now.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while lock_runtime_dir(dir.path()).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the lock outlived its holder"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 }
