@@ -16,10 +16,15 @@
 //! port_min = 49152                 # port range for incoming migration streams
 //! port_max = 49215
 //!
-//! [peers]                          # optional: other hosts' agents
+//! [peers]                          # other hosts' agents: migration destinations
 //! h2 = "http://127.0.0.1:7702"
+//! h3 = { url = "http://127.0.0.1:7703", link_bytes_per_s = 25000000 }
 //! ```
+//!
+//! A commented sample is `docs/agent.toml`. Peers come only from here, never from a request:
+//! an API client names a destination *host*, and the agent looks its URL up in `[peers]`.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -51,18 +56,75 @@ pub struct AgentConfig {
     /// Migration limits and permissions of this host.
     #[serde(default)]
     pub migration: HostMigrationConfig,
-    /// Other hosts' agents by host name (`h2 = "http://127.0.0.1:7702"`), for resolving a
-    /// migration's destination; lab hosts are also found through the lab's discovery file.
+    /// Other hosts' agents by host name (`h2 = "http://127.0.0.1:7702"` or
+    /// `h2 = { url = "…", link_bytes_per_s = N }`): the only destinations a migration may
+    /// name. A client never supplies a URL (that would let it make the agent connect anywhere).
     #[serde(default)]
-    pub peers: std::collections::BTreeMap<String, String>,
+    pub peers: BTreeMap<String, PeerConfig>,
+    /// Directories guest kernels, initrds (and later disks) must lie in. A VM spec naming a
+    /// file outside them (after resolving `..` and symlinks) is refused: QEMU runs as root
+    /// and would otherwise read any file a client names.
+    #[serde(default = "default_image_dirs")]
+    pub image_dirs: Vec<PathBuf>,
+    /// Where the accelerator probe's verdict is cached (reported in `GET /v1/host`).
+    #[serde(default = "default_accelerator_cache")]
+    pub accelerator_cache: PathBuf,
 }
+
+/// Another host's agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PeerConfig {
+    /// Just its URL.
+    Url(String),
+    /// Its URL and what is known of the link to it.
+    Detailed {
+        /// The agent's base URL (`http://127.0.0.1:7702`).
+        url: String,
+        /// Rate of the link between this host and the peer, in bytes/s (a shaped lab link);
+        /// the policy's estimate uses it when the migration request gives none.
+        #[serde(default)]
+        link_bytes_per_s: Option<u64>,
+    },
+}
+
+impl PeerConfig {
+    /// The peer agent's base URL.
+    pub fn url(&self) -> &str {
+        match self {
+            Self::Url(u) | Self::Detailed { url: u, .. } => u,
+        }
+    }
+
+    /// The link rate to the peer, when configured.
+    pub fn link_bytes_per_s(&self) -> Option<u64> {
+        match self {
+            Self::Url(_) => None,
+            Self::Detailed {
+                link_bytes_per_s, ..
+            } => *link_bytes_per_s,
+        }
+    }
+}
+
+fn default_image_dirs() -> Vec<PathBuf> {
+    vec![PathBuf::from(DEFAULT_CACHE_DIR)]
+}
+
+fn default_accelerator_cache() -> PathBuf {
+    Path::new(DEFAULT_CACHE_DIR).join("accelerator.json")
+}
+
+/// tern's cache directory (guest images, the accelerator verdict), as `tern guest build`
+/// uses it by default.
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/tern";
 
 fn default_runtime_dir() -> PathBuf {
     PathBuf::from("/run/tern/agent")
 }
 
 /// Per-host migration settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostMigrationConfig {
     /// Whether migrations into or out of this host may use post-copy. Nova keeps this switch
@@ -160,6 +222,20 @@ impl AgentConfig {
             ))
         })?;
         cfg.migration.validate()?;
+        for (host, peer) in &cfg.peers {
+            let url = peer.url();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(AgentError::Config(format!(
+                    "{origin}: peer {host} = {url:?} is not an agent URL: use http://ADDRESS:PORT"
+                )));
+            }
+        }
+        if cfg.image_dirs.is_empty() {
+            return Err(AgentError::Config(format!(
+                "{origin}: image_dirs = [] allows no guest image: list the directories kernels \
+                 and initrds may be read from (default [\"{DEFAULT_CACHE_DIR}\"])"
+            )));
+        }
         if cfg.memory_mib == 0 {
             return Err(AgentError::Config(format!(
                 "{origin}: memory_mib = 0 is invalid: give the memory this host offers to guests"
@@ -232,6 +308,32 @@ bandwidth_mib_per_s = 100
             .to_string();
         assert!(e.contains("permit_postcopy"), "{e}");
         assert!(e.contains("line 9"), "{e}");
+    }
+
+    #[test]
+    fn peers_take_a_url_or_a_table_with_the_link_rate() {
+        let text = format!(
+            "{GOOD}\n[peers]\nh2 = \"http://127.0.0.1:7702\"\n\
+             h3 = {{ url = \"http://127.0.0.1:7703\", link_bytes_per_s = 25000000 }}\n"
+        );
+        let c = AgentConfig::from_toml(&text, "t").unwrap();
+        assert_eq!(c.peers["h2"].url(), "http://127.0.0.1:7702");
+        assert_eq!(c.peers["h2"].link_bytes_per_s(), None);
+        assert_eq!(c.peers["h3"].link_bytes_per_s(), Some(25_000_000));
+        let bad = format!("{GOOD}\n[peers]\nh2 = \"exec:id\"\n");
+        let e = AgentConfig::from_toml(&bad, "t").unwrap_err().to_string();
+        assert!(e.contains("exec:id") && e.contains("http://"), "{e}");
+    }
+
+    /// The commented sample shipped in `docs/agent.toml` parses and says what it shows.
+    #[test]
+    fn the_sample_configuration_parses() {
+        let text = include_str!("../../../docs/agent.toml");
+        let c = AgentConfig::from_toml(text, "docs/agent.toml").unwrap();
+        assert_eq!(c.host, "h1");
+        assert!(c.peers.contains_key("h2"));
+        assert_eq!(c.image_dirs, vec![PathBuf::from("/var/cache/tern")]);
+        assert!(c.migration.permit_post_copy);
     }
 
     #[test]

@@ -35,17 +35,23 @@ use tern_engine::{
 };
 use tern_policy::SlaCatalog;
 use tern_qemu::QemuBinary;
-use tern_qmp::RunState;
+use tern_qmp::MigrationCapability;
+
+/// A set of QEMU migration capabilities.
+type Capabilities = std::collections::BTreeSet<MigrationCapability>;
 use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot, watch};
 
-use crate::api::{HostFacts, IncomingReply, IncomingRequest, StartMigrationRequest};
+use crate::api::{HostFacts, IncomingRequest, StartMigrationRequest};
 use crate::config::AgentConfig;
-use crate::discovery::LabAgents;
 use crate::host::{HostIdentity, HostRuntime, VmInfo, VmRole};
-use crate::migration::{MigrationOrder, plan_input_for};
 use crate::remote::{AgentClient, ClientError, RemoteDestination};
 use crate::store::{MigrationRecord, Store, StoredEvent, StoredVm, now_ms};
-use crate::{AgentError, api::MigrationView};
+use crate::{AgentError, api::MigrationView, bounds, edge, files};
+
+mod admit;
+mod destination;
+
+use admit::Admitted;
 
 /// How the agent behaves beyond its configuration file.
 #[derive(Debug, Clone, Copy, Default)]
@@ -78,16 +84,8 @@ struct Inner {
     capabilities: AsyncMutex<Option<QemuProbe>>,
     /// Serialises migration admission so two requests for one VM cannot both pass the checks.
     admission: AsyncMutex<()>,
-}
-
-/// A migration request that passed every check.
-struct Admitted {
-    spec: tern_qemu::VmSpec,
-    url: String,
-    dest: AgentClient,
-    facts: HostFacts,
-    order: MigrationOrder,
-    input: tern_policy::PlanInput,
+    /// This agent's exclusive hold on its runtime directory (and database).
+    _lock: files::RuntimeLock,
 }
 
 /// One host's agent. Cheap to clone (shared state).
@@ -137,13 +135,11 @@ impl Agent {
     /// migrations (in background tasks). Must be called inside a tokio runtime.
     pub async fn start(config: AgentConfig, options: AgentOptions) -> Result<Self, AgentError> {
         let qemu = QemuBinary::locate()?;
-        std::fs::create_dir_all(&config.runtime_dir).map_err(|e| {
-            AgentError::Config(format!(
-                "runtime_dir {}: cannot create it: {e}",
-                config.runtime_dir.display()
-            ))
-        })?;
-        let store = Store::open(&config.runtime_dir.join("agent.db"))?;
+        files::private_dir(&config.runtime_dir)?;
+        let lock = files::lock_runtime_dir(&config.runtime_dir)?;
+        let db = config.runtime_dir.join("agent.db");
+        files::private_file(&db)?;
+        let store = Store::open(&db)?;
         let host = HostRuntime::new(
             HostIdentity {
                 name: config.host.clone(),
@@ -165,6 +161,7 @@ impl Agent {
                 active: Mutex::new(BTreeMap::new()),
                 capabilities: AsyncMutex::new(None),
                 admission: AsyncMutex::new(()),
+                _lock: lock,
             }),
         };
         agent.readopt().await?;
@@ -241,12 +238,11 @@ impl Agent {
     pub async fn facts(&self) -> HostFacts {
         let h = &self.inner.host;
         let probe = self.capabilities().await;
-        let accel =
-            std::fs::read_to_string(tern_guest::default_cache_dir().join("accelerator.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str::<tern_qemu::AcceleratorVerdict>(&t).ok())
-                .map(|v| v.accelerator.to_string())
-                .unwrap_or_else(|| "unknown".to_string());
+        let accel = std::fs::read_to_string(&self.inner.config.accelerator_cache)
+            .ok()
+            .and_then(|t| serde_json::from_str::<tern_qemu::AcceleratorVerdict>(&t).ok())
+            .map(|v| v.accelerator.to_string())
+            .unwrap_or_else(|| "unknown".to_string());
         let (outbound, inbound) = {
             let active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
             let out = active.len() as u32;
@@ -295,6 +291,7 @@ impl Agent {
 
     /// Boots a VM (`POST /v1/vms`).
     pub async fn create_vm(&self, spec: tern_qemu::VmSpec) -> Result<VmInfo, AgentError> {
+        let spec = self.checked_spec(spec)?;
         let name = spec.name.clone();
         let info = self.inner.host.create_vm(spec).await?;
         if let Err(e) = self.persist_vm(&name).await {
@@ -322,6 +319,16 @@ impl Agent {
         self.inner.store.delete_vm(name).await
     }
 
+    /// A client's VM spec, checked before anything starts: images inside the configured
+    /// image directories, a known SLA class, valid sizes.
+    fn checked_spec(&self, spec: tern_qemu::VmSpec) -> Result<tern_qemu::VmSpec, AgentError> {
+        let spec = edge::confine_images(spec, &self.inner.config.image_dirs)?;
+        edge::check_sla_class(&spec, &self.inner.catalog)?;
+        bounds::check_memory_mib(spec.memory_mib)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
     fn migration_of(&self, vm: &str) -> Option<String> {
         self.inner
             .active
@@ -330,239 +337,6 @@ impl Agent {
             .iter()
             .find(|(_, m)| m.vm == vm)
             .map(|(id, _)| id.clone())
-    }
-
-    // ---- destination side ---------------------------------------------------------------
-
-    /// Starts an incoming QEMU for a migration (`POST /v1/incoming`).
-    pub async fn prepare_incoming(
-        &self,
-        req: IncomingRequest,
-    ) -> Result<IncomingReply, AgentError> {
-        let name = req.spec.name.clone();
-        let h = &self.inner.host;
-        if h.has_vm(&name) {
-            return Err(AgentError::Conflict(format!(
-                "host {} already has a VM named {name:?}",
-                self.inner.config.host
-            )));
-        }
-        let port = h.begin_inbound(&name)?;
-        if let Err(e) = h.prepare_incoming(req.spec).await {
-            h.end_migration(&name);
-            return Err(e);
-        }
-        if let Err(e) = self.persist_vm(&name).await {
-            let _ = h.kill_vm(&name).await;
-            h.end_migration(&name);
-            return Err(e);
-        }
-        tracing::info!(vm = %name, port, migration = ?req.migration_id, "incoming QEMU ready");
-        Ok(IncomingReply {
-            uri: format!("tcp:{}:{port}", self.inner.config.migration_address),
-            port,
-        })
-    }
-
-    /// The QMP client of an incoming (or just promoted) VM.
-    pub fn incoming_qmp(&self, vm: &str) -> Result<tern_qmp::QmpClient, AgentError> {
-        self.inner.host.qmp(vm)
-    }
-
-    /// Turns an incoming VM into this host's running guest after its migration completed;
-    /// resumes it if it arrived paused. Idempotent.
-    pub async fn promote_incoming(&self, vm: &str) -> Result<VmInfo, AgentError> {
-        let h = &self.inner.host;
-        let qmp = h.qmp(vm)?;
-        let st = qmp.query_status().await?;
-        if !st.running {
-            if matches!(st.status, RunState::InMigrate) {
-                return Err(AgentError::Conflict(format!(
-                    "VM {vm:?} is still receiving its migration (inmigrate): it cannot be promoted yet"
-                )));
-            }
-            qmp.cont().await?;
-        }
-        h.promote_incoming(vm)?;
-        h.end_migration(vm);
-        self.persist_vm(vm).await?;
-        h.show(vm).await
-    }
-
-    /// Removes an incoming VM whose migration failed. Refuses a VM that runs here.
-    pub async fn delete_incoming(&self, vm: &str) -> Result<(), AgentError> {
-        let h = &self.inner.host;
-        if h.role(vm)? != VmRole::Incoming {
-            return Err(AgentError::Conflict(format!(
-                "VM {vm:?} runs on host {}: it is not an incoming migration; refusing to delete it",
-                self.inner.config.host
-            )));
-        }
-        h.kill_vm(vm).await?;
-        h.end_migration(vm);
-        self.inner.store.delete_vm(vm).await
-    }
-
-    // ---- source side --------------------------------------------------------------------
-
-    fn resolve_peer(&self, host: &str, url: Option<&str>) -> Result<String, AgentError> {
-        if let Some(u) = url {
-            return Ok(u.to_string());
-        }
-        if let Some(u) = self.inner.config.peers.get(host) {
-            return Ok(u.clone());
-        }
-        let mut known: Vec<String> = self.inner.config.peers.keys().cloned().collect();
-        if let Some(lab) = self.lab_name()
-            && let Ok(agents) = LabAgents::load(&lab)
-        {
-            if let Some(a) = agents.agents.get(host) {
-                return Ok(a.url.clone());
-            }
-            known.extend(agents.agents.keys().cloned());
-        }
-        known.retain(|h| *h != self.inner.config.host);
-        known.sort();
-        known.dedup();
-        Err(AgentError::NotFound(format!(
-            "unknown host {host:?}: known destination hosts are {}",
-            if known.is_empty() {
-                "none (add [peers] to the agent configuration or pass to_agent_url)".to_string()
-            } else {
-                known.join(", ")
-            }
-        )))
-    }
-
-    fn lab_name(&self) -> Option<String> {
-        self.inner
-            .config
-            .netns
-            .as_deref()
-            .and_then(tern_lab::lab_of_netns)
-            .map(str::to_string)
-    }
-
-    /// The shaped link rate between this lab host and `dest` (bytes/s), when both are lab hosts.
-    fn lab_link_rate(&self, dest: &str) -> Option<u64> {
-        let lab = tern_lab::Lab::load(&self.lab_name()?).ok()?;
-        let a = lab.host(&self.inner.config.host).ok()?.link_rate();
-        let b = lab.host(dest).ok()?.link_rate();
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.bytes_per_sec().min(b.bytes_per_sec())),
-            (Some(r), None) | (None, Some(r)) => Some(r.bytes_per_sec()),
-            (None, None) => None,
-        }
-    }
-
-    /// Every check of a migration request, without changing anything.
-    async fn admit(&self, req: &StartMigrationRequest) -> Result<Admitted, AgentError> {
-        let h = &self.inner.host;
-        let me = self.inner.config.host.clone();
-        tern_policy::policy_by_name(&req.policy).map_err(|e| AgentError::Invalid(e.to_string()))?;
-        let spec = h.spec(&req.vm)?;
-        if h.role(&req.vm)? != VmRole::Running {
-            return Err(AgentError::Conflict(format!(
-                "VM {:?} on host {me} is the incoming side of a migration, not a running guest",
-                req.vm
-            )));
-        }
-        if req.to_host == me {
-            return Err(AgentError::Invalid(format!(
-                "VM {:?} already runs on host {me}: choose a different destination host",
-                req.vm
-            )));
-        }
-        if let Some(id) = self.migration_of(&req.vm) {
-            return Err(AgentError::Conflict(format!(
-                "VM {:?} is already migrating (migration {id})",
-                req.vm
-            )));
-        }
-        let url = self.resolve_peer(&req.to_host, req.to_agent_url.as_deref())?;
-        let dest = AgentClient::new(&url);
-        let facts = dest.host().await.map_err(|e| match e {
-            ClientError::Unreachable { .. } => {
-                AgentError::Unavailable(format!("destination host {}: {e}", req.to_host))
-            }
-            other => client_err(other),
-        })?;
-        if facts.host != req.to_host {
-            return Err(AgentError::Invalid(format!(
-                "the agent at {url} manages host {:?}, not {:?}",
-                facts.host, req.to_host
-            )));
-        }
-        if spec.memory_mib > facts.free_memory_mib {
-            return Err(AgentError::InsufficientMemory(format!(
-                "VM {:?} needs {} MiB but destination host {} has {} MiB free (of {} MiB)",
-                req.vm, spec.memory_mib, facts.host, facts.free_memory_mib, facts.memory_mib
-            )));
-        }
-        let order = MigrationOrder {
-            vm: req.vm.clone(),
-            context: req.context,
-            policy: req.policy.clone(),
-            link_bytes_per_s: req
-                .link_bytes_per_s
-                .or_else(|| self.lab_link_rate(&req.to_host)),
-            deadline_ms: req.deadline_s.map(|s| s * 1000),
-            probe_seconds: 0,
-        };
-        let input = plan_input_for(
-            &spec,
-            &order,
-            &self.inner.config.migration,
-            &facts.migration,
-            &self.inner.catalog,
-        )?;
-        Ok(Admitted {
-            spec,
-            url,
-            dest,
-            facts,
-            order,
-            input,
-        })
-    }
-
-    /// The plan the policy would make for this request, with its pre-flight estimate
-    /// (`POST /v1/migrations/plan`, `tern migrate --dry-run`). Features are taken from the
-    /// capabilities both QEMUs list; the guest's dirty rate is measured with `calc-dirty-rate`
-    /// for `probe_s` seconds when asked. Nothing is started.
-    pub async fn plan_migration(
-        &self,
-        req: StartMigrationRequest,
-        probe_s: u64,
-    ) -> Result<tern_policy::MigrationPlan, AgentError> {
-        let a = self.admit(&req).await?;
-        let policy = tern_policy::policy_by_name(&req.policy)
-            .map_err(|e| AgentError::Invalid(e.to_string()))?;
-        let qmp = self.inner.host.qmp(&req.vm)?;
-        // The same function as the real run (`tern_engine::features`): the source QEMU
-        // itself (capabilities, commands, the `dirty-limit` probe), and for the destination,
-        // which has no QEMU yet, what its agent reports of its QEMU binary.
-        let destination = tern_engine::features::facts_from_names(
-            a.facts.migration_capabilities.iter().map(String::as_str),
-            a.facts.qemu_commands.iter().map(String::as_str),
-            tern_engine::features::parse_version(&a.facts.qemu_version),
-        );
-        let tern_engine::QemuPlanInput {
-            mut input,
-            refusals,
-            ..
-        } = tern_engine::plan_input_from_qemus(&qmp, destination, a.input)
-            .await
-            .map_err(|e| AgentError::Internal(e.to_string()))?;
-        if probe_s > 0 {
-            let p = tern_engine::probe_dirty_rate(&qmp, probe_s.min(10))
-                .await
-                .map_err(|e| AgentError::Internal(e.to_string()))?;
-            input.probe = Some(p);
-        }
-        let mut plan = policy.plan(&input);
-        plan.reasons.extend(refusals);
-        Ok(plan)
     }
 
     /// Starts a migration of one of this host's VMs (`POST /v1/migrations`). Every check runs
@@ -574,8 +348,6 @@ impl Agent {
         let _admission = self.inner.admission.lock().await;
         let h = &self.inner.host;
         let me = self.inner.config.host.clone();
-        let policy = tern_policy::policy_by_name(&req.policy)
-            .map_err(|e| AgentError::Invalid(e.to_string()))?;
         let Admitted {
             spec,
             url,
@@ -584,6 +356,7 @@ impl Agent {
             order,
             input,
         } = self.admit(&req).await?;
+        let policy = order.policy.build();
         let source_qmp = h.qmp(&req.vm)?;
         h.begin_outbound(&req.vm)?;
         let created = now_ms();
@@ -607,8 +380,8 @@ impl Agent {
             source: me.clone(),
             destination: req.to_host.clone(),
             destination_url: url.clone(),
-            context: req.context.to_string(),
-            policy: req.policy.clone(),
+            context: req.context,
+            policy: req.policy,
             state: MigrationState::Pending,
             created_ms: created,
             updated_ms: created,
@@ -990,9 +763,8 @@ impl Agent {
             self.settle_without_source(&rec).await;
             return;
         };
-        let policy = tern_policy::policy_by_name(&rec.policy)
-            .or_else(|_| tern_policy::policy_by_name(tern_policy::DEFAULT_POLICY));
-        let (Ok(policy), Ok(input)) = (policy, self.adoption_input(&rec)) else {
+        let policy = rec.policy.build();
+        let Ok(input) = self.adoption_input(&rec) else {
             let why = "cannot rebuild the migration's policy or limits; left for the operator";
             self.event(&rec, note(Self::since(&rec), why)).await;
             self.release(&rec);
@@ -1040,10 +812,7 @@ impl Agent {
             .or_else(|_| self.inner.catalog.get("standard"))
             .map_err(|e| AgentError::Internal(e.to_string()))?
             .clone();
-        let context = rec
-            .context
-            .parse()
-            .unwrap_or(tern_policy::MigrationContext::Manual);
+        let context = rec.context;
         Ok(tern_policy::PlanInput::new(
             context,
             sla,
@@ -1082,7 +851,7 @@ impl Agent {
         let from = rec.state;
         let dest = AgentClient::new(&rec.destination_url);
         match dest.show_vm(&rec.vm).await {
-            Ok(i) if i.run_state == "running" => {
+            Ok(i) if i.run_state.is_running() => {
                 self.transition(
                     rec,
                     from,
@@ -1245,8 +1014,8 @@ fn mem_available_mib() -> u64 {
 /// What the host's QEMU binary supports for migrations.
 #[derive(Debug, Clone, Default)]
 struct QemuProbe {
-    /// `query-migrate-capabilities` names.
-    capabilities: Vec<String>,
+    /// `query-migrate-capabilities`.
+    capabilities: Capabilities,
     /// `query-commands` names.
     commands: Vec<String>,
 }
@@ -1284,7 +1053,7 @@ async fn probe_capabilities(
         let commands = tern_engine::endpoint::command_names(&qmp).await;
         let _ = qmp.quit().await;
         Ok::<_, AgentError>(QemuProbe {
-            capabilities: caps.into_iter().map(|c| c.as_str().to_string()).collect(),
+            capabilities: caps,
             commands: commands.into_iter().collect(),
         })
     }

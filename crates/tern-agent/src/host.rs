@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tern_qemu::{LaunchMode, QemuBinary, VmLaunch, VmProcess, VmSpec};
-use tern_qmp::QmpClient;
+use tern_qmp::{QmpClient, RunState};
 
 use crate::AgentError;
 use crate::config::HostMigrationConfig;
@@ -31,7 +31,7 @@ pub struct HostIdentity {
 }
 
 /// What role a QEMU process plays on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmRole {
     /// A guest that runs here.
@@ -41,7 +41,7 @@ pub enum VmRole {
 }
 
 /// A guest as reported to operators.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmInfo {
     /// The spec it was started from.
     pub spec: VmSpec,
@@ -49,10 +49,53 @@ pub struct VmInfo {
     pub role: VmRole,
     /// QEMU's PID.
     pub pid: u32,
-    /// QEMU's run state (`running`, `paused`, `postmigrate`, `inmigrate`, …).
-    pub run_state: String,
+    /// QEMU's run state (`running`, `paused`, `postmigrate`, `inmigrate`, …), or what the
+    /// agent knows when QEMU cannot say (`exited`, `unreachable`).
+    #[schema(value_type = String, example = "running")]
+    pub run_state: VmRunState,
     /// The host-timestamped serial log.
+    #[schema(value_type = String)]
     pub serial_log: PathBuf,
+}
+
+/// A VM's run state as the agent reports it. JSON: the bare name (`"running"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum VmRunState {
+    /// QEMU could not be asked.
+    Agent(ProcessState),
+    /// What QEMU's `query-status` says.
+    Qemu(RunState),
+}
+
+/// Why QEMU could not be asked for its run state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessState {
+    /// Not asked yet (a VM being started).
+    Starting,
+    /// The QEMU process has exited.
+    Exited,
+    /// QEMU runs but does not answer on QMP.
+    Unreachable,
+}
+
+impl VmRunState {
+    /// Whether the guest's vCPUs run.
+    pub fn is_running(&self) -> bool {
+        matches!(self, Self::Qemu(RunState::Running))
+    }
+}
+
+impl std::fmt::Display for VmRunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Agent(ProcessState::Starting) => f.write_str("starting"),
+            Self::Agent(ProcessState::Exited) => f.write_str("exited"),
+            Self::Agent(ProcessState::Unreachable) => f.write_str("unreachable"),
+            Self::Qemu(s) => f.write_str(s.as_str()),
+        }
+    }
 }
 
 struct ManagedVm {
@@ -150,6 +193,15 @@ impl HostRuntime {
         Ok(port)
     }
 
+    /// The port reserved for incoming VM `vm`, if any.
+    pub fn inbound_port(&self, vm: &str) -> Option<u16> {
+        self.migrating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&format!("in:{vm}"))
+            .copied()
+    }
+
     /// Releases what `begin_outbound`/`begin_inbound` reserved for `vm`.
     pub fn end_migration(&self, vm: &str) {
         let mut m = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
@@ -243,7 +295,7 @@ impl HostRuntime {
             spec: spec.clone(),
             role,
             pid: process.pid(),
-            run_state: String::new(),
+            run_state: VmRunState::Agent(ProcessState::Starting),
             serial_log: process.serial_log().to_path_buf(),
         };
         let mut vms = self.lock();
@@ -300,7 +352,7 @@ impl HostRuntime {
             spec: spec.clone(),
             role,
             pid,
-            run_state: String::new(),
+            run_state: VmRunState::Agent(ProcessState::Starting),
             serial_log: process.serial_log().to_path_buf(),
         };
         self.lock().insert(
@@ -422,20 +474,20 @@ impl HostRuntime {
                     spec: vm.spec.clone(),
                     role: vm.role,
                     pid: vm.process.pid(),
-                    run_state: if vm.process.is_running() {
-                        String::new()
+                    run_state: VmRunState::Agent(if vm.process.is_running() {
+                        ProcessState::Starting
                     } else {
-                        "exited".to_string()
-                    },
+                        ProcessState::Exited
+                    }),
                     serial_log: vm.process.serial_log().to_path_buf(),
                 },
                 vm.qmp.clone(),
             )
         })?;
-        if info.run_state.is_empty() {
+        if info.run_state == VmRunState::Agent(ProcessState::Starting) {
             info.run_state = match qmp.query_status().await {
-                Ok(s) => s.status.as_str().to_string(),
-                Err(_) => "unreachable".to_string(),
+                Ok(s) => VmRunState::Qemu(s.status),
+                Err(_) => VmRunState::Agent(ProcessState::Unreachable),
             };
         }
         Ok(info)
@@ -493,5 +545,28 @@ impl HostRuntime {
         for n in names {
             let _ = self.kill_vm(&n).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_states_keep_their_json_names() {
+        for (text, state) in [
+            ("running", VmRunState::Qemu(RunState::Running)),
+            ("postmigrate", VmRunState::Qemu(RunState::Postmigrate)),
+            ("exited", VmRunState::Agent(ProcessState::Exited)),
+            ("unreachable", VmRunState::Agent(ProcessState::Unreachable)),
+        ] {
+            let json = format!("\"{text}\"");
+            assert_eq!(serde_json::to_string(&state).unwrap(), json);
+            assert_eq!(serde_json::from_str::<VmRunState>(&json).unwrap(), state);
+            assert_eq!(state.to_string(), text);
+        }
+        assert!(VmRunState::Qemu(RunState::Running).is_running());
+        assert!(!VmRunState::Qemu(RunState::Paused).is_running());
+        assert!(!VmRunState::Agent(ProcessState::Exited).is_running());
     }
 }

@@ -2,19 +2,26 @@
 //! its guests (close to QEMU, so a migration survives an outage of whatever sits above).
 //!
 //! - [`host`]: the VMs of one host (start, incoming, stop, QMP access);
+//! - [`admission`]: the one admission path (pure): order + facts of both hosts → policy input;
+//! - [`bounds`]: the bounds of every number a client may send (shared with the CLI);
 //! - [`migration`]: one migration between two hosts, from admission checks to cleanup;
 //! - [`config`]: the agent's TOML configuration (`/etc/tern/agent.toml`);
 //! - [`daemon`]: the long-running agent (`tern agent`): VMs and migrations of one host, kept
 //!   in [`store`] (SQLite) so a restarted agent re-attaches to its QEMUs and finishes or
 //!   cleanly fails the migrations it was running;
-//! - [`http`]: its HTTP/JSON API (OpenAPI at `/openapi.json`), [`api`] the shared types and
-//!   [`remote`] the client (also the engine's destination endpoint over HTTP);
-//! - [`discovery`]: where the agents of a lab are found.
+//! - [`http`]: its HTTP/JSON API (OpenAPI at `/openapi.json`, derived from the handlers),
+//!   [`api`] the shared types and [`remote`] the client (also the engine's destination
+//!   endpoint over HTTP);
+//! - [`edge`]: checks of client input against the host's configuration (image directories,
+//!   SLA classes); [`files`]: the private runtime directory and its lock.
 
+pub mod admission;
 pub mod api;
+pub mod bounds;
 pub mod config;
 pub mod daemon;
-pub mod discovery;
+pub mod edge;
+pub mod files;
 pub mod host;
 pub mod http;
 pub mod migration;
@@ -23,7 +30,7 @@ pub mod store;
 
 pub use config::{AgentConfig, HostMigrationConfig};
 pub use daemon::{Agent, AgentOptions};
-pub use host::{HostIdentity, HostRuntime, VmInfo, VmRole};
+pub use host::{HostIdentity, HostRuntime, ProcessState, VmInfo, VmRole, VmRunState};
 pub use migration::{MigrationOrder, MigrationOutcome, migrate};
 pub use remote::{AgentClient, ClientError, RemoteDestination};
 

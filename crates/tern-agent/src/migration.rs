@@ -12,16 +12,11 @@ use tern_engine::{
     DEFAULT_POLL_INTERVAL, MigrationProgress, MigrationReport, MigrationRunner, MigrationSetup,
     MigrationState, OperatorRequest,
 };
-use tern_policy::{
-    HostLimits, MigrationContext, PlanInput, PostCopyPermission as PolicyPostCopy, QemuFeatures,
-    SlaCatalog, VmLimits,
-};
-use tern_qemu::PostCopyPermission;
+use tern_policy::{MigrationContext, PlanInput, PolicyName, SlaCatalog};
 use tokio::sync::{mpsc, watch};
 
-use crate::AgentError;
-use crate::config::HostMigrationConfig;
 use crate::host::HostRuntime;
+use crate::{AgentError, admission};
 
 /// What an operator (or a controller) asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,8 +25,8 @@ pub struct MigrationOrder {
     pub vm: String,
     /// Why it moves; decides how hard tern tries to finish.
     pub context: MigrationContext,
-    /// Policy name (`tern` or a baseline).
-    pub policy: String,
+    /// The policy (`tern` or a baseline).
+    pub policy: PolicyName,
     /// Link rate between the hosts in bytes/s, when known (lab links are shaped).
     pub link_bytes_per_s: Option<u64>,
     /// Deadline for `maintenance`/`evacuate`, in ms from the start.
@@ -65,121 +60,40 @@ pub struct MigrationOutcome {
     pub destination_serial_log: Option<PathBuf>,
 }
 
-/// Checks an order against both hosts without changing anything.
+/// The facts of one in-process host, for [`admission::admit`].
+fn side<'a>(h: &'a HostRuntime, vm: &str) -> admission::HostSide<'a> {
+    admission::HostSide {
+        name: &h.identity().name,
+        memory_mib: h.identity().memory_mib,
+        free_memory_mib: h.free_memory_mib(),
+        migration: h.settings(),
+        has_vm_named: h.has_vm(vm),
+        userfaultfd: tern_qemu::userfaultfd_available(),
+    }
+}
+
+/// Checks an order against both (in-process) hosts without changing anything, through the
+/// one admission path, and returns the policy's input.
 pub fn check_order(
     source: &HostRuntime,
     destination: &HostRuntime,
     order: &MigrationOrder,
     catalog: &SlaCatalog,
-) -> Result<(), AgentError> {
-    if source.identity().name == destination.identity().name {
-        return Err(AgentError::Invalid(format!(
-            "VM {:?} already runs on host {}: choose a different destination host",
-            order.vm,
-            source.identity().name
-        )));
-    }
-    let spec = source.spec(&order.vm)?;
-    if source.is_migrating(&order.vm) {
-        return Err(AgentError::Conflict(format!(
-            "VM {:?} is already migrating",
-            order.vm
-        )));
-    }
-    if destination.has_vm(&order.vm) {
-        return Err(AgentError::Conflict(format!(
-            "host {} already has a VM named {:?}",
-            destination.identity().name,
-            order.vm
-        )));
-    }
-    let free = destination.free_memory_mib();
-    if spec.memory_mib > free {
-        return Err(AgentError::InsufficientMemory(format!(
-            "VM {:?} needs {} MiB but destination host {} has {} MiB free",
-            order.vm,
-            spec.memory_mib,
-            destination.identity().name,
-            free
-        )));
-    }
-    catalog
-        .get(&spec.migration.sla_class)
-        .map_err(|e| AgentError::Invalid(e.to_string()))?;
-    tern_policy::policy_by_name(&order.policy).map_err(|e| AgentError::Invalid(e.to_string()))?;
-    Ok(())
-}
-
-/// Builds the policy's input from the hosts' settings and the VM's spec.
-pub fn plan_input(
-    source: &HostRuntime,
-    destination: &HostRuntime,
-    order: &MigrationOrder,
-    catalog: &SlaCatalog,
 ) -> Result<PlanInput, AgentError> {
     let spec = source.spec(&order.vm)?;
-    plan_input_for(
-        &spec,
+    let migrating = source.is_migrating(&order.vm).then_some("in progress");
+    let vm = admission::SourceVm {
+        spec: &spec,
+        role: source.role(&order.vm)?,
+        migrating,
+    };
+    admission::admit(
         order,
-        source.settings(),
-        destination.settings(),
+        vm,
+        side(source, &order.vm),
+        side(destination, &order.vm),
         catalog,
     )
-}
-
-/// Builds the policy's input from a VM's spec and both hosts' migration settings (used by
-/// the daemon, which knows the destination only through its agent's host facts).
-pub fn plan_input_for(
-    spec: &tern_qemu::VmSpec,
-    order: &MigrationOrder,
-    source: &HostMigrationConfig,
-    destination: &HostMigrationConfig,
-    catalog: &SlaCatalog,
-) -> Result<PlanInput, AgentError> {
-    let sla = catalog
-        .get(&spec.migration.sla_class)
-        .map_err(|e| AgentError::Invalid(e.to_string()))?
-        .clone();
-    let host_limits = |h: &HostMigrationConfig| HostLimits {
-        permit_post_copy: h.permit_post_copy,
-        bandwidth_cap_bytes_per_s: h.bandwidth_cap_bytes_per_s(),
-        ..HostLimits::default()
-    };
-    let vm = VmLimits {
-        post_copy: match spec.migration.post_copy {
-            PostCopyPermission::Allowed => PolicyPostCopy::Allowed,
-            PostCopyPermission::Forbidden => PolicyPostCopy::Forbidden,
-        },
-        max_downtime_ms: spec.migration.max_downtime_ms,
-        ram_bytes: spec.memory_mib * 1024 * 1024,
-        vcpus: spec.vcpus,
-    };
-    // Features are detected from the running QEMUs by the engine; start from "none".
-    let mut input = PlanInput::new(
-        order.context,
-        sla,
-        vm,
-        QemuFeatures {
-            postcopy_ram: false,
-            postcopy_preempt: false,
-            postcopy_recovery: false,
-            auto_converge: false,
-            dirty_limit: false,
-            multifd: false,
-            multifd_with_postcopy: false,
-            xbzrle: false,
-            calc_dirty_rate: false,
-        },
-    );
-    input.source = host_limits(source);
-    input.destination = host_limits(destination);
-    // Safety gate: the destination must be able to catch missing-page faults.
-    if !tern_qemu::userfaultfd_available() {
-        input.destination.permit_post_copy = false;
-    }
-    input.link_bytes_per_s = order.link_bytes_per_s;
-    input.deadline_ms = order.deadline_ms;
-    Ok(input)
 }
 
 /// Migrates `order.vm` from `source` to `destination`.
@@ -221,11 +135,9 @@ pub async fn migrate_with(
     event_sink: Option<mpsc::UnboundedSender<tern_engine::MigrationEvent>>,
     adjust: impl FnOnce(&mut PlanInput),
 ) -> Result<MigrationOutcome, AgentError> {
-    check_order(source, destination, &order, catalog)?;
-    let mut input = plan_input(source, destination, &order, catalog)?;
+    let mut input = check_order(source, destination, &order, catalog)?;
     adjust(&mut input);
-    let policy = tern_policy::policy_by_name(&order.policy)
-        .map_err(|e| AgentError::Invalid(e.to_string()))?;
+    let policy = admission::policy_of(&order);
     let spec = source.spec(&order.vm)?;
     source.begin_outbound(&order.vm)?;
     let port = match destination.begin_inbound(&order.vm) {

@@ -18,7 +18,7 @@ use tern_qmp::{MigrationCapabilityStatus, MigrationInfo, MigrationParameters, St
 use crate::VmInfo;
 use crate::api::{
     BandwidthRequest, ErrorBody, Health, HostFacts, IncomingReply, IncomingRequest, MigrationView,
-    OperatorReply, StartMigrationRequest, UriBody,
+    NoBody, OperatorReply, StartMigrationRequest,
 };
 use crate::store::MigrationRecord;
 
@@ -301,10 +301,12 @@ impl DestinationEndpoint for RemoteDestination {
             .map_err(remote)?;
         Ok(())
     }
-    async fn migrate_incoming(&self, uri: &str) -> Result<(), EngineError> {
+    /// The destination agent listens on the URI it reserved when it prepared the incoming
+    /// QEMU (the same one it returned then, which the runner was built with): `uri` is not sent.
+    async fn migrate_incoming(&self, _uri: &str) -> Result<(), EngineError> {
         let _: serde_json::Value = self
             .client
-            .post(&self.path("start"), &UriBody { uri: uri.into() })
+            .post(&self.path("start"), &NoBody {})
             .await
             .map_err(remote)?;
         Ok(())
@@ -326,10 +328,11 @@ impl DestinationEndpoint for RemoteDestination {
             .map_err(remote)?;
         Ok(())
     }
-    async fn migrate_recover(&self, uri: &str) -> Result<(), EngineError> {
+    /// As [`Self::migrate_incoming`]: the destination agent recovers on its own URI.
+    async fn migrate_recover(&self, _uri: &str) -> Result<(), EngineError> {
         let _: serde_json::Value = self
             .client
-            .post(&self.path("recover"), &UriBody { uri: uri.into() })
+            .post(&self.path("recover"), &NoBody {})
             .await
             .map_err(remote)?;
         Ok(())

@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tern_engine::{MigrationEvent, MigrationReport, MigrationState};
+use tern_policy::{MigrationContext, PolicyName};
 use tern_qemu::VmSpec;
 
 use crate::AgentError;
@@ -43,7 +44,7 @@ pub struct StoredVm {
 }
 
 /// One migration as persisted and as reported by the API.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationRecord {
     /// Migration identifier.
     pub id: String,
@@ -56,10 +57,12 @@ pub struct MigrationRecord {
     /// The destination agent's base URL.
     pub destination_url: String,
     /// Why the VM moves.
-    pub context: String,
-    /// Policy name.
-    pub policy: String,
-    /// Current state.
+    pub context: MigrationContext,
+    /// The policy.
+    pub policy: PolicyName,
+    /// Current state (`pending`, `precopy`, `postcopy`, `completed`, … as the engine names
+    /// them).
+    #[schema(value_type = String, example = "precopy")]
     pub state: MigrationState,
     /// When it was accepted (ms since the epoch).
     pub created_ms: u64,
@@ -70,6 +73,7 @@ pub struct MigrationRecord {
     /// Error text, if it failed.
     pub error: Option<String>,
     /// The engine's report, once terminal.
+    #[schema(value_type = Option<Object>)]
     pub report: Option<MigrationReport>,
     /// Link rate between the hosts (bytes/s), when known (shaped lab links).
     #[serde(default)]
@@ -82,7 +86,7 @@ pub struct MigrationRecord {
 }
 
 /// An event with the wall-clock time it was recorded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoredEvent {
     /// Position in the migration's log (1-based), for incremental reads.
     pub seq: u64,
@@ -90,6 +94,7 @@ pub struct StoredEvent {
     pub wall_ms: u64,
     /// The event (its `at_ms` counts from the migration's start).
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub event: MigrationEvent,
 }
 
@@ -280,8 +285,8 @@ impl Store {
                     m.source,
                     m.destination,
                     m.destination_url,
-                    m.context,
-                    m.policy,
+                    m.context.as_str(),
+                    m.policy.as_str(),
                     state_str(m.state),
                     m.created_ms as i64,
                     m.updated_ms as i64,
@@ -481,8 +486,8 @@ fn select_migrations(
                 source: r.2,
                 destination: r.3,
                 destination_url: r.4,
-                context: r.5,
-                policy: r.6,
+                context: r.5.parse().map_err(|e| json_err("migrations.context", e))?,
+                policy: r.6.parse().map_err(|e| json_err("migrations.policy", e))?,
                 state: parse_state(&r.7)?,
                 created_ms: r.8 as u64,
                 updated_ms: r.9 as u64,
@@ -511,8 +516,8 @@ mod tests {
             source: "h1".into(),
             destination: "h2".into(),
             destination_url: "http://127.0.0.1:7702".into(),
-            context: "manual".into(),
-            policy: "tern".into(),
+            context: MigrationContext::Manual,
+            policy: PolicyName::Tern,
             state: MigrationState::Pending,
             created_ms: created,
             updated_ms: created,

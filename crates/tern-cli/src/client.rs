@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use tern_agent::api::{HostFacts, MigrationView, OperatorReply, StartMigrationRequest};
-use tern_agent::discovery::LabAgents;
 use tern_agent::store::MigrationRecord;
 use tern_agent::{AgentClient, ClientError, VmInfo, VmRole};
 use tern_engine::OperatorCommand;
+use tern_lab::agents::LabAgents;
 use tern_qemu::VmSpec;
 
 use crate::Failure;
@@ -254,7 +254,7 @@ impl ClusterClient for AgentsClient {
 
     async fn start_migration(
         &self,
-        mut req: StartMigrationRequest,
+        req: StartMigrationRequest,
     ) -> Result<MigrationRecord, ClusterError> {
         let src = self.find_vm(&req.vm).await?;
         if req.to_host == src.host {
@@ -265,15 +265,15 @@ impl ClusterClient for AgentsClient {
                 self.hosts_list()
             )));
         }
-        let dest = self.agent(&req.to_host)?;
-        req.to_agent_url
-            .get_or_insert_with(|| dest.url().to_string());
+        // The destination must be known here too; the source agent finds it in its own
+        // configured peers (requests never carry an agent URL).
+        self.agent(&req.to_host)?;
         Ok(self.agent(&src.host)?.start_migration(&req).await?)
     }
 
     async fn plan_migration(
         &self,
-        mut req: StartMigrationRequest,
+        req: StartMigrationRequest,
         probe_s: u64,
     ) -> Result<tern_policy::MigrationPlan, ClusterError> {
         let src = self.find_vm(&req.vm).await?;
@@ -285,15 +285,10 @@ impl ClusterClient for AgentsClient {
                 self.hosts_list()
             )));
         }
-        let dest = self.agent(&req.to_host)?;
-        req.to_agent_url
-            .get_or_insert_with(|| dest.url().to_string());
+        self.agent(&req.to_host)?;
         Ok(self
             .agent(&src.host)?
-            .plan_migration(&tern_agent::api::PlanRequest {
-                request: req,
-                probe_s,
-            })
+            .plan_migration(&tern_agent::api::PlanRequest::new(req, probe_s))
             .await?)
     }
 

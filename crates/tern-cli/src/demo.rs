@@ -71,17 +71,26 @@ pub struct DemoArgs {
     /// Seconds to watch the guest after the migration.
     #[arg(long, default_value_t = 3)]
     settle: u64,
-    /// Inject a fault (repeatable): link-cut-precopy:SECS, link-cut-postcopy:SECS,
-    /// link-cut-recovery:SECS, kill-dest-qemu-precopy, kill-dest-qemu-postcopy,
-    /// kill-source-qemu-postcopy, kill-source-agent-postcopy (this one runs the demo through
-    /// one agent process per host, and cannot be combined with the others).
-    #[arg(long = "fault")]
+    /// Inject a fault (repeatable, or comma-separated): link-cut-precopy:SECS,
+    /// link-cut-postcopy:SECS, link-cut-recovery:SECS, kill-dest-qemu-precopy,
+    /// kill-dest-qemu-postcopy, kill-source-qemu-postcopy, kill-source-agent-postcopy (this one
+    /// runs the demo through one agent process per host, and cannot be combined with the
+    /// others); each may end in @SECS, when in its phase it fires.
+    #[arg(long = "fault", value_delimiter = ',')]
     faults: Vec<tern_scenario::faults::FaultPlan>,
     /// Lab name used for the demo's hosts.
     #[arg(long, default_value = "demo")]
     lab_name: String,
     #[command(flatten)]
     out: OutputArgs,
+}
+
+#[cfg(test)]
+impl DemoArgs {
+    /// The faults asked for, as `--fault` spells them.
+    pub fn fault_names(&self) -> Vec<String> {
+        self.faults.iter().map(ToString::to_string).collect()
+    }
 }
 
 fn secs(v: Option<f64>, flag: &str) -> Result<Option<Duration>, Failure> {

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use tern_agent::AgentClient;
 use tern_agent::api::StartMigrationRequest;
-use tern_agent::discovery::{LabAgents, lab_agents_dir};
 use tern_engine::{MigrationReport, MigrationState, OperatorCommand};
 use tern_lab::Lab;
+use tern_lab::agents::{LabAgents, lab_agents_dir};
 use tern_scenario::faults::{FaultAction, FaultRecord, FaultTrigger};
 use tern_scenario::{LabEnvironment, MigrationSummary, ScenarioProgress, ScenarioSpec};
 use tokio::sync::mpsc;
@@ -154,9 +154,8 @@ async fn migrate_through_agents(
         .start_migration(&StartMigrationRequest {
             vm: vm.name.clone(),
             to_host: "h2".into(),
-            to_agent_url: Some(dest_url),
             context: spec.context,
-            policy: spec.policy.clone(),
+            policy: spec.policy.parse().map_err(Failure::input)?,
             deadline_s: spec.deadline_ms.map(|ms| ms.div_ceil(1000)),
             link_bytes_per_s: spec.link_rate.map(|r| r.bytes_per_sec()),
         })
@@ -292,7 +291,7 @@ async fn migrate_through_agents(
     let rec = &full.record;
     let report = rec.report.clone().unwrap_or_else(|| MigrationReport {
         id: rec.id.clone(),
-        policy: rec.policy.clone(),
+        policy: rec.policy.to_string(),
         state: rec.state,
         switched_to_postcopy: full
             .events
@@ -315,7 +314,7 @@ async fn migrate_through_agents(
     let on_source = source.show_vm(&vm.name).await.ok();
     let on_destination = destination.show_vm(&vm.name).await.ok();
     let running =
-        |i: &Option<tern_agent::VmInfo>| i.as_ref().is_some_and(|i| i.run_state == "running");
+        |i: &Option<tern_agent::VmInfo>| i.as_ref().is_some_and(|i| i.run_state.is_running());
     let guest_location = if running(&on_destination) {
         Some("h2".to_string())
     } else if running(&on_source) {
@@ -329,7 +328,7 @@ async fn migrate_through_agents(
         destination_host: "h2".into(),
         guest_location,
         source_running: running(&on_source),
-        source_final_run_state: on_source.as_ref().map(|i| i.run_state.clone()),
+        source_final_run_state: on_source.as_ref().map(|i| i.run_state.to_string()),
         destination_vm_present: on_destination.is_some(),
         source_serial_log: created.serial_log.clone(),
         destination_serial_log: destination_serial_log.clone(),

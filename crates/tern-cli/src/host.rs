@@ -68,7 +68,14 @@ pub async fn run(cmd: HostCommand) -> Result<(), Failure> {
                             h.migration.max_inbound,
                             h.migration_address
                         );
-                        println!("     capabilities: {}", h.migration_capabilities.join(", "));
+                        println!(
+                            "     capabilities: {}",
+                            h.migration_capabilities
+                                .iter()
+                                .map(|c| c.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
                     }
                 }
             }

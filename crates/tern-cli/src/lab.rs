@@ -224,8 +224,8 @@ async fn fault(a: FaultArgs) -> Result<(), Failure> {
         Some(target) => {
             let (what, pid) = match target {
                 KillTarget::Agent => {
-                    let agents = tern_agent::discovery::LabAgents::load(&a.name)
-                        .map_err(Failure::environment)?;
+                    let agents =
+                        tern_lab::agents::LabAgents::load(&a.name).map_err(Failure::environment)?;
                     let agent = agents.agents.get(&a.host).ok_or_else(|| {
                         Failure::input(anyhow::anyhow!(
                             "lab {} has no agent for {} (start them with `tern lab agents --name {}`)",

@@ -13,8 +13,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tern_agent::discovery::{LabAgent, LabAgents, lab_agents_dir};
 use tern_lab::Lab;
+use tern_lab::agents::{LabAgent, LabAgents, lab_agents_dir};
 
 use crate::Failure;
 
@@ -68,24 +68,7 @@ pub fn ensure_agents(lab: &Lab, settings: LabAgentSettings) -> Result<LabAgents,
                     ))
                 })?;
                 let config = dir.join(format!("{}.toml", h.name()));
-                let mut text = format!(
-                    "# written by `tern lab agents` for lab {lab}\n\
-                     host = \"{host}\"\n\
-                     listen = \"127.0.0.1:{port}\"\n\
-                     netns = \"{netns}\"\n\
-                     migration_address = \"{addr}\"\n\
-                     memory_mib = {mem}\n\
-                     runtime_dir = \"{rt}\"\n",
-                    lab = lab.name(),
-                    host = h.name(),
-                    netns = h.netns(),
-                    addr = h.address(),
-                    mem = settings.memory_mib,
-                    rt = dir.join(h.name()).display(),
-                );
-                if settings.deny_post_copy_hosts.iter().any(|d| d == h.name()) {
-                    text.push_str("\n[migration]\npermit_post_copy = false\n");
-                }
+                let text = agent_toml(lab, h, port, &settings, &dir)?;
                 std::fs::write(&config, text).map_err(|e| {
                     Failure::environment(anyhow::anyhow!("writing {}: {e}", config.display()))
                 })?;
@@ -123,6 +106,67 @@ pub fn ensure_agents(lab: &Lab, settings: LabAgentSettings) -> Result<LabAgents,
     }
     agents.save().map_err(Failure::environment)?;
     Ok(agents)
+}
+
+/// The configuration of lab host `h`'s agent: everything it needs to know about the lab —
+/// its namespace, its peers (the other hosts' agents, with the shaped link rate between
+/// them) and where guest images are — so the agent itself knows nothing of labs.
+fn agent_toml(
+    lab: &Lab,
+    h: &tern_lab::LabHost,
+    port: u16,
+    settings: &LabAgentSettings,
+    dir: &Path,
+) -> Result<String, Failure> {
+    let cache = tern_guest::default_cache_dir();
+    let mut text = format!(
+        "# written by `tern lab agents` for lab {lab}\n\
+         host = \"{host}\"\n\
+         listen = \"127.0.0.1:{port}\"\n\
+         netns = \"{netns}\"\n\
+         migration_address = \"{addr}\"\n\
+         memory_mib = {mem}\n\
+         runtime_dir = {rt:?}\n\
+         image_dirs = [{cache:?}]\n\
+         accelerator_cache = {accel:?}\n",
+        lab = lab.name(),
+        host = h.name(),
+        netns = h.netns(),
+        addr = h.address(),
+        mem = settings.memory_mib,
+        rt = dir.join(h.name()).display().to_string(),
+        cache = cache.display().to_string(),
+        accel = cache.join("accelerator.json").display().to_string(),
+    );
+    if settings.deny_post_copy_hosts.iter().any(|d| d == h.name()) {
+        text.push_str("\n[migration]\npermit_post_copy = false\n");
+    }
+    text.push_str("\n[peers]\n");
+    for peer in lab.hosts().iter().filter(|p| p.name() != h.name()) {
+        let idx = host_index(peer.name()).ok_or_else(|| {
+            Failure::failed(anyhow::anyhow!("unexpected lab host name {}", peer.name()))
+        })?;
+        let url = format!(
+            "http://127.0.0.1:{}",
+            settings.port_base.saturating_add(idx)
+        );
+        let rate = match (h.link_rate(), peer.link_rate()) {
+            (Some(a), Some(b)) => Some(a.bytes_per_sec().min(b.bytes_per_sec())),
+            (Some(r), None) | (None, Some(r)) => Some(r.bytes_per_sec()),
+            (None, None) => None,
+        };
+        match rate {
+            Some(r) => text.push_str(&format!(
+                "{} = {{ url = \"{url}\", link_bytes_per_s = {r} }}\n",
+                peer.name()
+            )),
+            None => text.push_str(&format!("{} = \"{url}\"\n", peer.name())),
+        }
+    }
+    // What is written must be what the agent reads.
+    tern_agent::AgentConfig::from_toml(&text, "generated lab agent configuration")
+        .map_err(|e| Failure::failed(anyhow::anyhow!("{e}")))?;
+    Ok(text)
 }
 
 /// Whether 127.0.0.1:`port` can be bound, retrying for `patience`. An agent just killed can

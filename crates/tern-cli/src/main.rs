@@ -163,3 +163,66 @@ fn main() {
         std::process::exit(f.code);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("tern").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Flags are parsed into typed values with the agent's own bounds: what the CLI accepts,
+    /// the API accepts, and the other way round.
+    #[test]
+    fn flags_are_typed_and_bounded_like_the_api() {
+        let Ok(Cli {
+            command: Command::Demo(d),
+            ..
+        }) = parse(&[
+            "demo",
+            "--fault",
+            "kill-source-agent-postcopy,link-cut-postcopy:10@2",
+            "--fault",
+            "kill-dest-qemu-precopy@3",
+        ])
+        else {
+            panic!("demo flags refused");
+        };
+        assert_eq!(
+            d.fault_names(),
+            [
+                "kill-source-agent-postcopy",
+                "link-cut-postcopy:10s@2",
+                "kill-dest-qemu-precopy@3"
+            ]
+        );
+        let e = parse(&["demo", "--fault", "link-cut-postcopy:10,nuke"])
+            .err()
+            .unwrap();
+        assert!(e.contains("nuke"), "{e}");
+
+        assert!(parse(&["vm", "create", "web", "--host", "h1", "--memory", "1G"]).is_ok());
+        let e = parse(&["vm", "create", "web", "--host", "h1", "--memory", "1X"])
+            .err()
+            .unwrap();
+        assert!(e.contains("1X") && e.contains("512M"), "{e}");
+
+        let e = parse(&["migrate", "web", "--to", "h2", "--deadline", "0"])
+            .err()
+            .unwrap();
+        assert!(e.contains("deadline 0 s") && e.contains("> 0"), "{e}");
+        let e = parse(&["migrate", "web", "--to", "h2", "--policy", "vmware"])
+            .err()
+            .unwrap();
+        assert!(e.contains("vmware") && e.contains("nova-2016"), "{e}");
+        let e = parse(&["migration", "set-bandwidth", "m1", "1bit"])
+            .err()
+            .unwrap();
+        assert!(e.contains("1bit") && e.contains("8kbit"), "{e}");
+        assert!(parse(&["migration", "set-bandwidth", "m1", "100mbit"]).is_ok());
+    }
+}

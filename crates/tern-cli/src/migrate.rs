@@ -9,7 +9,7 @@ use tern_agent::api::{MigrationView, StartMigrationRequest};
 use tern_agent::store::{MigrationRecord, StoredEvent};
 use tern_engine::{MigrationEventKind, MigrationState, OperatorCommand};
 use tern_lab::LinkRate;
-use tern_policy::MigrationContext;
+use tern_policy::{MigrationContext, PolicyName};
 
 use crate::Failure;
 use crate::client::{ClusterClient, ClusterError};
@@ -30,9 +30,9 @@ pub struct MigrateArgs {
     context: MigrationContext,
     /// Policy deciding the migration (tern, or a baseline).
     #[arg(long, default_value = tern_policy::DEFAULT_POLICY)]
-    policy: String,
-    /// Deadline in seconds (maintenance/evacuate).
-    #[arg(long)]
+    policy: PolicyName,
+    /// Deadline in seconds (maintenance/evacuate); > 0.
+    #[arg(long, value_parser = parse_deadline)]
     deadline: Option<u64>,
     /// Follow the migration with a progress bar until it ends (exit 1 unless it completed).
     #[arg(long)]
@@ -104,12 +104,31 @@ pub struct OpArgs {
 pub struct BandwidthArgs {
     /// Migration ID.
     id: String,
-    /// New cap, e.g. 100mbit, 50mbps (bytes), 1gbit.
+    /// New cap, e.g. 100mbit, 50mbps (bytes), 1gbit (8kbit to 400gbit).
+    #[arg(value_parser = parse_bandwidth)]
     rate: LinkRate,
     #[command(flatten)]
     target: AgentTarget,
     #[command(flatten)]
     out: OutputArgs,
+}
+
+/// `--deadline`: the agent's bounds, checked before any request is sent.
+fn parse_deadline(s: &str) -> Result<u64, String> {
+    let v: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    tern_agent::bounds::check_deadline_s(v).map_err(|e| e.to_string())
+}
+
+/// A bandwidth within the agent's bounds (the same check the API makes).
+fn parse_bandwidth(s: &str) -> Result<LinkRate, String> {
+    let r: LinkRate = s
+        .parse()
+        .map_err(|e: tern_lab::LinkRateError| e.to_string())?;
+    tern_agent::bounds::check_bandwidth("bandwidth", r.bytes_per_sec())
+        .map_err(|e| e.to_string())?;
+    Ok(r)
 }
 
 /// `tern migrate`.
@@ -132,13 +151,6 @@ pub async fn migrate(a: MigrateArgs) -> Result<(), Failure> {
              controller chooses the destination)"
         ))
     })?;
-    if !tern_policy::POLICY_NAMES.contains(&a.policy.as_str()) {
-        return Err(Failure::input(anyhow::anyhow!(
-            "unknown policy {:?}: valid policies are {}",
-            a.policy,
-            tern_policy::POLICY_NAMES.join(", ")
-        )));
-    }
     if a.probe > 10 {
         return Err(Failure::input(anyhow::anyhow!(
             "--probe {} is invalid: give 0 to 10 seconds",
@@ -149,9 +161,8 @@ pub async fn migrate(a: MigrateArgs) -> Result<(), Failure> {
     let req = StartMigrationRequest {
         vm: a.vm.clone(),
         to_host: to,
-        to_agent_url: None,
         context: a.context,
-        policy: a.policy.clone(),
+        policy: a.policy,
         deadline_s: a.deadline,
         link_bytes_per_s: None,
     };

@@ -47,8 +47,8 @@ pub struct CreateArgs {
     /// Host to boot it on.
     #[arg(long)]
     host: String,
-    /// Guest RAM in MiB (default: what the working set needs).
-    #[arg(long)]
+    /// Guest RAM: MiB (256) or with a unit (512M, 1G); default: what the working set needs.
+    #[arg(long, value_parser = parse_memory)]
     memory: Option<u64>,
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -248,4 +248,9 @@ async fn create(a: CreateArgs) -> Result<(), Failure> {
         ),
     }
     Ok(())
+}
+
+/// `--memory`: MiB or a size with a unit, within the agent's bounds.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    tern_agent::bounds::parse_memory_mib(s).map_err(|e| e.to_string())
 }

@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod agents;
 mod cmd;
 mod error;
 mod lab;

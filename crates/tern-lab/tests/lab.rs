@@ -350,7 +350,18 @@ fn down_cleans_up_after_a_crash_without_state_file() {
         .spawn()
         .unwrap();
     let stubborn_pid = stubborn.id();
-    std::thread::sleep(Duration::from_millis(200));
+    // The trap is set once the shell has exec'd `sleep` (it sets the trap first).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(format!("/proc/{stubborn_pid}/comm"))
+        .map(|c| c.trim() != "sleep")
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stubborn shell never exec'd sleep"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::fs::remove_file(lab.state_path()).unwrap();
     drop(lab);
     assert!(Lab::orphaned_names().contains(&name));

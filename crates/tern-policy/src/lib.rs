@@ -22,6 +22,7 @@ pub mod baselines;
 mod guard;
 mod limits;
 mod model;
+mod names;
 mod observe;
 mod plan;
 mod postcopy;
@@ -35,7 +36,10 @@ pub use model::{
     ConvergenceModel, EWMA_ALPHA, Eta, EtaMode, FIT_WINDOW, Prediction, PreflightEstimate,
     preflight_estimate,
 };
-pub use observe::{Action, Decision, IterationSample, Observation, Phase, mbit, mib, secs};
+pub use names::PolicyName;
+pub use observe::{
+    Action, ActionKind, Decision, IterationSample, Observation, Phase, mbit, mib, secs,
+};
 pub use plan::{
     Capabilities, DirtyRateProbe, MigrationParameters, MigrationPlan, MultifdCompression,
     PlanInput, PostCopyVerdict, post_copy_permission, post_copy_verdict,

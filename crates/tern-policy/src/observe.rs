@@ -138,7 +138,86 @@ pub enum Action {
     Abort,
 }
 
+/// The kind of an [`Action`] without its values: what the engine records as a taken action
+/// (`"pause-guest"`, `"set-downtime-limit 300 ms"` starts with `set-downtime-limit`). Serde
+/// names are the [`Action`] tags, so JSON that carries them does not change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActionKind {
+    /// [`Action::Continue`].
+    Continue,
+    /// [`Action::SetDowntimeLimit`].
+    SetDowntimeLimit,
+    /// [`Action::SetBandwidth`].
+    SetBandwidth,
+    /// [`Action::SetCpuThrottle`].
+    SetCpuThrottle,
+    /// [`Action::SetDirtyLimit`].
+    SetDirtyLimit,
+    /// [`Action::SwitchToPostcopy`].
+    SwitchToPostcopy,
+    /// [`Action::PauseGuest`].
+    PauseGuest,
+    /// [`Action::Abort`].
+    Abort,
+}
+
+impl ActionKind {
+    /// Every kind.
+    pub const ALL: [ActionKind; 8] = [
+        Self::Continue,
+        Self::SetDowntimeLimit,
+        Self::SetBandwidth,
+        Self::SetCpuThrottle,
+        Self::SetDirtyLimit,
+        Self::SwitchToPostcopy,
+        Self::PauseGuest,
+        Self::Abort,
+    ];
+
+    /// Its name (`"pause-guest"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Continue => "continue",
+            Self::SetDowntimeLimit => "set-downtime-limit",
+            Self::SetBandwidth => "set-bandwidth",
+            Self::SetCpuThrottle => "set-cpu-throttle",
+            Self::SetDirtyLimit => "set-dirty-limit",
+            Self::SwitchToPostcopy => "switch-to-postcopy",
+            Self::PauseGuest => "pause-guest",
+            Self::Abort => "abort",
+        }
+    }
+
+    /// The kind of a recorded action text (`"set-bandwidth 1000 B/s"` → `SetBandwidth`): its
+    /// first word. `None` for text that names no action.
+    pub fn of_text(text: &str) -> Option<Self> {
+        let word = text.split_whitespace().next()?;
+        Self::ALL.into_iter().find(|k| k.as_str() == word)
+    }
+}
+
+impl std::fmt::Display for ActionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Action {
+    /// Its kind, without values.
+    pub fn kind(&self) -> ActionKind {
+        match self {
+            Action::Continue => ActionKind::Continue,
+            Action::SetDowntimeLimit { .. } => ActionKind::SetDowntimeLimit,
+            Action::SetBandwidth { .. } => ActionKind::SetBandwidth,
+            Action::SetCpuThrottle { .. } => ActionKind::SetCpuThrottle,
+            Action::SetDirtyLimit { .. } => ActionKind::SetDirtyLimit,
+            Action::SwitchToPostcopy => ActionKind::SwitchToPostcopy,
+            Action::PauseGuest => ActionKind::PauseGuest,
+            Action::Abort => ActionKind::Abort,
+        }
+    }
+
     /// Whether the action ends pre-copy (the migration cannot continue as before).
     pub fn is_terminal_choice(&self) -> bool {
         matches!(
@@ -184,4 +263,42 @@ pub fn mbit(bytes_per_s: f64) -> String {
 /// Formats milliseconds as seconds with one decimal, for reasons.
 pub fn secs(ms: f64) -> String {
     format!("{:.1} s", ms / 1000.0)
+}
+
+#[cfg(test)]
+mod action_kind_tests {
+    use super::*;
+
+    /// The kind's name is the action's serde tag, and recorded texts parse back to it.
+    #[test]
+    fn kinds_match_the_action_tags() {
+        let actions = [
+            Action::Continue,
+            Action::SetDowntimeLimit { ms: 300 },
+            Action::SetBandwidth { bytes_per_s: 1000 },
+            Action::SetCpuThrottle {
+                initial_pct: 20,
+                increment_pct: 10,
+                max_pct: 99,
+            },
+            Action::SetDirtyLimit { mb_per_s: 1 },
+            Action::SwitchToPostcopy,
+            Action::PauseGuest,
+            Action::Abort,
+        ];
+        for a in actions {
+            let tag = serde_json::to_value(a).unwrap()["action"].clone();
+            assert_eq!(tag, serde_json::to_value(a.kind()).unwrap());
+            assert_eq!(
+                ActionKind::of_text(&format!("{} 300 ms", a.kind())),
+                Some(a.kind())
+            );
+        }
+        assert_eq!(
+            ActionKind::of_text("pause-guest"),
+            Some(ActionKind::PauseGuest)
+        );
+        assert_eq!(ActionKind::of_text("reboot"), None);
+        assert_eq!(ActionKind::of_text(""), None);
+    }
 }

@@ -14,7 +14,19 @@ use serde::{Deserialize, Serialize};
 use crate::limits::{QEMU_MAX_CPU_THROTTLE_PCT, QEMU_MAX_DOWNTIME_MS};
 
 /// Why the migration was started. This decides what "failure" means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MigrationContext {
     /// The source host must be emptied (hardware fault, imminent power loss). The migration must

@@ -5,7 +5,7 @@
 //! panics included — unless it was explicitly [`detach`](VmProcess::detach)ed (an agent
 //! handing its guests over to its own restarted self must not take them down).
 
-use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -53,10 +53,15 @@ impl VmProcess {
     /// bad arguments there).
     pub fn spawn(binary: &QemuBinary, launch: &VmLaunch) -> Result<Self, QemuError> {
         launch.spec.validate()?;
-        std::fs::create_dir_all(&launch.runtime_dir).map_err(|e| QemuError::Io {
-            context: format!("creating {}", launch.runtime_dir.display()),
-            source: e,
-        })?;
+        // 0700: sockets, console log and QEMU's stderr are the guest's business only.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&launch.runtime_dir)
+            .map_err(|e| QemuError::Io {
+                context: format!("creating {}", launch.runtime_dir.display()),
+                source: e,
+            })?;
         let sockets = VmSockets::in_dir(&launch.runtime_dir);
         VmSpec::check_socket_paths(&sockets)?;
         for s in [&sockets.qmp, &sockets.serial] {
@@ -64,10 +69,16 @@ impl VmProcess {
         }
         let serial_log = launch.runtime_dir.join("serial.log");
         let stderr_log = launch.runtime_dir.join("qemu.log");
-        let stderr = File::create(&stderr_log).map_err(|e| QemuError::Io {
-            context: format!("creating {}", stderr_log.display()),
-            source: e,
-        })?;
+        let stderr = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&stderr_log)
+            .map_err(|e| QemuError::Io {
+                context: format!("creating {}", stderr_log.display()),
+                source: e,
+            })?;
         let args = launch.spec.to_args(&sockets, launch.mode);
         let mut cmd = match &launch.netns {
             Some(ns) => {

@@ -13,6 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,7 +50,12 @@ impl SerialRecorder {
     /// Starts recording `socket` into `log` (appending). Connecting is retried for
     /// `connect_timeout` while the socket does not exist yet.
     pub fn start(socket: &Path, log: &Path, connect_timeout: Duration) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(log)?;
+        // 0600: the guest's console may print secrets; only the agent (root) reads it.
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(log)?;
         let stop = Arc::new(AtomicBool::new(false));
         let socket = socket.to_path_buf();
         let stop2 = stop.clone();
@@ -171,6 +177,22 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
+    /// The log's text once `done` holds for it; fails after 5 s with the text so far.
+    fn log_when(log: &Path, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if done(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "log never reached the state: {text:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn lines_are_timestamped_and_fragments_kept() {
         let dir = tempfile::tempdir().unwrap();
@@ -181,13 +203,13 @@ mod tests {
         let mut rec = SerialRecorder::start(&sock, &log, Duration::from_secs(2)).unwrap();
         let (mut conn, _) = listener.accept().unwrap();
         conn.write_all(b"HB 1 10\r\nHB 2 20\nHB 3").unwrap();
+        // A gap in the data (not a synchronisation): the next chunk must be stamped later.
         std::thread::sleep(Duration::from_millis(50));
         conn.write_all(b" 30\nHB 4").unwrap();
         drop(conn);
-        // EOF ends the recorder by itself.
-        std::thread::sleep(Duration::from_millis(300));
+        // EOF ends the recorder by itself, writing the last fragment.
+        let text = log_when(&log, |t| t.lines().count() == 4);
         rec.stop();
-        let text = std::fs::read_to_string(&log).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         let parts: Vec<(u64, &str, &str)> = lines
@@ -224,15 +246,13 @@ mod tests {
         let mut rec = SerialRecorder::start(&sock, &log, Duration::from_secs(2)).unwrap();
         let (mut conn, _) = listener.accept().unwrap();
         conn.write_all(b"HB 1 10\nHB 2").unwrap();
-        std::thread::sleep(Duration::from_millis(400));
-        let text = std::fs::read_to_string(&log).unwrap();
-        assert!(text.ends_with(" P HB 2\n"), "{text}");
+        // The fragment appears while the connection is still open.
+        let text = log_when(&log, |t| t.ends_with(" P HB 2\n"));
         assert_eq!(text.lines().count(), 2, "{text}");
         conn.write_all(b" 20\nHB 3").unwrap();
         drop(conn);
-        std::thread::sleep(Duration::from_millis(300));
+        let text = log_when(&log, |t| t.lines().count() == 4);
         rec.stop();
-        let text = std::fs::read_to_string(&log).unwrap();
         let kinds: Vec<(&str, &str)> = text
             .lines()
             .map(|l| {

@@ -20,7 +20,7 @@ use crate::devices::VmDevices;
 /// tern prefers KVM and falls back to TCG where KVM cannot run a guest's user space (the
 /// KVM-PVM hosts tern is developed on, see `platform.md`): the choice is made by probing,
 /// never by assuming (see [`crate::accel`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Accelerator {
     /// Hardware virtualization through `/dev/kvm`.
@@ -56,7 +56,7 @@ impl FromStr for Accelerator {
 /// The seed design: "admins may want to ensure post-copy is not used for some VMs" (e.g. a
 /// VM whose loss on a network failure is worse than a long pre-copy). tern never exposes
 /// post-copy as a user-level switch; this is the admin's veto.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PostCopyPermission {
     /// tern may switch to post-copy when its policy decides so.
@@ -89,7 +89,8 @@ impl fmt::Display for PostCopyPermission {
 }
 
 /// Per-VM migration settings an admin attaches to a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct VmMigrationSettings {
     /// The admin's post-copy veto for this VM.
     #[serde(default)]
@@ -116,8 +117,10 @@ impl Default for VmMigrationSettings {
     }
 }
 
-/// Everything needed to start one guest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Everything needed to start one guest. Unknown fields are refused (a misspelt setting
+/// must not silently fall back to its default).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// Operator-facing name; lowercase letters, digits and '-' (it becomes part of paths).
     pub name: String,
@@ -126,8 +129,10 @@ pub struct VmSpec {
     /// Number of vCPUs.
     pub vcpus: u32,
     /// Kernel image booted directly with `-kernel`.
+    #[schema(value_type = String)]
     pub kernel: PathBuf,
     /// Initramfs passed with `-initrd`.
+    #[schema(value_type = String)]
     pub initrd: PathBuf,
     /// Kernel command line (`-append`).
     pub cmdline: String,
@@ -138,6 +143,7 @@ pub struct VmSpec {
     pub migration: VmMigrationSettings,
     /// Disks, NICs and the boot source (none, none, the kernel above by default).
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub devices: VmDevices,
 }
 

@@ -127,91 +127,118 @@ impl FaultPlan {
 pub const FAULT_FORMS: &str = "link-cut-precopy:SECS, link-cut-postcopy:SECS, \
 link-cut-recovery:SECS, kill-dest-qemu-precopy, kill-dest-qemu-postcopy, kill-source-qemu-postcopy, \
 kill-source-agent-postcopy, each optionally followed by @SECS (when in the phase it fires; \
-default 1 s, at once in recovery)";
+default 1 s, at once in recovery); several faults separated by commas";
 
-/// A `--fault` value that is not one of [`FAULT_FORMS`].
+/// A `--fault` value that is not one of [`FAULT_FORMS`]: the value, what is wrong with it,
+/// and the valid forms.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown fault {0:?}: valid forms are {FAULT_FORMS}")]
-pub struct FaultParseError(String);
+#[error("invalid fault {given:?}: {reason}; valid forms are {FAULT_FORMS}")]
+pub struct FaultParseError {
+    given: String,
+    reason: String,
+}
+
+/// The longest duration or delay a fault takes (one hour).
+const MAX_FAULT_SECS: f64 = 3600.0;
+
+/// What a fault name means: its action (a link cut's duration comes from `:SECS`) and phase.
+fn named(name: &str) -> Option<(Option<FaultAction>, FaultTrigger)> {
+    let one = Duration::from_secs(1);
+    let cut = None;
+    Some(match name {
+        "link-cut-precopy" => (cut, FaultTrigger::Precopy { after: one }),
+        "link-cut-postcopy" => (cut, FaultTrigger::Postcopy { after: one }),
+        "link-cut-recovery" => (
+            cut,
+            FaultTrigger::Recovering {
+                after: Duration::ZERO,
+            },
+        ),
+        "kill-dest-qemu-precopy" => (
+            Some(FaultAction::KillDestinationQemu),
+            FaultTrigger::Precopy { after: one },
+        ),
+        "kill-dest-qemu-postcopy" => (
+            Some(FaultAction::KillDestinationQemu),
+            FaultTrigger::Postcopy { after: one },
+        ),
+        "kill-source-qemu-postcopy" => (
+            Some(FaultAction::KillSourceQemu),
+            FaultTrigger::Postcopy { after: one },
+        ),
+        "kill-source-agent-postcopy" => (
+            Some(FaultAction::KillSourceAgent),
+            FaultTrigger::Postcopy { after: one },
+        ),
+        _ => return None,
+    })
+}
+
+/// Seconds (`10`, `10s`, `0.5`) within `range`, for the part of a fault called `what`.
+fn seconds(text: &str, what: &str, positive: bool) -> Result<Duration, String> {
+    let v: f64 = text
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("{what} {text:?} is not a number of seconds"))?;
+    let ok = if positive { v > 0.0 } else { v >= 0.0 };
+    if !ok || v > MAX_FAULT_SECS || !v.is_finite() {
+        let low = if positive { "more than 0" } else { "0" };
+        return Err(format!(
+            "{what} {text} s is out of range: give {low} to {MAX_FAULT_SECS} s"
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
 
 impl FromStr for FaultPlan {
     type Err = FaultParseError;
+    /// `NAME[:SECS][@SECS]`: the fault, a link cut's duration, and when in its phase it fires.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || FaultParseError(s.to_string());
-        let (body, at) = match s.split_once('@') {
-            Some((b, a)) => (b, Some(a.trim_end_matches('s'))),
-            None => (s, None),
+        let fail = |reason: String| FaultParseError {
+            given: s.to_string(),
+            reason,
+        };
+        let (body, at) = match s.trim().split_once('@') {
+            Some((b, a)) => (b, Some(a)),
+            None => (s.trim(), None),
         };
         let (name, arg) = match body.split_once(':') {
-            Some((n, a)) => (n, Some(a.trim_end_matches('s'))),
-            None => (s, None),
+            Some((n, a)) => (n, Some(a)),
+            None => (body, None),
         };
-        let secs = |a: Option<&str>| -> Result<Duration, FaultParseError> {
-            let v: f64 = a.ok_or_else(bad)?.parse().map_err(|_| bad())?;
-            if !(v > 0.0 && v <= 3600.0) {
-                return Err(bad());
+        let (action, trigger) =
+            named(name).ok_or_else(|| fail(format!("no fault is called {name:?}")))?;
+        let action = match (action, arg) {
+            (None, Some(a)) => FaultAction::LinkCut {
+                duration: seconds(a, "link cut duration", true).map_err(fail)?,
+            },
+            (None, None) => {
+                return Err(fail(format!(
+                    "{name} needs the cut's duration: {name}:SECS"
+                )));
             }
-            Ok(Duration::from_secs_f64(v))
-        };
-        // Faults fire one second into their phase unless the phase is recovery (at once).
-        let one = Duration::from_secs(1);
-        let plan = match name {
-            "link-cut-precopy" => FaultPlan {
-                trigger: FaultTrigger::Precopy { after: one },
-                action: FaultAction::LinkCut {
-                    duration: secs(arg)?,
-                },
-            },
-            "link-cut-postcopy" => FaultPlan {
-                trigger: FaultTrigger::Postcopy { after: one },
-                action: FaultAction::LinkCut {
-                    duration: secs(arg)?,
-                },
-            },
-            "link-cut-recovery" => FaultPlan {
-                trigger: FaultTrigger::Recovering {
-                    after: Duration::ZERO,
-                },
-                action: FaultAction::LinkCut {
-                    duration: secs(arg)?,
-                },
-            },
-            "kill-dest-qemu-precopy" => FaultPlan {
-                trigger: FaultTrigger::Precopy { after: one },
-                action: FaultAction::KillDestinationQemu,
-            },
-            "kill-dest-qemu-postcopy" => FaultPlan {
-                trigger: FaultTrigger::Postcopy { after: one },
-                action: FaultAction::KillDestinationQemu,
-            },
-            "kill-source-qemu-postcopy" => FaultPlan {
-                trigger: FaultTrigger::Postcopy { after: one },
-                action: FaultAction::KillSourceQemu,
-            },
-            "kill-source-agent-postcopy" => FaultPlan {
-                trigger: FaultTrigger::Postcopy { after: one },
-                action: FaultAction::KillSourceAgent,
-            },
-            _ => return Err(bad()),
-        };
-        if arg.is_some() && !matches!(plan.action, FaultAction::LinkCut { .. }) {
-            return Err(bad());
-        }
-        let plan = match at {
-            None => plan,
-            Some(a) => {
-                let v: f64 = a.parse().map_err(|_| bad())?;
-                if !(0.0..=3600.0).contains(&v) {
-                    return Err(bad());
-                }
-                FaultPlan {
-                    trigger: plan.trigger.with_after(Duration::from_secs_f64(v)),
-                    ..plan
-                }
+            (Some(_), Some(a)) => {
+                return Err(fail(format!(
+                    "{name} takes no duration (\":{a}\"); use @SECS for when it fires"
+                )));
             }
+            (Some(action), None) => action,
         };
-        Ok(plan)
+        let trigger = match at {
+            None => trigger,
+            Some(a) => trigger.with_after(seconds(a, "delay", false).map_err(fail)?),
+        };
+        Ok(FaultPlan { trigger, action })
     }
+}
+
+/// Parses a comma-separated list of faults (`--fault a,b` is `--fault a --fault b`).
+pub fn parse_fault_list(text: &str) -> Result<Vec<FaultPlan>, FaultParseError> {
+    text.split(',')
+        .filter(|f| !f.trim().is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 impl FaultPlan {
@@ -509,17 +536,65 @@ mod tests {
     }
 
     #[test]
-    fn bad_forms_list_the_valid_ones() {
-        for f in [
-            "link-cut-postcopy",
-            "link-cut-postcopy:-1",
-            "kill-dest-qemu-precopy:3",
-            "link-cut-postcopy:5@soon",
-            "link-cut-postcopy:5@-1",
-            "nuke",
+    fn bad_forms_say_what_is_wrong_and_list_the_valid_ones() {
+        for (f, why) in [
+            ("link-cut-postcopy", "needs the cut's duration"),
+            ("link-cut-postcopy:-1", "out of range"),
+            ("link-cut-postcopy:0", "out of range"),
+            ("link-cut-postcopy:7200", "out of range"),
+            ("link-cut-postcopy:soon", "not a number"),
+            ("kill-dest-qemu-precopy:3", "takes no duration"),
+            ("link-cut-postcopy:5@soon", "not a number"),
+            ("link-cut-postcopy:5@-1", "out of range"),
+            ("kill-dest-qemu-precopy@", "not a number"),
+            ("nuke", "no fault is called \"nuke\""),
+            ("nuke@3", "no fault is called \"nuke\""),
+            ("", "no fault is called"),
         ] {
             let e = f.parse::<FaultPlan>().unwrap_err().to_string();
-            assert!(e.contains(f) && e.contains("link-cut-postcopy:SECS"), "{e}");
+            assert!(e.contains(&format!("{f:?}")), "{f}: {e}");
+            assert!(e.contains(why), "{f}: {e}");
+            assert!(e.contains("link-cut-postcopy:SECS"), "{f}: {e}");
         }
+    }
+
+    /// Every form takes @SECS, and prints back to what parses to the same plan.
+    #[test]
+    fn every_form_takes_at_secs_and_round_trips() {
+        for f in [
+            "link-cut-precopy:2@3",
+            "link-cut-postcopy:10@2",
+            "link-cut-recovery:3@1",
+            "kill-dest-qemu-precopy@3",
+            "kill-dest-qemu-postcopy@0.5",
+            "kill-source-qemu-postcopy@2",
+            "kill-source-agent-postcopy@4",
+        ] {
+            let p: FaultPlan = f.parse().unwrap_or_else(|e| panic!("{f}: {e}"));
+            let at: f64 = f.rsplit('@').next().unwrap().parse().unwrap();
+            assert_eq!(p.trigger.after(), Duration::from_secs_f64(at), "{f}");
+            assert_eq!(p.to_string().parse::<FaultPlan>().unwrap(), p, "{f}");
+        }
+        let p: FaultPlan = "kill-dest-qemu-precopy@3".parse().unwrap();
+        assert_eq!(p.action, FaultAction::KillDestinationQemu);
+        assert_eq!(p.to_string(), "kill-dest-qemu-precopy@3");
+        // @0 in pre-copy differs from the default (1 s) and is kept.
+        let p: FaultPlan = "kill-dest-qemu-precopy@0".parse().unwrap();
+        assert_eq!(p.trigger.after(), Duration::ZERO);
+    }
+
+    #[test]
+    fn comma_lists_equal_repeated_faults() {
+        let list = parse_fault_list("kill-source-agent-postcopy, link-cut-postcopy:10@2").unwrap();
+        let each: Vec<FaultPlan> = ["kill-source-agent-postcopy", "link-cut-postcopy:10@2"]
+            .iter()
+            .map(|f| f.parse().unwrap())
+            .collect();
+        assert_eq!(list, each);
+        assert!(parse_fault_list("").unwrap().is_empty());
+        let e = parse_fault_list("link-cut-postcopy:10,bogus")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
     }
 }

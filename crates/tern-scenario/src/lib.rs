@@ -205,11 +205,69 @@ fn unreachable_rate() -> LinkRate {
     LinkRate::from_bits_per_sec(100_000_000).expect("100 Mbit/s is a valid link rate")
 }
 
+/// How a migration ended, as the summary reports it (JSON: `"completed"`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The guest runs on the destination.
+    Completed,
+    /// Cancelled (operator or policy) before the switch; the guest runs on the source.
+    Aborted,
+    /// Failed before the switch; the guest runs on the source.
+    Failed,
+    /// A QEMU died after the switch: the guest cannot be resumed.
+    Lost,
+    /// The network stayed down past the recovery window: both QEMUs wait.
+    Stranded,
+    /// A peer agent did not answer after the switch: what happened is not known yet, both
+    /// QEMUs are kept (never reported as lost while a QEMU may still hold the guest).
+    Unknown,
+}
+
+impl Outcome {
+    /// The outcome of an engine state at the end of a migration.
+    pub fn of(state: MigrationState) -> Self {
+        match state {
+            MigrationState::Completed => Self::Completed,
+            MigrationState::Aborted => Self::Aborted,
+            MigrationState::Lost => Self::Lost,
+            MigrationState::Stranded => Self::Stranded,
+            MigrationState::Unknown => Self::Unknown,
+            _ => Self::Failed,
+        }
+    }
+
+    /// Its name (`"completed"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Aborted => "aborted",
+            Self::Failed => "failed",
+            Self::Lost => "lost",
+            Self::Stranded => "stranded",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `outcome == "completed"` reads as it did when the outcome was a string.
+impl PartialEq<&str> for Outcome {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// What a scenario measured. The JSON form is `tern demo -o json`'s output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationSummary {
-    /// `completed`, `aborted`, `failed` or `lost`.
-    pub outcome: String,
+    /// How it ended.
+    pub outcome: Outcome,
     /// Whether post-copy was entered.
     pub switched_to_postcopy: bool,
     /// Whether the guest was paused to force completion.
@@ -530,7 +588,12 @@ async fn run_on_hosts(
     let order = MigrationOrder {
         vm: vm.name.clone(),
         context: spec.context,
-        policy: spec.policy.clone(),
+        policy: spec
+            .policy
+            .parse()
+            .map_err(|e: tern_policy::UnknownPolicy| {
+                tern_agent::AgentError::Invalid(e.to_string())
+            })?,
         link_bytes_per_s: spec.link_rate.map(|r| r.bytes_per_sec()),
         deadline_ms: spec.deadline_ms,
         probe_seconds: spec.probe_seconds,
@@ -870,7 +933,12 @@ impl ScenarioSession {
         let order = MigrationOrder {
             vm: SESSION_VM.into(),
             context: hop.context,
-            policy: hop.policy.clone(),
+            policy: hop
+                .policy
+                .parse()
+                .map_err(|e: tern_policy::UnknownPolicy| {
+                    tern_agent::AgentError::Invalid(e.to_string())
+                })?,
             link_bytes_per_s: self.spec.link_rate.map(|r| r.bytes_per_sec()),
             deadline_ms: hop.deadline_ms,
             probe_seconds: hop.probe_seconds,
@@ -1020,15 +1088,7 @@ pub fn summary_from(
 ) -> MigrationSummary {
     let report = &outcome.report;
     MigrationSummary {
-        outcome: match report.state {
-            MigrationState::Completed => "completed",
-            MigrationState::Aborted => "aborted",
-            MigrationState::Lost => "lost",
-            MigrationState::Stranded => "stranded",
-            MigrationState::Unknown => "unknown",
-            _ => "failed",
-        }
-        .to_string(),
+        outcome: Outcome::of(report.state),
         switched_to_postcopy: report.switched_to_postcopy,
         paused_guest: report.paused_guest,
         total_time_s: report.total_time_ms as f64 / 1000.0,
@@ -1089,6 +1149,27 @@ fn judge_logs(
             summary.control_mismatches = h.control_mismatches;
             summary.heartbeat_continuous = h.sequence_anomalies.is_empty() && h.heartbeats > 0;
             summary.verify_passes_before = h.verify_passes;
+        }
+    }
+}
+
+#[cfg(test)]
+mod outcome_tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_keep_their_json_names_and_compare_with_text() {
+        for (state, text) in [
+            (MigrationState::Completed, "completed"),
+            (MigrationState::Aborted, "aborted"),
+            (MigrationState::Failed, "failed"),
+            (MigrationState::Lost, "lost"),
+            (MigrationState::Stranded, "stranded"),
+        ] {
+            let o = Outcome::of(state);
+            assert_eq!(serde_json::to_string(&o).unwrap(), format!("\"{text}\""));
+            assert!(o == text);
+            assert_eq!(o.to_string(), text);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Where the agents of a lab are found: `/run/tern/agents/<lab>.json`, written by
-//! `tern lab up --agents` / `tern lab agents` and read by the CLI and by source agents
-//! resolving a destination host.
+//! `tern lab up --agents` / `tern lab agents` and read by the CLI. (The agents themselves know
+//! nothing of labs: each gets a configuration file listing its peers.)
 //!
 //! It lives beside, not inside, the lab's own state directory (`/run/tern/labs`), whose every
 //! `*.json` file is taken for a lab.
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::AgentError;
+use crate::LabError;
 
 /// Directory of the discovery files.
 pub const AGENTS_DIR: &str = "/run/tern/agents";
@@ -49,33 +49,35 @@ pub fn lab_agents_dir(lab: &str) -> PathBuf {
 
 impl LabAgents {
     /// Reads lab `lab`'s discovery file.
-    pub fn load(lab: &str) -> Result<Self, AgentError> {
+    pub fn load(lab: &str) -> Result<Self, LabError> {
         let path = discovery_path(lab);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            AgentError::NotFound(format!(
-                "no agents known for lab {lab:?} ({}: {e}); start them with `tern lab agents --name {lab}`",
-                path.display()
-            ))
+        let text = std::fs::read_to_string(&path).map_err(|e| LabError::State {
+            path: path.clone(),
+            message: format!(
+                "no agents known for lab {lab:?} ({e}); start them with `tern lab agents --name {lab}`"
+            ),
         })?;
-        serde_json::from_str(&text).map_err(|e| {
-            AgentError::Config(format!(
-                "{} is not a valid agents file: {e}",
-                path.display()
-            ))
+        serde_json::from_str(&text).map_err(|e| LabError::State {
+            path: path.clone(),
+            message: format!("not a valid agents file: {e}"),
         })
     }
 
     /// Writes the discovery file atomically.
-    pub fn save(&self) -> Result<(), AgentError> {
+    pub fn save(&self) -> Result<(), LabError> {
         let path = discovery_path(&self.lab);
+        let err = |message: String| LabError::State {
+            path: path.clone(),
+            message,
+        };
         std::fs::create_dir_all(AGENTS_DIR)
-            .map_err(|e| AgentError::Internal(format!("creating {AGENTS_DIR}: {e}")))?;
+            .map_err(|e| err(format!("creating {AGENTS_DIR}: {e}")))?;
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(self)
-            .map_err(|e| AgentError::Internal(format!("encoding agents file: {e}")))?;
+            .map_err(|e| err(format!("encoding agents file: {e}")))?;
         std::fs::write(&tmp, text)
             .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| AgentError::Internal(format!("writing {}: {e}", path.display())))
+            .map_err(|e| err(format!("writing: {e}")))
     }
 
     /// Removes lab `lab`'s discovery file (missing is fine).
