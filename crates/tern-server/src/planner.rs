@@ -569,4 +569,66 @@ mod tests {
             predict_duration_s(&v, 125_000_000, false) > predict_duration_s(&v, 125_000_000, true)
         );
     }
+
+    #[test]
+    fn tern_planner_plans_every_vm_with_triggers_and_bounds() {
+        let f = fleet(vec![
+            host("h1", 0, "10.0.0"),
+            host("h2", 2048, "10.0.0"),
+            host("h3", 2048, "10.0.0"),
+            host("h4", 2048, "10.0.0"),
+        ]);
+        let mut vms = vec![
+            vm("a", "h1", 1024),
+            vm("b", "h1", 768),
+            vm("c", "h1", 512),
+            vm("d", "h1", 256),
+            vm("e", "h1", 256),
+        ];
+        vms[0].dirty_bytes_per_s = Some(100_000_000);
+        vms[1].post_copy_allowed = false;
+        let p = plan_evacuation(&f, &f.hosts["h1"], &vms, 3600).unwrap();
+        assert_eq!(p.planner, "tern-planner (tern)");
+        assert_eq!(p.migrations.len(), 5);
+        assert!(p.predicted_makespan_s >= p.lower_bound_s - 1e-9);
+        assert!(p.lower_bound_s > 0.0);
+        assert!(p.fits_deadline);
+        assert_eq!(p.deadline_verdict, "met");
+        assert_eq!(p.migrations[0].trigger, PlanTrigger::Now);
+        // With two outgoing slots the rest wait for a named migration (or a time).
+        assert!(
+            p.migrations
+                .iter()
+                .any(|m| matches!(m.trigger, PlanTrigger::AfterMigrationOf { .. }))
+        );
+        for m in &p.migrations {
+            assert_ne!(m.destination, "h1");
+            assert!(m.end_s >= m.start_s);
+            assert!((m.duration_s - (m.end_s - m.start_s)).abs() < 1e-9);
+        }
+        assert!(
+            !p.migrations
+                .iter()
+                .find(|m| m.vm == "b")
+                .unwrap()
+                .post_copy_permitted
+        );
+        let req: tern_planner::EvacuationRequest =
+            serde_json::from_value(p.request.clone().unwrap()).unwrap();
+        assert_eq!(req.vms.len(), 5);
+        // "silver" is not a built-in class: planned with standard's tolerances, name kept.
+        assert_eq!(req.vms[0].sla.name, "silver");
+        assert!(p.detail.is_some());
+    }
+
+    #[test]
+    fn a_deadline_below_the_prediction_is_at_risk_with_suggestions() {
+        let f = fleet(vec![host("h1", 0, "10.0.0"), host("h2", 65536, "10.0.0")]);
+        let vms = [vm("a", "h1", 8192), vm("b", "h1", 8192)];
+        let p = plan_evacuation(&f, &f.hosts["h1"], &vms, 5).unwrap();
+        assert!(!p.fits_deadline);
+        assert_eq!(p.deadline_verdict, "at-risk");
+        assert!(p.deadline_slack_s.unwrap() < 0.0);
+        assert!(!p.suggestions.is_empty());
+    }
 }

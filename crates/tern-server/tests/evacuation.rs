@@ -351,6 +351,83 @@ async fn a_step_whose_destination_goes_away_is_replanned() {
     assert_eq!(starts[1].destination, other);
 }
 
+/// A VM dirtying far more than the plan assumed (reported by its agent mid-evacuation) makes
+/// the runner re-plan; the waiting step records the deviation and the new makespan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observed_dirty_rate_far_from_the_assumption_triggers_a_replan() {
+    let h = Harness::start(3, 30).await;
+    h.agent.state.hold.store(true, Ordering::SeqCst);
+    h.heartbeat("h1", 0, &[("a", 512), ("b", 512)]).await;
+    h.heartbeat("h2", 4096, &[]).await;
+    h.heartbeat("h3", 4096, &[]).await;
+    let (s, _) = h
+        .call("PATCH", "/v1/hosts/h1", Some(json!({"max_outbound": 1})))
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = h
+        .post("/v1/hosts/h1/evacuate", json!({"deadline": "1h"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let before = v["plan"]["predicted_makespan_s"].as_f64().unwrap();
+    let waiting = v["plan"]["migrations"][1]["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for("first running", T, || async {
+        let (_, v) = h.get(&format!("/v1/evacuations/{id}")).await;
+        (v["migrations"][0]["state"] == "running").then_some(())
+    })
+    .await;
+    // The waiting VM now dirties 100 MB/s instead of the 1 MB/s assumed.
+    let mut b = common::heartbeat_body("h1", 0, "10.0.0", &[("a", 512), ("b", 512)]);
+    for vm in b["vms"].as_array_mut().unwrap() {
+        if vm["name"] == waiting.as_str() {
+            vm["dirty_bytes_per_s"] = json!(100_000_000);
+        }
+    }
+    assert_eq!(h.post("/v1/agents/heartbeat", b).await.0, 200);
+    let v = wait_for("re-plan", T, || async {
+        let (_, v) = h.get(&format!("/v1/evacuations/{id}")).await;
+        let p = &v["evacuation"]["plan"];
+        (!p["deviations"].as_array()?.is_empty()).then_some(v)
+    })
+    .await;
+    let after = v["evacuation"]["plan"]["predicted_makespan_s"]
+        .as_f64()
+        .unwrap();
+    assert!(after > 0.0 && after.is_finite(), "{before} -> {after}");
+    let step = v["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["vm"] == waiting.as_str())
+        .unwrap()
+        .clone();
+    let (_, m) = h
+        .get(&format!("/v1/migrations/{}", step["id"].as_str().unwrap()))
+        .await;
+    let d = m["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "replan")
+        .and_then(|e| e["detail"].as_str())
+        .map(str::to_string)
+        .expect("replan recorded on the waiting step");
+    assert!(
+        d.contains(&format!("{waiting} dirties 100000000 bytes/s"))
+            && d.contains("predicted makespan"),
+        "{d}"
+    );
+    assert_eq!(
+        h.post(&format!("/v1/evacuations/{id}/cancel"), json!({}))
+            .await
+            .0,
+        200
+    );
+}
+
 /// A dry run over four hosts with mixed VMs: a destination and predicted times per VM, the
 /// makespan at or above the lower bound; a VM nobody can take gets every host's refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
