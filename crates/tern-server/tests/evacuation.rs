@@ -171,6 +171,18 @@ async fn evacuation_retries_a_failed_migration_and_completes_with_events() {
         retry["detail"].as_str().unwrap().contains("network down"),
         "{retry}"
     );
+    // The failure is a deviation: the rest was re-planned, and the step says so.
+    let replan = m["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "replan")
+        .expect("replan recorded after the failed attempt");
+    let d = replan["detail"].as_str().unwrap();
+    assert!(
+        d.contains("attempt 1 of a failed before the switch") && d.contains("predicted makespan"),
+        "{d}"
+    );
     let starts = h.agent.starts();
     assert_eq!(starts.len(), 3, "2 VMs, one retried once");
     // While `a` waits for its retry, `b` goes (a backoff does not idle the evacuation).
@@ -666,7 +678,7 @@ async fn a_deadline_at_risk_is_announced_early() {
     assert_eq!(v["plan"]["fits_deadline"], false, "{v}");
     let mut text = String::new();
     tokio::time::timeout(T, async {
-        while !text.contains("deadline at risk") {
+        while !text.contains("deadline at risk") || !text.contains("suggestions: ") {
             match sse.chunk().await.unwrap() {
                 Some(c) => text.push_str(&String::from_utf8_lossy(&c)),
                 None => break,
@@ -676,6 +688,13 @@ async fn a_deadline_at_risk_is_announced_early() {
     .await
     .expect("a deadline-at-risk event");
     assert!(text.contains("event: evacuation"), "{text}");
+    // The planner's suggestions come with the warning.
+    assert!(text.contains("suggestions: "), "{text}");
+    assert_eq!(v["plan"]["deadline_verdict"], "at-risk", "{v}");
+    assert!(
+        !v["plan"]["suggestions"].as_array().unwrap().is_empty(),
+        "{v}"
+    );
     let id = v["id"].as_str().unwrap();
     assert_eq!(
         h.post(&format!("/v1/evacuations/{id}/cancel"), json!({}))
