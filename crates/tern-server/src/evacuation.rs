@@ -167,7 +167,7 @@ impl Controller {
             )));
         }
         let fleet = self.fleet().await?;
-        let plan = plan_evacuation(&fleet, &h, &vms, deadline_s).map_err(|e| match e {
+        let mut plan = plan_evacuation(&fleet, &h, &vms, deadline_s).map_err(|e| match e {
             PlanError::NoDestination { host, vms } => ControllerError::Unprocessable {
                 message: format!(
                     "no valid destination for {}: {}",
@@ -186,7 +186,9 @@ impl Controller {
                 ),
                 details: serde_json::json!({"host": host, "vms": vms}),
             },
+            PlanError::Invalid(m) => ControllerError::Invalid(m),
         })?;
+        plan.made_ms = now_ms();
         if req.dry_run {
             return Ok(EvacuateResponse {
                 id: None,

@@ -372,8 +372,29 @@ pub struct MigrationEvent {
     pub detail: String,
 }
 
+/// When a planned migration starts (the planner's trigger).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum PlanTrigger {
+    /// As soon as the per-host limits allow.
+    #[default]
+    Now,
+    /// It was already running when the plan was made.
+    AlreadyRunning,
+    /// When this VM's migration has ended.
+    AfterMigrationOf {
+        /// The VM whose migration releases this one.
+        vm: String,
+    },
+    /// At this time, seconds after the plan was made (a retry's backoff).
+    AtTime {
+        /// Seconds from plan time.
+        at_s: f64,
+    },
+}
+
 /// One VM's line of an evacuation plan.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct PlannedMigration {
     /// The VM.
     pub vm: String,
@@ -385,10 +406,28 @@ pub struct PlannedMigration {
     pub start_s: f64,
     /// Predicted duration (s).
     pub duration_s: f64,
+    /// Predicted end, seconds after the plan was made.
+    #[serde(default)]
+    pub end_s: f64,
+    /// When it starts.
+    #[serde(default)]
+    pub trigger: PlanTrigger,
+    /// Whether the planner predicts it needs post-copy to converge.
+    #[serde(default)]
+    pub needs_post_copy: bool,
+    /// Whether post-copy is permitted end to end (VM, SLA, both hosts).
+    #[serde(default)]
+    pub post_copy_permitted: bool,
+    /// Bytes the planner predicts will be sent.
+    #[serde(default)]
+    pub predicted_bytes: u64,
+    /// Every reason behind this line, for operators.
+    #[serde(default)]
+    pub reasons: Vec<String>,
 }
 
 /// An evacuation plan: order, destinations and predictions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct EvacuationPlan {
     /// The host being emptied.
     pub host: String,
@@ -404,6 +443,33 @@ pub struct EvacuationPlan {
     pub deadline_s: u64,
     /// Whether the prediction fits the deadline.
     pub fits_deadline: bool,
+    /// Lower bound of any schedule's makespan (s): bytes to move over the sources' egress.
+    #[serde(default)]
+    pub lower_bound_s: f64,
+    /// The planner's deadline verdict: `met`, `at-risk` or `no-deadline`.
+    #[serde(default)]
+    pub deadline_verdict: String,
+    /// Seconds to spare (met, positive) or predicted past the deadline (at risk, negative).
+    #[serde(default)]
+    pub deadline_slack_s: Option<f64>,
+    /// What would shorten the evacuation (when the deadline is at risk), for operators.
+    #[serde(default)]
+    pub suggestions: Vec<String>,
+    /// What changed since the previous plan (re-plans only), for operators.
+    #[serde(default)]
+    pub deviations: Vec<String>,
+    /// When the plan was made (ms since the epoch); triggers' times count from it.
+    #[serde(default)]
+    pub made_ms: u64,
+    /// The planner's own plan, complete (tern-planner's `EvacuationPlan`).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub detail: Option<serde_json::Value>,
+    /// The request the plan was made from (tern-planner's `EvacuationRequest`), kept for
+    /// re-planning.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub request: Option<serde_json::Value>,
 }
 
 /// An evacuation as recorded.

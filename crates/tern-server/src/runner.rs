@@ -19,9 +19,14 @@ use crate::agent_client::{
 };
 use crate::controller::{Controller, ControllerError};
 use crate::model::{
-    EvacuationRecord, EvacuationState, HostState, MigrationRecord, MigrationState, enum_str, now_ms,
+    EvacuationRecord, EvacuationState, HostState, MigrationRecord, MigrationState, PlanTrigger,
+    VmRecord, enum_str, now_ms,
 };
 use crate::placement::{Fleet, describe};
+use crate::planner;
+
+/// An observed dirty rate this far (relative) from the plan's assumption triggers a re-plan.
+pub const DIRTY_DEVIATION: f64 = 0.5;
 
 /// Attempts of a must-finish migration that belongs to no evacuation (no deadline).
 pub const STANDALONE_ATTEMPTS: u32 = 5;
@@ -46,8 +51,10 @@ pub struct Runner {
     ctl: Controller,
     /// Last agent state seen per migration (to count transitions once per process).
     seen: Mutex<HashMap<String, String>>,
-    /// Evacuations already warned about their deadline.
+    /// Evacuations (and plan versions) already warned about their deadline.
     warned: Mutex<std::collections::HashSet<String>>,
+    /// Failed attempts already re-planned for (migration id, attempts).
+    replanned_failures: Mutex<std::collections::HashSet<(String, u32)>>,
 }
 
 impl Runner {
@@ -57,6 +64,7 @@ impl Runner {
             ctl,
             seen: Mutex::new(HashMap::new()),
             warned: Mutex::default(),
+            replanned_failures: Mutex::default(),
         }
     }
 
@@ -395,21 +403,60 @@ impl Runner {
                 return self.finish(e, EvacuationState::Failed, Some(why)).await;
             }
         }
-        self.warn_if_at_risk(&e, &steps, now);
+        let vms = self.ctl.store.vms(None).await?;
+        let mut e = e;
+        if e.state == EvacuationState::Running {
+            self.replan_if_deviating(&mut e, &mut steps, fleet, &vms, now)
+                .await?;
+        }
+        self.warn_if_at_risk(&e, now);
         if e.state == EvacuationState::Paused {
             return Ok(());
         }
         let Some(source) = fleet.hosts.get(&e.host) else {
             return Ok(());
         };
+        let plan_t0 = if e.plan.made_ms == 0 {
+            e.created_ms
+        } else {
+            e.plan.made_ms
+        };
+        let ended: std::collections::HashSet<String> = steps
+            .iter()
+            .filter(|m| m.state.is_terminal())
+            .map(|m| m.vm.clone())
+            .collect();
+        // A first attempt starts when the plan's trigger fires; a retry when its backoff ends.
+        let triggered = |m: &MigrationRecord| {
+            if m.attempts > 0 {
+                return true;
+            }
+            match e
+                .plan
+                .migrations
+                .iter()
+                .find(|p| p.vm == m.vm)
+                .map(|p| &p.trigger)
+            {
+                None | Some(PlanTrigger::Now) | Some(PlanTrigger::AlreadyRunning) => true,
+                Some(PlanTrigger::AfterMigrationOf { vm }) => {
+                    ended.contains(vm) || !steps.iter().any(|s| &s.vm == vm)
+                }
+                Some(PlanTrigger::AtTime { at_s }) => {
+                    now >= plan_t0.saturating_add((at_s.max(0.0) * 1000.0) as u64)
+                }
+            }
+        };
+        let ready: Vec<bool> = steps.iter().map(triggered).collect();
         let limit = e.plan.concurrency.min(source.outbound_limit()).max(1) as usize;
         let mut in_flight = steps
             .iter()
             .filter(|m| !m.state.is_terminal() && m.state != MigrationState::Planned)
             .count();
-        let vms = self.ctl.store.vms(None).await?;
-        for mut m in steps.into_iter().filter(|m| {
-            m.state == MigrationState::Planned && m.next_attempt_ms.is_none_or(|t| t <= now)
+        for (mut m, _) in steps.into_iter().zip(ready).filter(|(m, ready)| {
+            *ready
+                && m.state == MigrationState::Planned
+                && m.next_attempt_ms.is_none_or(|t| t <= now)
         }) {
             let Some(vm) = vms.iter().find(|v| v.name == m.vm && v.host == e.host) else {
                 // Its agent no longer reports it on the host (moved or stopped by other
@@ -437,35 +484,200 @@ impl Runner {
         Ok(())
     }
 
-    /// Tells the operator once (event + log) when the plan's predicted remaining work no
-    /// longer fits before the deadline.
-    fn warn_if_at_risk(&self, e: &EvacuationRecord, steps: &[MigrationRecord], now: u64) {
-        let left_s: f64 = steps
-            .iter()
-            .filter(|m| !m.state.is_terminal())
-            .filter_map(|m| e.plan.migrations.iter().find(|p| p.vm == m.vm))
-            .map(|p| p.duration_s)
-            .sum::<f64>()
-            / f64::from(e.plan.concurrency.max(1));
-        let to_deadline_s = e.deadline_ms.saturating_sub(now) as f64 / 1000.0;
-        if left_s <= to_deadline_s {
+    /// Tells the operator once per plan (event + log) when the plan's predicted end is past
+    /// the deadline, with the planner's suggestions.
+    fn warn_if_at_risk(&self, e: &EvacuationRecord, now: u64) {
+        let t0 = if e.plan.made_ms == 0 {
+            e.created_ms
+        } else {
+            e.plan.made_ms
+        };
+        let end_ms = t0.saturating_add((e.plan.predicted_makespan_s.max(0.0) * 1000.0) as u64);
+        if e.plan.fits_deadline && end_ms <= e.deadline_ms {
             return;
         }
         let first = self
             .warned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(e.id.clone());
+            .insert(format!("{}@{}", e.id, e.plan.made_ms));
         if first {
+            let left_s = end_ms.saturating_sub(now) as f64 / 1000.0;
+            let to_deadline_s = e.deadline_ms.saturating_sub(now) as f64 / 1000.0;
+            let help = if e.plan.suggestions.is_empty() {
+                "failed attempts are retried until it passes".to_string()
+            } else {
+                format!("suggestions: {}", e.plan.suggestions.join("; "))
+            };
             let msg = format!(
-                "deadline at risk: {left_s:.1} s of predicted work left, {to_deadline_s:.1} s \
-                 to the deadline; failed attempts are retried until it passes"
+                "deadline at risk: predicted {left_s:.1} s of work left, {to_deadline_s:.1} s \
+                 to the deadline; {help}"
             );
             tracing::warn!("evacuation {}: {msg}", e.id);
             self.ctl
                 .events
                 .publish("evacuation", &e.id, &enum_str(&e.state), msg);
         }
+    }
+
+    /// Re-plans with `tern_planner::replan` when progress deviates from the plan: a planned
+    /// step's destination gone (unregistered, unreachable, draining), an attempt that failed
+    /// before the switch, or a VM dirtying far from what the plan assumed. Planned steps take
+    /// the new plan's destinations; each affected step records a `replan` event naming the
+    /// deviation and the new predicted makespan.
+    async fn replan_if_deviating(
+        &self,
+        e: &mut EvacuationRecord,
+        steps: &mut [MigrationRecord],
+        fleet: &Fleet,
+        vms: &[VmRecord],
+        now: u64,
+    ) -> Result<(), ControllerError> {
+        let (Some(req), Some(prev)) = (&e.plan.request, &e.plan.detail) else {
+            return Ok(());
+        };
+        let (Ok(req), Ok(prev)) = (
+            serde_json::from_value::<tern_planner::EvacuationRequest>(req.clone()),
+            serde_json::from_value::<tern_planner::EvacuationPlan>(prev.clone()),
+        ) else {
+            return Ok(());
+        };
+        let mut progress = tern_planner::Progress::default();
+        let mut why: Vec<String> = Vec::new();
+        let mut touched: std::collections::HashSet<String> = Default::default();
+        for m in steps.iter().filter(|m| m.state == MigrationState::Planned) {
+            let gone = match fleet.hosts.get(&m.destination) {
+                None => Some("not registered any more"),
+                Some(h) if h.state == HostState::Unreachable => Some("unreachable"),
+                Some(h) if h.state == HostState::Draining => Some("draining"),
+                _ => None,
+            };
+            if let Some(g) = gone {
+                if !progress.hosts_gone.contains(&m.destination) {
+                    progress.hosts_gone.push(m.destination.clone());
+                    why.push(format!("destination {} {g}", m.destination));
+                }
+                touched.insert(m.vm.clone());
+            }
+            if m.attempts > 0 {
+                let fresh = self
+                    .replanned_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((m.id.clone(), m.attempts));
+                if fresh {
+                    why.push(format!(
+                        "attempt {} of {} failed before the switch",
+                        m.attempts, m.vm
+                    ));
+                    touched.insert(m.vm.clone());
+                }
+                progress.failed.push(tern_planner::FailedAttempt {
+                    vm: m.vm.clone(),
+                    destination: m.destination.clone(),
+                    attempts: m.attempts,
+                });
+            }
+        }
+        for v in req.vms.iter() {
+            let Some(rec) = vms.iter().find(|r| r.name == v.name && r.host == e.host) else {
+                continue;
+            };
+            let (Some(obs), assumed) = (rec.dirty_bytes_per_s, v.dirty_rate().0) else {
+                continue;
+            };
+            let pending = steps
+                .iter()
+                .any(|m| m.vm == v.name && !m.state.is_terminal());
+            if pending && (obs as f64 - assumed).abs() > DIRTY_DEVIATION * assumed.max(1.0) {
+                progress.observed_dirty.push((v.name.clone(), obs));
+                why.push(format!(
+                    "{} dirties {obs} bytes/s, {assumed:.0} assumed",
+                    v.name
+                ));
+                touched.insert(v.name.clone());
+            }
+        }
+        if why.is_empty() {
+            return Ok(());
+        }
+        let t0 = if e.plan.made_ms == 0 {
+            e.created_ms
+        } else {
+            e.plan.made_ms
+        };
+        progress.elapsed_s = now.saturating_sub(t0) as f64 / 1000.0;
+        for m in steps.iter() {
+            match m.state {
+                MigrationState::Completed => progress.completed.push(m.vm.clone()),
+                MigrationState::Starting | MigrationState::Running | MigrationState::Unknown => {
+                    let mem = vms
+                        .iter()
+                        .find(|v| v.name == m.vm)
+                        .map_or(0, |v| v.memory_mib << 20);
+                    progress.in_flight.push(tern_planner::InFlightMigration {
+                        vm: m.vm.clone(),
+                        destination: m.destination.clone(),
+                        remaining_bytes: mem,
+                        elapsed_s: m
+                            .started_ms
+                            .map_or(0.0, |s| now.saturating_sub(s) as f64 / 1000.0),
+                        in_post_copy: m.switched_to_postcopy,
+                    })
+                }
+                _ => {}
+            }
+        }
+        let why = why.join("; ");
+        let next = tern_planner::replan(&req, &prev, &progress)
+            .map_err(|x| x.to_string())
+            .and_then(|r| {
+                let deadline_left_s = e.deadline_ms.saturating_sub(now) / 1000;
+                planner::to_controller_plan(&e.host, deadline_left_s, &r.request, &r.plan)
+                    .map_err(|x| x.to_string())
+            });
+        let mut plan = match next {
+            Ok(p) => p,
+            Err(x) => {
+                // No plan without the gone host: the per-step re-targeting below keeps waiting.
+                tracing::info!("evacuation {}: re-plan after {why} impossible: {x}", e.id);
+                return Ok(());
+            }
+        };
+        plan.made_ms = now;
+        let detail = format!(
+            "replan: {why}; predicted makespan {:.1} s from now (was {:.1} s){}",
+            plan.predicted_makespan_s,
+            e.plan.predicted_makespan_s,
+            if plan.deviations.is_empty() {
+                String::new()
+            } else {
+                format!("; planner: {}", plan.deviations.join("; "))
+            }
+        );
+        for m in steps
+            .iter_mut()
+            .filter(|m| m.state == MigrationState::Planned)
+        {
+            let Some(p) = plan.migrations.iter().find(|p| p.vm == m.vm) else {
+                continue;
+            };
+            if p.destination != m.destination {
+                let d = format!("{detail}; {} now to {} ({})", m.vm, p.destination, p.reason);
+                m.destination = p.destination.clone();
+                m.reason = p.reason.clone();
+                self.save(m, "replan", &d).await?;
+            } else if touched.contains(&m.vm) {
+                self.ctl.note(m, "replan", &detail).await?;
+            }
+        }
+        e.plan = plan;
+        e.updated_ms = now;
+        self.ctl.store.put_evacuation(e).await?;
+        self.ctl
+            .events
+            .publish("evacuation", &e.id, &enum_str(&e.state), detail);
+        Ok(())
     }
 
     /// Keeps the step's destination if it still can take the VM, else re-plans it.

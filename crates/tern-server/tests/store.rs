@@ -7,7 +7,8 @@
 
 use tern_server::model::{
     EvacuationPlan, EvacuationRecord, EvacuationState, Heartbeat, HostFacts, HostPatch, HostState,
-    MigrationContext, MigrationRecord, MigrationState, PlannedMigration, PostCopySetting, VmReport,
+    MigrationContext, MigrationRecord, MigrationState, PlanTrigger, PlannedMigration,
+    PostCopySetting, VmReport,
 };
 use tern_server::store::{AuditEntry, ControllerStore, SqlStore, StoreError};
 
@@ -176,11 +177,19 @@ async fn suite(s: &SqlStore) {
             reason: "room".into(),
             start_s: 0.0,
             duration_s: 2.5,
+            end_s: 2.5,
+            trigger: PlanTrigger::AfterMigrationOf { vm: "b".into() },
+            reasons: vec!["room".into()],
+            ..PlannedMigration::default()
         }],
         concurrency: 1,
         predicted_makespan_s: 2.5,
         deadline_s: 600,
         fits_deadline: true,
+        lower_bound_s: 2.0,
+        deadline_verdict: "met".into(),
+        suggestions: vec!["none".into()],
+        ..EvacuationPlan::default()
     };
     let mut e = EvacuationRecord {
         id: "e1".into(),
