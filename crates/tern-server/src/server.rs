@@ -128,9 +128,8 @@ impl RunningServer {
         let tls = match &config.tls {
             Some(section) => {
                 let files = section.files().map_err(ServerError::Tls)?;
-                let tls = tern_pki::server_config(&files).map_err(|e| {
-                    ServerError::Tls(format!("[tls] of server.toml: {e}"))
-                })?;
+                let tls = tern_pki::server_config(&files)
+                    .map_err(|e| ServerError::Tls(format!("[tls] of server.toml: {e}")))?;
                 Some(tls)
             }
             None if config.listen.ip().is_loopback() => None,
