@@ -25,7 +25,8 @@ use crate::output::{OutputArgs, OutputFormat, print_json};
 /// Which controller to talk to.
 #[derive(Debug, Clone, Args)]
 pub struct ServerTarget {
-    /// Controller URL (http://HOST:PORT); default $TERN_SERVER. Without either, commands
+    /// Controller URL (https://HOST:PORT, or http://127.0.0.1:PORT in the lab mode); default
+    /// $TERN_SERVER. Without either, commands
     /// that can talk to agents directly do so.
     #[arg(long)]
     pub server: Option<String>,
