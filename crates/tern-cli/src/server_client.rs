@@ -26,8 +26,7 @@ use crate::output::{OutputArgs, OutputFormat, print_json};
 #[derive(Debug, Clone, Args)]
 pub struct ServerTarget {
     /// Controller URL (https://HOST:PORT, or http://127.0.0.1:PORT in the lab mode); default
-    /// $TERN_SERVER. Without either, commands
-    /// that can talk to agents directly do so.
+    /// $TERN_SERVER. Without either, commands that can talk to agents directly do so.
     #[arg(long)]
     pub server: Option<String>,
     /// The controller's token file, for a loopback lab controller without TLS (the token

@@ -120,11 +120,6 @@ impl RunningServer {
         config: ServerConfig,
         agents: Arc<dyn AgentApi>,
     ) -> Result<Self, ServerError> {
-        let store = if config.database.contains("://") {
-            SqlStore::connect(&config.database).await?
-        } else {
-            SqlStore::open_sqlite(Path::new(&config.database)).await?
-        };
         let tls = match &config.tls {
             Some(section) => {
                 let files = section.files().map_err(ServerError::Tls)?;
@@ -141,6 +136,11 @@ impl RunningServer {
                     config.listen
                 )));
             }
+        };
+        let store = if config.database.contains("://") {
+            SqlStore::connect(&config.database).await?
+        } else {
+            SqlStore::open_sqlite(Path::new(&config.database)).await?
         };
         let token = match tls {
             Some(_) => None,

@@ -405,4 +405,8 @@ async fn without_tls_only_a_loopback_address_is_allowed() {
     let m = e.to_string();
     assert!(m.contains("0.0.0.0:0") && m.contains("[tls]"), "{m}");
     assert!(!dir.path().join("controller.token").exists());
+    assert!(
+        !dir.path().join("controller.db").exists(),
+        "nothing is created before the refusal"
+    );
 }

@@ -360,3 +360,50 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_role_table_opens_reads_to_viewers_and_closes_unknown_mutations_to_admins() {
+        let cases = [
+            (Method::GET, "/v1/hosts", Role::Viewer),
+            (Method::GET, "/v1/events", Role::Viewer),
+            (Method::GET, "/metrics", Role::Viewer),
+            (Method::POST, "/v1/agents/heartbeat", Role::Host),
+            (Method::POST, "/v1/migrations", Role::Operator),
+            (Method::POST, "/v1/migrations/7/abort", Role::Operator),
+            (Method::POST, "/v1/hosts/h1/evacuate", Role::Operator),
+            (Method::POST, "/v1/evacuations/e1/pause", Role::Operator),
+            (Method::POST, "/v1/evacuations/e1/resume", Role::Operator),
+            (Method::POST, "/v1/evacuations/e1/cancel", Role::Operator),
+            (Method::PATCH, "/v1/hosts/h1", Role::Admin),
+            (Method::DELETE, "/v1/migrations", Role::Admin),
+            (Method::POST, "/v1/hosts/h1/evacuate/extra", Role::Admin),
+            (Method::POST, "/v1/something-new", Role::Admin),
+        ];
+        for (m, p, want) in cases {
+            assert_eq!(required_role(&m, p), want, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn hosts_only_heartbeat_and_the_lab_token_may_too() {
+        let host = Identity {
+            kind: CertKind::Host,
+            role: Role::Host,
+            name: "h1".into(),
+            ..token_identity()
+        };
+        let mut admin = token_identity();
+        admin.name = "ada".into();
+        assert!(permit(&ApiAuth::Mtls, &host, Role::Host).is_ok());
+        assert!(permit(&ApiAuth::Mtls, &host, Role::Viewer).is_err());
+        assert!(permit(&ApiAuth::Mtls, &host, Role::Operator).is_err());
+        assert!(permit(&ApiAuth::Mtls, &admin, Role::Host).is_err());
+        assert!(permit(&ApiAuth::Mtls, &admin, Role::Admin).is_ok());
+        let token = ApiAuth::Token(Arc::new("t".repeat(32)));
+        assert!(permit(&token, &token_identity(), Role::Host).is_ok());
+    }
+}
