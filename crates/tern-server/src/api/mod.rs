@@ -171,10 +171,23 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
-        openapi.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
-            "bearer",
-            Vec::<String>::new(),
-        )]);
+        components.add_security_scheme(
+            "mutualTLS",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "a client certificate of the installation CA (`tern pki`); its role \
+                     (viewer, operator, admin, or host for agents) decides what it may do"
+                        .into(),
+                ),
+                extensions: None,
+            },
+        );
+        // Alternatives: mutual TLS when `[tls]` is configured, the bearer token in the
+        // loopback lab mode.
+        openapi.security = Some(vec![
+            utoipa::openapi::security::SecurityRequirement::new("mutualTLS", Vec::<String>::new()),
+            utoipa::openapi::security::SecurityRequirement::new("bearer", Vec::<String>::new()),
+        ]);
     }
 }
 
