@@ -3,7 +3,10 @@
 //! event stream), `migrate VM [--to HOST]`.
 //!
 //! Requests and answers are the controller's own types (`tern_server`), so both sides agree
-//! by construction. The bearer token comes from `TERN_TOKEN` or the controller's token file.
+//! by construction. A controller with mutual TLS (`https://`) is called with a certificate of
+//! the installation CA: `--cert/--key/--ca`, or `--pki-dir` (`TERN_PKI_DIR`) and `--user`
+//! (`TERN_USER`). A loopback lab controller (`http://`) takes the bearer token from
+//! `TERN_TOKEN` or the controller's token file.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,13 +25,34 @@ use crate::output::{OutputArgs, OutputFormat, print_json};
 /// Which controller to talk to.
 #[derive(Debug, Clone, Args)]
 pub struct ServerTarget {
-    /// Controller URL (http://HOST:PORT); default $TERN_SERVER. Without either, commands
-    /// that can talk to agents directly do so.
+    /// Controller URL (https://HOST:PORT, or http://127.0.0.1:PORT in the lab mode); default
+    /// $TERN_SERVER. Without either, commands that can talk to agents directly do so.
     #[arg(long)]
     pub server: Option<String>,
-    /// The controller's token file (the token itself may be given as $TERN_TOKEN).
+    /// The controller's token file, for a loopback lab controller without TLS (the token
+    /// itself may be given as $TERN_TOKEN).
     #[arg(long, default_value = "/var/lib/tern/controller.token")]
     pub token_file: PathBuf,
+    /// Your certificate (PEM) for a controller with mutual TLS (with --key and --ca).
+    #[arg(long, requires_all = ["key", "ca"], conflicts_with = "pki_dir")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The installation CA certificate the controller's certificate must be issued by.
+    #[arg(long, requires = "cert")]
+    pub ca: Option<PathBuf>,
+    /// A `tern pki` directory holding your user certificate (see --user); default
+    /// $TERN_PKI_DIR.
+    #[arg(long)]
+    pub pki_dir: Option<PathBuf>,
+    /// Your user name in --pki-dir; default $TERN_USER.
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 impl ServerTarget {
@@ -49,7 +73,43 @@ impl ServerTarget {
         })?;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ClusterError::BadInput(format!(
-                "--server {url:?} is not a URL: give http://HOST:PORT"
+                "--server {url:?} is not a URL: give https://HOST:PORT (mutual TLS) or \
+                 http://127.0.0.1:PORT (lab mode)"
+            )));
+        }
+        let base = url.trim_end_matches('/').to_string();
+        if let Some(files) = self.tls_files()? {
+            if !url.starts_with("https://") {
+                return Err(ClusterError::BadInput(format!(
+                    "a certificate was given but --server {url:?} is not https://: a controller \
+                     with mutual TLS is reached at https://HOST:PORT"
+                )));
+            }
+            let build = |b: Result<reqwest::ClientBuilder, tern_pki::PkiError>| {
+                b.map_err(|e| ClusterError::BadInput(format!("client certificate: {e}")))
+            };
+            let http = build(tern_pki::reqwest_client_builder(&files))?
+                .no_proxy()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .map_err(|e| ClusterError::Failed(e.to_string()))?;
+            // The event stream is long-lived: no overall timeout, only for connecting.
+            let stream = build(tern_pki::reqwest_client_builder(&files))?
+                .no_proxy()
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .map_err(|e| ClusterError::Failed(e.to_string()))?;
+            return Ok(ControllerClient {
+                base,
+                token: None,
+                http,
+                stream,
+            });
+        }
+        if url.starts_with("https://") {
+            return Err(ClusterError::BadInput(format!(
+                "--server {url:?} uses mutual TLS: give your certificate with --pki-dir DIR \
+                 --user NAME (or TERN_PKI_DIR, TERN_USER), or --cert, --key and --ca"
             )));
         }
         let token = match std::env::var("TERN_TOKEN").ok().filter(|t| !t.is_empty()) {
@@ -69,19 +129,74 @@ impl ServerTarget {
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| ClusterError::Failed(e.to_string()))?;
+        let stream = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ClusterError::Failed(e.to_string()))?;
         Ok(ControllerClient {
-            base: url.trim_end_matches('/').to_string(),
-            token,
+            base,
+            token: Some(token),
             http,
+            stream,
         })
+    }
+
+    /// The client certificate files, from `--cert/--key/--ca` or `--pki-dir` + `--user`
+    /// (or `TERN_PKI_DIR` + `TERN_USER`); `None` when no certificate was given.
+    fn tls_files(&self) -> Result<Option<tern_pki::TlsFiles>, ClusterError> {
+        if let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) {
+            return Ok(Some(tern_pki::TlsFiles {
+                ca_cert: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                deny_list: None,
+            }));
+        }
+        let dir = self
+            .pki_dir
+            .clone()
+            .or_else(|| env_nonempty("TERN_PKI_DIR").map(PathBuf::from));
+        let user = self.user.clone().or_else(|| env_nonempty("TERN_USER"));
+        match (dir, user) {
+            (Some(dir), Some(user)) => {
+                let mut files = tern_pki::TlsFiles::in_pki_dir(&dir, "user", &user);
+                // The deny list is the server's business; a client only checks the CA.
+                files.deny_list = None;
+                if !files.cert.exists() {
+                    return Err(ClusterError::BadInput(format!(
+                        "no certificate for user {user:?} in {} (expected {}): issue one with \
+                         `tern pki --dir {} issue user {user} --role ROLE` or give --user NAME",
+                        dir.display(),
+                        files.cert.display(),
+                        dir.display()
+                    )));
+                }
+                Ok(Some(files))
+            }
+            (Some(dir), None) => Err(ClusterError::BadInput(format!(
+                "--pki-dir {} given without a user: pass --user NAME or set TERN_USER",
+                dir.display()
+            ))),
+            (None, Some(user)) if self.pki_dir.is_some() || self.user.is_some() => {
+                Err(ClusterError::BadInput(format!(
+                    "--user {user} given without a PKI directory: pass --pki-dir DIR or set \
+                     TERN_PKI_DIR"
+                )))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
 /// A client of the controller's API.
 pub struct ControllerClient {
     base: String,
-    token: String,
+    /// The bearer token (lab mode); `None` with mutual TLS.
+    token: Option<String>,
     http: reqwest::Client,
+    /// For the long-lived event stream: no overall timeout.
+    stream: reqwest::Client,
 }
 
 impl ControllerClient {
@@ -91,10 +206,10 @@ impl ControllerClient {
         path: &str,
         body: Option<&(impl Serialize + Sync)>,
     ) -> Result<T, ClusterError> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -114,7 +229,7 @@ impl ControllerClient {
                 })
                 .unwrap_or(text);
             return Err(match status {
-                400 | 401 | 404 | 409 | 422 => ClusterError::BadInput(msg),
+                400 | 401 | 403 | 404 | 409 | 422 => ClusterError::BadInput(msg),
                 503 => ClusterError::Unreachable(msg),
                 _ => ClusterError::Failed(msg),
             });
@@ -132,18 +247,11 @@ impl ControllerClient {
 
     /// The server-sent event stream (`/v1/events`), or `None` when it cannot be opened.
     pub async fn events(&self) -> Option<reqwest::Response> {
-        // The stream is long-lived: no overall timeout, only for connecting.
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .ok()?;
-        let resp = http
-            .get(format!("{}/v1/events", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .ok()?;
+        let mut req = self.stream.get(format!("{}/v1/events", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.ok()?;
         resp.status().is_success().then_some(resp)
     }
 

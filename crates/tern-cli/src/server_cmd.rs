@@ -31,16 +31,26 @@ pub async fn run(a: ServerArgs) -> Result<(), Failure> {
     };
     let token_file = config.token_file.clone();
     let server = RunningServer::start(config).await.map_err(|e| match e {
+        ServerError::Tls(_) => Failure::input(e),
         ServerError::Listen { .. } | ServerError::Store(_) | ServerError::Token { .. } => {
             Failure::environment(e)
         }
     })?;
-    eprintln!(
-        "tern server listening on {} (pid {}); token in {}",
-        server.url(),
-        std::process::id(),
-        token_file.display()
-    );
+    if server.tls {
+        eprintln!(
+            "tern server listening on {} (pid {}); mutual TLS, clients need a certificate of the \
+             installation CA",
+            server.url(),
+            std::process::id()
+        );
+    } else {
+        eprintln!(
+            "tern server listening on {} (pid {}) in LAB MODE: no TLS, loopback only; token in {}",
+            server.url(),
+            std::process::id(),
+            token_file.display()
+        );
+    }
     server
         .run_until(async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -192,3 +192,144 @@ async fn tern_server_and_host_commands() {
     let h2: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(h2["state"], "draining");
 }
+
+/// `tern server` with `[tls]` and the CLI with `--pki-dir/--user` (and `TERN_PKI_DIR`,
+/// `TERN_USER`, `--cert/--key/--ca`): roles are enforced end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tern_commands_over_mutual_tls_with_roles() {
+    use tern_pki::{Pki, Role, TlsFiles, Validity};
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    let pki = Pki::init(&pki_dir).unwrap();
+    let localhost: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    pki.issue_host("controller", &[localhost], Validity::days(1))
+        .unwrap();
+    pki.issue_host("h1", &[localhost], Validity::days(1))
+        .unwrap();
+    pki.issue_user("vera", Role::Viewer, Validity::days(1))
+        .unwrap();
+    let ada = pki
+        .issue_user("ada", Role::Admin, Validity::days(1))
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndatabase = \"{}\"\n[agents]\nh1 = \"http://127.0.0.1:9\"\n\
+             [tls]\npki_dir = \"{}\"\n",
+            dir.path().join("state/controller.db").display(),
+            pki_dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(TERN)
+        .args(["server", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = ServerProcess {
+        child,
+        url: format!("https://127.0.0.1:{port}"),
+        token_file: dir.path().join("state/token"),
+        _dir: dir,
+    };
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "tern server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let agent = tern_pki::reqwest_client_builder(&TlsFiles::in_pki_dir(&pki_dir, "host", "h1"))
+        .unwrap()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let r = agent
+        .post(format!("{}/v1/agents/heartbeat", s.url))
+        .json(&heartbeat("h1", 4096, &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    let tern = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut c = Command::new(TERN);
+        c.args(args)
+            .env("TERN_SERVER", &s.url)
+            .env_remove("TERN_TOKEN")
+            .env_remove("TERN_PKI_DIR")
+            .env_remove("TERN_USER");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let pki_s = pki_dir.display().to_string();
+    let out = tern(
+        &[
+            "host",
+            "list",
+            "-o",
+            "json",
+            "--pki-dir",
+            &pki_s,
+            "--user",
+            "vera",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let hosts: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hosts[0]["name"], "h1");
+
+    // The viewer may not change host settings: 403 naming the role needed, exit 2.
+    let viewer = [("TERN_PKI_DIR", pki_s.as_str()), ("TERN_USER", "vera")];
+    let out = tern(&["host", "set", "h1", "--max-inbound", "1"], &viewer);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vera") && err.contains("admin"), "{err}");
+
+    // The admin may, with explicit --cert/--key/--ca.
+    let (cert, key, ca) = (
+        ada.cert_path.display().to_string(),
+        ada.key_path.display().to_string(),
+        pki.ca_cert_path().display().to_string(),
+    );
+    let out = tern(
+        &[
+            "host",
+            "set",
+            "h1",
+            "--max-inbound",
+            "1",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--ca",
+            &ca,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    // No certificate for an https:// controller: a clear message, not a TLS error.
+    let out = tern(&["host", "list"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pki-dir"));
+    let out = tern(
+        &["host", "list", "--pki-dir", &pki_s, "--user", "nobody"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nobody\""));
+}

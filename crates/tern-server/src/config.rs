@@ -31,13 +31,14 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Listen address (loopback by default: put a TLS proxy in front until mTLS lands).
+    /// Listen address (loopback by default). A non-loopback address needs `[tls]`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// Database: a file path (SQLite) or a `postgres://` URL.
     #[serde(default = "default_database")]
     pub database: String,
-    /// The bearer token file, created (0600) at first start.
+    /// The bearer token file, created (0600) at first start; used only without `[tls]`
+    /// (the loopback lab mode).
     #[serde(default = "default_token_file")]
     pub token_file: PathBuf,
     /// A host without a heartbeat for this long is `unreachable` (s).
@@ -49,6 +50,57 @@ pub struct ServerConfig {
     /// Agents by host name: the only peers the controller talks to.
     #[serde(default)]
     pub agents: BTreeMap<String, String>,
+    /// Mutual TLS with the installation's CA (`tern pki`). Without it the controller runs in
+    /// the loopback-only bearer-token lab mode.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+}
+
+/// `[tls]` of `server.toml`: either a PKI directory made by `tern pki` (and the name of the
+/// controller's host certificate in it), or explicit `cert`, `key` and `ca` paths.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// A `tern pki` directory: the CA, `issued/host/NAME/{cert,key}.pem` and `revoked.txt`.
+    pub pki_dir: Option<PathBuf>,
+    /// The controller's host certificate name in `pki_dir` (default `controller`).
+    pub name: Option<String>,
+    /// The controller's certificate (PEM), instead of `pki_dir`.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM, 0600), instead of `pki_dir`.
+    pub key: Option<PathBuf>,
+    /// The installation CA certificate clients must be issued by, instead of `pki_dir`.
+    pub ca: Option<PathBuf>,
+    /// The deny list of revoked serials (default: `pki_dir`/revoked.txt; none with explicit
+    /// paths unless given).
+    pub deny_list: Option<PathBuf>,
+}
+
+impl TlsSection {
+    /// The files to serve with, or why the section is incomplete.
+    pub fn files(&self) -> Result<tern_pki::TlsFiles, String> {
+        match (&self.pki_dir, &self.cert, &self.key, &self.ca) {
+            (Some(dir), None, None, None) => {
+                let name = self.name.as_deref().unwrap_or("controller");
+                let mut f = tern_pki::TlsFiles::in_pki_dir(dir, "host", name);
+                if let Some(d) = &self.deny_list {
+                    f.deny_list = Some(d.clone());
+                }
+                Ok(f)
+            }
+            (None, Some(cert), Some(key), Some(ca)) => Ok(tern_pki::TlsFiles {
+                ca_cert: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                deny_list: self.deny_list.clone(),
+            }),
+            _ => Err(format!(
+                "[tls] needs either pki_dir (with an optional name) or all of cert, key and ca, \
+                 not a mix; got pki_dir={:?} cert={:?} key={:?} ca={:?}",
+                self.pki_dir, self.cert, self.key, self.ca
+            )),
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -76,6 +128,7 @@ impl Default for ServerConfig {
             heartbeat_timeout_s: default_timeout(),
             runner_tick_ms: default_tick(),
             agents: BTreeMap::new(),
+            tls: None,
         }
     }
 }
@@ -103,6 +156,12 @@ impl ServerConfig {
                 });
             }
         }
+        if let Some(t) = &c.tls {
+            t.files().map_err(|message| ConfigError::Invalid {
+                origin: origin.into(),
+                message,
+            })?;
+        }
         Ok(c)
     }
 
@@ -129,5 +188,10 @@ mod tests {
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = ServerConfig::from_toml("[agents]\nh1 = \"nope\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("agents.h1"), "{e}");
+        let e = ServerConfig::from_toml("[tls]\ncert = \"/c\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("pki_dir"), "{e}");
+        let c = ServerConfig::from_toml("[tls]\npki_dir = \"/p\"\n", "t").unwrap();
+        let f = c.tls.unwrap().files().unwrap();
+        assert_eq!(f.cert, PathBuf::from("/p/issued/host/controller/cert.pem"));
     }
 }

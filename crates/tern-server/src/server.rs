@@ -1,5 +1,5 @@
-//! Starting the controller: open the store, load or create the token, start the runner and
-//! serve the API.
+//! Starting the controller: open the store, set up mutual TLS (or, on loopback only, the
+//! bearer token of the lab mode), start the runner and serve the API.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::agent_client::{AgentApi, HttpAgents};
-use crate::api::{AppState, router};
+use crate::api::{ApiAuth, AppState, router};
 use crate::config::ServerConfig;
 use crate::controller::Controller;
 use crate::events::EventBus;
@@ -30,6 +30,9 @@ pub enum ServerError {
         /// What is wrong.
         message: String,
     },
+    /// `[tls]` is missing and the listen address is not loopback, or the TLS files are bad.
+    #[error("{0}")]
+    Tls(String),
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -93,8 +96,10 @@ pub fn load_or_create_token(path: &Path) -> Result<String, ServerError> {
 pub struct RunningServer {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// The bearer token.
-    pub token: String,
+    /// The bearer token in the loopback lab mode; `None` with mutual TLS.
+    pub token: Option<String>,
+    /// Whether the API is served with mutual TLS (`https://`).
+    pub tls: bool,
     /// The controller.
     pub controller: Controller,
     server: tokio::task::JoinHandle<()>,
@@ -115,12 +120,32 @@ impl RunningServer {
         config: ServerConfig,
         agents: Arc<dyn AgentApi>,
     ) -> Result<Self, ServerError> {
+        let tls = match &config.tls {
+            Some(section) => {
+                let files = section.files().map_err(ServerError::Tls)?;
+                let tls = tern_pki::server_config(&files)
+                    .map_err(|e| ServerError::Tls(format!("[tls] of server.toml: {e}")))?;
+                Some(tls)
+            }
+            None if config.listen.ip().is_loopback() => None,
+            None => {
+                return Err(ServerError::Tls(format!(
+                    "refusing to listen on {} without TLS: a non-loopback address needs a [tls] \
+                     section in server.toml (pki_dir of `tern pki`, or cert, key and ca); \
+                     without [tls] only a loopback address (127.0.0.1, ::1) is allowed, for labs",
+                    config.listen
+                )));
+            }
+        };
         let store = if config.database.contains("://") {
             SqlStore::connect(&config.database).await?
         } else {
             SqlStore::open_sqlite(Path::new(&config.database)).await?
         };
-        let token = load_or_create_token(&config.token_file)?;
+        let token = match tls {
+            Some(_) => None,
+            None => Some(load_or_create_token(&config.token_file)?),
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Listen {
@@ -144,25 +169,43 @@ impl RunningServer {
         };
         let app = router(AppState {
             ctl: controller.clone(),
-            token: Arc::new(token.clone()),
+            auth: match &token {
+                Some(t) => ApiAuth::Token(Arc::new(t.clone())),
+                None => ApiAuth::Mtls,
+            },
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let with_tls = tls.is_some();
         let server = tokio::spawn(async move {
-            let svc = app.into_make_service_with_connect_info::<SocketAddr>();
-            let r = axum::serve(listener, svc)
-                .with_graceful_shutdown(async {
-                    let _ = stop_rx.await;
-                })
-                .await;
+            let stopped = async {
+                let _ = stop_rx.await;
+            };
+            let r = match tls {
+                Some(tls) => tern_pki::serve_mtls_until(listener, app, tls, stopped).await,
+                None => {
+                    let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+                    axum::serve(listener, svc)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+            };
             if let Err(e) = r {
                 tracing::error!("controller API: {e}");
             }
         });
         let runner = tokio::spawn(Runner::new(controller.clone()).run(tick));
-        tracing::info!("tern server listening on http://{addr}");
+        if with_tls {
+            tracing::info!("tern server listening on https://{addr} (mutual TLS, roles)");
+        } else {
+            tracing::warn!(
+                "tern server in LAB MODE on http://{addr}: no TLS, one bearer token for everyone \
+                 (admin), loopback only; configure [tls] in server.toml for real hosts"
+            );
+        }
         Ok(Self {
             addr,
             token,
+            tls: with_tls,
             controller,
             server,
             runner,
@@ -173,7 +216,8 @@ impl RunningServer {
 
     /// The API's base URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Serves until `signal` resolves, then stops.

@@ -50,12 +50,31 @@ pub(super) async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
 
 /// An agent registers and reports its host and VMs.
 #[utoipa::path(post, path = "/v1/agents/heartbeat", request_body = Heartbeat,
-    responses((status = 200, body = HostRecord), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = HostRecord), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub(super) async fn heartbeat(
     State(st): State<AppState>,
+    who: tern_pki::Identity,
     hb: Result<Json<Heartbeat>, JsonRejection>,
 ) -> ApiResult<HostRecord> {
-    Ok(Json(st.ctl.heartbeat(body(hb)?).await?))
+    let hb = body(hb)?;
+    // A host certificate speaks only for its own host: a compromised agent must not be able
+    // to report another host's guests away (token mode has no hosts: the lab token holder
+    // stands for every agent).
+    if who.kind == tern_pki::CertKind::Host && hb.host != who.name {
+        return Err(ApiError {
+            status: axum::http::StatusCode::FORBIDDEN,
+            body: ErrorBody {
+                error: format!(
+                    "{who} may not send a heartbeat for host {:?}: a host certificate can only \
+                     report for its own name ({:?})",
+                    hb.host, who.name
+                ),
+                details: None,
+            },
+        });
+    }
+    Ok(Json(st.ctl.heartbeat(hb).await?))
 }
 
 /// `?limit=&after=` of `GET /v1/hosts`.

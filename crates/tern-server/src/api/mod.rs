@@ -1,11 +1,17 @@
 //! The controller's HTTP/JSON API (axum): `/v1/...`, `/openapi.json` generated from the Rust
 //! types (utoipa), `/metrics` (Prometheus) and `/v1/events` (server-sent events).
 //!
-//! Every call needs `Authorization: Bearer TOKEN` (401 with a JSON error otherwise); every
-//! call is logged on one line, and every mutating call (but accepted agent heartbeats) is
-//! recorded in the audit table with who made it. Errors are `{"error": "...", "details": ...}` naming the bad value and what is
-//! valid: 400 invalid input, 401 no or wrong token, 404 unknown thing, 409 conflicting state,
-//! 422 valid but impossible (with per-item reasons), 500 store failures.
+//! Who calls is an [`Identity`]: with mutual TLS the client certificate's (put on the request
+//! by `tern_pki::serve_mtls`); in the loopback lab mode the holder of the bearer token, an
+//! admin named `token` (401 without the token). What each identity may do is one table,
+//! [`required_role`]: viewers read everything, operators migrate and evacuate, admins change
+//! host settings and anything else, host certificates only send their own heartbeat (403
+//! naming who, their role and the role needed). Every call is logged on one line, and every
+//! mutating call (but accepted agent heartbeats), refused ones included, is recorded in the
+//! audit table with the identity and its role. Errors are `{"error": "...", "details": ...}`
+//! naming the bad value and what is valid: 400 invalid input, 401 no or wrong token, 403 wrong
+//! role, 404 unknown thing, 409 conflicting state, 422 valid but impossible (with per-item
+//! reasons), 500 store failures.
 
 mod handlers;
 
@@ -20,6 +26,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
+use tern_pki::{AuthzError, CertKind, Identity, Role};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
@@ -90,8 +97,69 @@ impl IntoResponse for ApiError {
 pub struct AppState {
     /// The controller.
     pub ctl: Controller,
-    /// The bearer token.
-    pub token: Arc<String>,
+    /// How callers authenticate.
+    pub auth: ApiAuth,
+}
+
+/// How the API knows who calls.
+#[derive(Clone)]
+pub enum ApiAuth {
+    /// Mutual TLS: the [`Identity`] comes from the client certificate (`serve_mtls`).
+    Mtls,
+    /// Loopback lab mode: the bearer token; its holder is the admin `token`.
+    Token(Arc<String>),
+}
+
+/// The identity of the bearer-token holder in the loopback lab mode: an admin named `token`,
+/// so audit records and 403 messages say plainly that no certificate was involved.
+pub fn token_identity() -> Identity {
+    Identity {
+        name: "token".to_string(),
+        kind: CertKind::User,
+        role: Role::Admin,
+        serial: "none".to_string(),
+        not_after_unix: i64::MAX,
+    }
+}
+
+/// The role a request needs: the one authorization table of the API.
+///
+/// Reads (`GET`, `HEAD`: every list and view, `/v1/events`, `/metrics`, `/openapi.json`) need
+/// `viewer`; starting, aborting and evacuating (`POST /v1/migrations`, `.../abort`,
+/// `POST /v1/hosts/{name}/evacuate`, evacuation pause/resume/cancel) need `operator`; agent
+/// heartbeats need a host certificate; everything else that changes state (host settings
+/// `PATCH /v1/hosts/{name}`, and any route added later) needs `admin`, so a new route is
+/// closed by default.
+pub fn required_role(method: &Method, path: &str) -> Role {
+    if method == Method::GET || method == Method::HEAD {
+        return Role::Viewer;
+    }
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    if method == Method::POST {
+        match parts.as_slice() {
+            ["", "v1", "agents", "heartbeat"] => return Role::Host,
+            ["", "v1", "migrations"]
+            | ["", "v1", "migrations", _, "abort"]
+            | ["", "v1", "hosts", _, "evacuate"]
+            | ["", "v1", "evacuations", _, "pause" | "resume" | "cancel"] => return Role::Operator,
+            _ => {}
+        }
+    }
+    Role::Admin
+}
+
+/// Whether `who` may make a request needing `needed`. Host certificates may only use host
+/// routes (their heartbeat), not even read; users follow viewer < operator < admin. In token
+/// mode the token holder may also heartbeat (it stands for every lab agent).
+fn permit(auth: &ApiAuth, who: &Identity, needed: Role) -> Result<(), AuthzError> {
+    match (auth, who.kind, needed) {
+        (ApiAuth::Token(_), _, Role::Host) | (_, CertKind::Host, Role::Host) => Ok(()),
+        (_, CertKind::Host, _) => Err(AuthzError::Forbidden {
+            identity: who.clone(),
+            needed,
+        }),
+        _ => tern_pki::authorize(Some(who), needed),
+    }
 }
 
 struct BearerAuth;
@@ -103,10 +171,23 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
-        openapi.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
-            "bearer",
-            Vec::<String>::new(),
-        )]);
+        components.add_security_scheme(
+            "mutualTLS",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "a client certificate of the installation CA (`tern pki`); its role \
+                     (viewer, operator, admin, or host for agents) decides what it may do"
+                        .into(),
+                ),
+                extensions: None,
+            },
+        );
+        // Alternatives: mutual TLS when `[tls]` is configured, the bearer token in the
+        // loopback lab mode.
+        openapi.security = Some(vec![
+            utoipa::openapi::security::SecurityRequirement::new("mutualTLS", Vec::<String>::new()),
+            utoipa::openapi::security::SecurityRequirement::new("bearer", Vec::<String>::new()),
+        ]);
     }
 }
 
@@ -191,8 +272,28 @@ fn token_matches(given: &str, expected: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Authentication, one log line per request, audit of mutating calls.
-async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
+/// The 401 of token mode.
+fn token_refused(wrong: bool) -> Response {
+    let why = if wrong {
+        "wrong bearer token"
+    } else {
+        "missing Authorization: Bearer TOKEN header"
+    };
+    ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        body: ErrorBody {
+            error: format!(
+                "{why}: every call needs the controller's token (the token_file of server.toml)"
+            ),
+            details: None,
+        },
+    }
+    .into_response()
+}
+
+/// Authentication, authorization ([`required_role`]), one log line per request, audit of
+/// mutating calls (refused ones included).
+async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req
@@ -203,32 +304,44 @@ async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "?".to_string(), |c| c.0.to_string());
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let (actor, resp) = match given {
-        Some(t) if token_matches(t, &st.token) => (format!("token@{peer}"), next.run(req).await),
-        other => {
-            let why = if other.is_some() {
-                "wrong bearer token"
-            } else {
-                "missing Authorization: Bearer TOKEN header"
-            };
-            let e = ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                body: ErrorBody {
-                    error: format!(
-                        "{why}: every call needs the controller's token (the token_file of \
-                         server.toml)"
-                    ),
-                    details: None,
-                },
-            };
-            (format!("anonymous@{peer}"), e.into_response())
+    let identity = match &st.auth {
+        ApiAuth::Mtls => req
+            .extensions()
+            .get::<Identity>()
+            .cloned()
+            .ok_or_else(|| AuthzError::Unauthenticated.into_response()),
+        ApiAuth::Token(token) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            match given {
+                Some(t) if token_matches(t, token) => Ok(token_identity()),
+                other => Err(token_refused(other.is_some())),
+            }
         }
+    };
+    let (actor, resp) = match identity {
+        Ok(who) => {
+            let actor = format!(
+                "{}@{peer} ({}, role {}, serial {})",
+                who.name, who.kind, who.role, who.serial
+            );
+            let needed = required_role(&method, req.uri().path());
+            match permit(&st.auth, &who, needed) {
+                Ok(()) => {
+                    req.extensions_mut().insert(who);
+                    (actor, next.run(req).await)
+                }
+                Err(e) => {
+                    tracing::warn!(%method, path = %path, error = %e, "refused request");
+                    (actor, e.into_response())
+                }
+            }
+        }
+        Err(resp) => (format!("anonymous@{peer}"), resp),
     };
     let status = resp.status().as_u16();
     tracing::info!(
@@ -259,4 +372,51 @@ async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response
         }
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_role_table_opens_reads_to_viewers_and_closes_unknown_mutations_to_admins() {
+        let cases = [
+            (Method::GET, "/v1/hosts", Role::Viewer),
+            (Method::GET, "/v1/events", Role::Viewer),
+            (Method::GET, "/metrics", Role::Viewer),
+            (Method::POST, "/v1/agents/heartbeat", Role::Host),
+            (Method::POST, "/v1/migrations", Role::Operator),
+            (Method::POST, "/v1/migrations/7/abort", Role::Operator),
+            (Method::POST, "/v1/hosts/h1/evacuate", Role::Operator),
+            (Method::POST, "/v1/evacuations/e1/pause", Role::Operator),
+            (Method::POST, "/v1/evacuations/e1/resume", Role::Operator),
+            (Method::POST, "/v1/evacuations/e1/cancel", Role::Operator),
+            (Method::PATCH, "/v1/hosts/h1", Role::Admin),
+            (Method::DELETE, "/v1/migrations", Role::Admin),
+            (Method::POST, "/v1/hosts/h1/evacuate/extra", Role::Admin),
+            (Method::POST, "/v1/something-new", Role::Admin),
+        ];
+        for (m, p, want) in cases {
+            assert_eq!(required_role(&m, p), want, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn hosts_only_heartbeat_and_the_lab_token_may_too() {
+        let host = Identity {
+            kind: CertKind::Host,
+            role: Role::Host,
+            name: "h1".into(),
+            ..token_identity()
+        };
+        let mut admin = token_identity();
+        admin.name = "ada".into();
+        assert!(permit(&ApiAuth::Mtls, &host, Role::Host).is_ok());
+        assert!(permit(&ApiAuth::Mtls, &host, Role::Viewer).is_err());
+        assert!(permit(&ApiAuth::Mtls, &host, Role::Operator).is_err());
+        assert!(permit(&ApiAuth::Mtls, &admin, Role::Host).is_err());
+        assert!(permit(&ApiAuth::Mtls, &admin, Role::Admin).is_ok());
+        let token = ApiAuth::Token(Arc::new("t".repeat(32)));
+        assert!(permit(&token, &token_identity(), Role::Host).is_ok());
+    }
 }

@@ -197,12 +197,13 @@ impl Harness {
             heartbeat_timeout_s,
             runner_tick_ms: 50,
             agents,
+            tls: None,
         };
         let server = RunningServer::start(config.clone()).await.unwrap();
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         Self {
             url: server.url(),
-            token: server.token.clone(),
+            token: server.token.clone().unwrap(),
             server: Some(server),
             dir,
             agent,
@@ -230,7 +231,7 @@ impl Harness {
     pub async fn start_again(&mut self) {
         let server = RunningServer::start(self.config.clone()).await.unwrap();
         self.url = server.url();
-        self.token = server.token.clone();
+        self.token = server.token.clone().unwrap_or_default();
         self.server = Some(server);
     }
 
