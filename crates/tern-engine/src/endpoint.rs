@@ -208,13 +208,43 @@ pub async fn command_names(qmp: &QmpClient) -> BTreeSet<String> {
     }
 }
 
+/// How long an in-process destination QEMU may take to answer one QMP command before the
+/// runner stops waiting and treats it as not answering ([`EngineError::PeerUnreachable`]:
+/// `unknown` at completion, a failed attempt during recovery — never `lost`).
+///
+/// Why: under TCG a destination vCPU that faults on a page still on the source during
+/// post-copy can block in the userfault while holding QEMU's big lock; if the link is cut at
+/// that moment the main loop (and with it QMP) never runs again. Seen in a lab run
+/// (destination main thread in `bql_lock_impl`, vCPU in `do_interrupt_all` → `cpu_ldl_*`);
+/// without a bound the runner waited forever. Every command the runner sends returns at
+/// once in QEMU (`migrate-incoming` and `migrate-recover` only set up a listener), so 20 s
+/// is far beyond a healthy answer even on a loaded machine.
+pub const LOCAL_QMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+async fn bounded<T>(
+    command: &str,
+    call: impl std::future::Future<Output = Result<T, tern_qmp::QmpError>>,
+) -> Result<T, EngineError> {
+    match tokio::time::timeout(LOCAL_QMP_TIMEOUT, call).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(EngineError::PeerUnreachable(format!(
+            "the QEMU did not answer `{command}` within {} s (its main loop is \
+             blocked)",
+            LOCAL_QMP_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 #[async_trait]
 impl DestinationEndpoint for QmpClient {
     async fn facts(&self) -> Result<EndpointFacts, EngineError> {
         let v = self.qemu_version();
         Ok(EndpointFacts {
-            capabilities: self.supported_capabilities().await?,
-            commands: command_names(self).await,
+            capabilities: bounded("query-migrate-capabilities", self.supported_capabilities())
+                .await?,
+            commands: tokio::time::timeout(LOCAL_QMP_TIMEOUT, command_names(self))
+                .await
+                .unwrap_or_default(),
             version: (v.major, v.minor),
         })
     }
@@ -222,27 +252,35 @@ impl DestinationEndpoint for QmpClient {
         &self,
         caps: &[MigrationCapabilityStatus],
     ) -> Result<(), EngineError> {
-        Ok(self.migrate_set_capabilities(caps).await?)
+        bounded(
+            "migrate-set-capabilities",
+            self.migrate_set_capabilities(caps),
+        )
+        .await
     }
     async fn set_parameters(&self, params: &MigrationParameters) -> Result<(), EngineError> {
-        Ok(self.migrate_set_parameters(params).await?)
+        bounded(
+            "migrate-set-parameters",
+            self.migrate_set_parameters(params),
+        )
+        .await
     }
     async fn migrate_incoming(&self, uri: &str) -> Result<(), EngineError> {
-        Ok(QmpClient::migrate_incoming(self, uri).await?)
+        bounded("migrate-incoming", QmpClient::migrate_incoming(self, uri)).await
     }
     async fn run_state(&self) -> Result<StatusInfo, EngineError> {
-        Ok(self.query_status().await?)
+        bounded("query-status", self.query_status()).await
     }
     async fn migration_info(&self) -> Result<MigrationInfo, EngineError> {
-        Ok(self.query_migrate().await?)
+        bounded("query-migrate", self.query_migrate()).await
     }
     async fn cont(&self) -> Result<(), EngineError> {
-        Ok(QmpClient::cont(self).await?)
+        bounded("cont", QmpClient::cont(self)).await
     }
     async fn migrate_recover(&self, uri: &str) -> Result<(), EngineError> {
-        Ok(QmpClient::migrate_recover(self, uri).await?)
+        bounded("migrate-recover", QmpClient::migrate_recover(self, uri)).await
     }
     async fn migrate_pause(&self) -> Result<(), EngineError> {
-        Ok(QmpClient::migrate_pause(self).await?)
+        bounded("migrate-pause", QmpClient::migrate_pause(self)).await
     }
 }

@@ -466,16 +466,30 @@ impl Lab {
         let name = &spec.name;
         let _lock = LabsLock::acquire()?;
         let path = state_path(name);
-        if path.exists() {
-            return Err(LabError::AlreadyExists {
-                name: name.clone(),
-                evidence: format!("state file {}", path.display()),
-            });
-        }
         let leftovers: Vec<String> = existing_netns()
             .into_iter()
             .filter(|ns| lab_of_netns(ns) == Some(name.as_str()))
             .collect();
+        if path.exists() {
+            if leftovers.is_empty() {
+                // A state file with none of its namespaces is what a process killed between
+                // `lab down`'s namespace removal and its file removal (or a host reboot, which
+                // empties the namespaces but not always /run) leaves: nothing of the lab
+                // exists any more, so the file describes nothing. Under the labs lock no
+                // other `up` can be creating it.
+                tracing::warn!(lab = %name, file = %path.display(),
+                    "removing a stale lab state file: none of its namespaces exist");
+                std::fs::remove_file(&path).map_err(|e| LabError::State {
+                    path: path.clone(),
+                    message: format!("removing the stale state file: {e}"),
+                })?;
+            } else {
+                return Err(LabError::AlreadyExists {
+                    name: name.clone(),
+                    evidence: format!("state file {}", path.display()),
+                });
+            }
+        }
         if !leftovers.is_empty() {
             return Err(LabError::AlreadyExists {
                 name: name.clone(),

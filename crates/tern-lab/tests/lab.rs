@@ -575,3 +575,25 @@ fn eight_host_lab_is_fully_connected() {
     }
     assert_no_leftovers(&name);
 }
+
+#[test]
+fn a_stale_state_file_without_namespaces_does_not_block_up() {
+    // What a test or agent killed mid-`down` leaves: the state file, no namespaces.
+    let name = lab_name("stale");
+    std::fs::create_dir_all(tern_lab::STATE_DIR).unwrap();
+    let stale = tern_lab::state_path(&name);
+    std::fs::write(&stale, "{\"stale\": true}").unwrap();
+    {
+        let lab = Lab::up_guarded(&spec(&name)).expect("a stale state file must not block up");
+        assert_eq!(lab.hosts().len(), 2);
+    }
+    assert!(!stale.exists(), "down removes the new state file");
+    assert_no_leftovers(&name);
+
+    // With the lab's namespaces present, the state file is not stale: up still refuses.
+    let lab = Lab::up_guarded(&spec(&name)).unwrap();
+    let err = Lab::up(&spec(&name)).err().expect("a live lab is refused");
+    assert!(matches!(err, LabError::AlreadyExists { .. }), "{err}");
+    drop(lab);
+    assert_no_leftovers(&name);
+}
