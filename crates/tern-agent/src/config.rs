@@ -19,6 +19,11 @@
 //! [peers]                          # other hosts' agents: migration destinations
 //! h2 = "http://127.0.0.1:7702"
 //! h3 = { url = "http://127.0.0.1:7703", link_bytes_per_s = 25000000 }
+//!
+//! [controller]                     # optional: send heartbeats to `tern server`
+//! url = "http://127.0.0.1:7700"    # http on loopback only (the token travels in clear)
+//! token_file = "/etc/tern/controller.token"   # mode 0600
+//! interval_s = 5                   # 1..=60
 //! ```
 //!
 //! A commented sample is `docs/agent.toml`. Peers come only from here, never from a request:
