@@ -19,6 +19,11 @@
 //! [peers]                          # other hosts' agents: migration destinations
 //! h2 = "http://127.0.0.1:7702"
 //! h3 = { url = "http://127.0.0.1:7703", link_bytes_per_s = 25000000 }
+//!
+//! [controller]                     # optional: send heartbeats to `tern server`
+//! url = "http://127.0.0.1:7700"    # http on loopback only (the token travels in clear)
+//! token_file = "/etc/tern/controller.token"   # mode 0600
+//! interval_s = 5                   # 1..=60
 //! ```
 //!
 //! A commented sample is `docs/agent.toml`. Peers come only from here, never from a request:
@@ -69,6 +74,80 @@ pub struct AgentConfig {
     /// Where the accelerator probe's verdict is cached (reported in `GET /v1/host`).
     #[serde(default = "default_accelerator_cache")]
     pub accelerator_cache: PathBuf,
+    /// The cluster controller this agent reports its heartbeat to, if any. Without it the
+    /// agent still runs migrations on its own (`tern migrate` talks to it directly).
+    #[serde(default)]
+    pub controller: Option<ControllerConfig>,
+}
+
+/// Where and how often the agent sends its heartbeat (`POST /v1/agents/heartbeat`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// The controller's base URL. Only `http://` on a loopback address for now: the bearer
+    /// token travels in clear, so it must not leave the machine (the controller refuses a
+    /// non-loopback address without TLS for the same reason). `https://` comes with mTLS.
+    pub url: String,
+    /// File holding the controller's bearer token (the controller's `token_file`), read once
+    /// at start; refused when others may read it, as the controller refuses its own.
+    pub token_file: PathBuf,
+    /// Seconds between heartbeats (1..=60). The controller marks a host unreachable when
+    /// its heartbeat is older than its timeout, so keep this well below that.
+    #[serde(default = "default_heartbeat_interval_s")]
+    pub interval_s: u64,
+}
+
+/// Seconds between heartbeats unless configured.
+pub const DEFAULT_HEARTBEAT_INTERVAL_S: u64 = 5;
+
+/// The heartbeat intervals a configuration may give, in seconds.
+pub const HEARTBEAT_INTERVAL_S: std::ops::RangeInclusive<u64> = 1..=60;
+
+fn default_heartbeat_interval_s() -> u64 {
+    DEFAULT_HEARTBEAT_INTERVAL_S
+}
+
+impl ControllerConfig {
+    fn validate(&self, origin: &str) -> Result<(), AgentError> {
+        if !HEARTBEAT_INTERVAL_S.contains(&self.interval_s) {
+            return Err(AgentError::Config(format!(
+                "{origin}: [controller] interval_s = {} is out of range: give {}..={} seconds",
+                self.interval_s,
+                HEARTBEAT_INTERVAL_S.start(),
+                HEARTBEAT_INTERVAL_S.end()
+            )));
+        }
+        let url = reqwest::Url::parse(&self.url).map_err(|e| {
+            AgentError::Config(format!(
+                "{origin}: [controller] url = {:?} is not a URL ({e}): use http://127.0.0.1:PORT",
+                self.url
+            ))
+        })?;
+        if url.scheme() != "http" {
+            return Err(AgentError::Config(format!(
+                "{origin}: [controller] url = {:?}: only http:// on a loopback address is \
+                 supported (https:// with mutual TLS is not implemented in the agent yet)",
+                self.url
+            )));
+        }
+        let loopback = match url.host_str() {
+            Some("localhost") => true,
+            Some(h) => h
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_ok_and(|a| a.is_loopback()),
+            None => false,
+        };
+        if !loopback {
+            return Err(AgentError::Config(format!(
+                "{origin}: [controller] url = {:?} is not on loopback: without TLS the token \
+                 would travel in clear; use http://127.0.0.1:PORT (or [::1], localhost)",
+                self.url
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Another host's agent.
@@ -222,6 +301,9 @@ impl AgentConfig {
             ))
         })?;
         cfg.migration.validate()?;
+        if let Some(c) = &cfg.controller {
+            c.validate(origin)?;
+        }
         for (host, peer) in &cfg.peers {
             let url = peer.url();
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -334,6 +416,59 @@ bandwidth_mib_per_s = 100
         assert!(c.peers.contains_key("h2"));
         assert_eq!(c.image_dirs, vec![PathBuf::from("/var/cache/tern")]);
         assert!(c.migration.permit_post_copy);
+        let ctl = c.controller.expect("the sample shows [controller]");
+        assert_eq!(ctl.url, "http://127.0.0.1:7700");
+        assert_eq!(ctl.interval_s, 5);
+        assert_eq!(ctl.token_file, PathBuf::from("/etc/tern/controller.token"));
+    }
+
+    fn with_controller(table: &str) -> Result<AgentConfig, AgentError> {
+        AgentConfig::from_toml(&format!("{GOOD}\n[controller]\n{table}\n"), "t")
+    }
+
+    #[test]
+    fn controller_is_optional_and_defaults_its_interval() {
+        assert_eq!(AgentConfig::from_toml(GOOD, "t").unwrap().controller, None);
+        let c = with_controller("url = \"http://127.0.0.1:7700\"\ntoken_file = \"/t\"")
+            .unwrap()
+            .controller
+            .unwrap();
+        assert_eq!(c.interval_s, DEFAULT_HEARTBEAT_INTERVAL_S);
+        for url in ["http://[::1]:7700", "http://localhost:7700/"] {
+            let t = format!("url = \"{url}\"\ntoken_file = \"/t\"\ninterval_s = 60");
+            assert!(with_controller(&t).is_ok(), "{url}");
+        }
+    }
+
+    #[test]
+    fn controller_urls_other_than_loopback_http_are_refused() {
+        for (url, says) in [
+            ("https://127.0.0.1:7700", "only http://"),
+            ("http://192.0.2.1:7700", "not on loopback"),
+            ("http://controller.example:7700", "not on loopback"),
+            ("127.0.0.1:7700", "is not a URL"),
+            ("not a url", "is not a URL"),
+        ] {
+            let e = with_controller(&format!("url = \"{url}\"\ntoken_file = \"/t\""))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(url) && e.contains(says), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn heartbeat_intervals_outside_1_to_60_are_refused() {
+        for bad in [0, 61] {
+            let e = with_controller(&format!(
+                "url = \"http://127.0.0.1:7700\"\ntoken_file = \"/t\"\ninterval_s = {bad}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("interval_s = {bad}")) && e.contains("1..=60"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -50,6 +50,7 @@ use crate::{AgentError, api::MigrationView, bounds, edge, files};
 
 mod admit;
 mod destination;
+pub mod heartbeat;
 
 use admit::Admitted;
 
@@ -134,6 +135,16 @@ impl Agent {
     /// Opens the agent's database, re-attaches to the QEMUs it lists and settles unfinished
     /// migrations (in background tasks). Must be called inside a tokio runtime.
     pub async fn start(config: AgentConfig, options: AgentOptions) -> Result<Self, AgentError> {
+        // Read the controller's token first: a bad [controller] section stops the start
+        // before anything is opened.
+        let heartbeat = match &config.controller {
+            Some(c) => Some((
+                heartbeat::HeartbeatSender::from_config(c)
+                    .map_err(|e| AgentError::Config(e.to_string()))?,
+                Duration::from_secs(c.interval_s),
+            )),
+            None => None,
+        };
         let qemu = QemuBinary::locate()?;
         files::private_dir(&config.runtime_dir)?;
         let lock = files::lock_runtime_dir(&config.runtime_dir)?;
@@ -166,6 +177,13 @@ impl Agent {
         };
         agent.readopt().await?;
         agent.resume_unfinished().await?;
+        if let Some((sender, interval)) = heartbeat {
+            tokio::spawn(heartbeat::run(
+                Arc::downgrade(&agent.inner),
+                sender,
+                interval,
+            ));
+        }
         Ok(agent)
     }
 

@@ -28,7 +28,7 @@ pub mod migration;
 pub mod remote;
 pub mod store;
 
-pub use config::{AgentConfig, HostMigrationConfig};
+pub use config::{AgentConfig, ControllerConfig, HostMigrationConfig};
 pub use daemon::{Agent, AgentOptions};
 pub use host::{HostIdentity, HostRuntime, ProcessState, VmInfo, VmRole, VmRunState};
 pub use migration::{MigrationOrder, MigrationOutcome, migrate};
