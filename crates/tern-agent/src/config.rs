@@ -308,6 +308,13 @@ impl AgentConfig {
                     "{origin}: peer {host} = {url:?} is not an agent URL: use http://ADDRESS:PORT"
                 )));
             }
+            if url.starts_with("https://") && cfg.tls.is_none() {
+                return Err(AgentError::Config(format!(
+                    "{origin}: peer {host} = {url:?} is https:// but there is no [tls] section: \
+                     add [tls] (this host's certificate authenticates it to the peer) or use \
+                     http:// for a lab peer"
+                )));
+            }
         }
         if cfg.image_dirs.is_empty() {
             return Err(AgentError::Config(format!(

@@ -267,3 +267,33 @@ fn a_non_loopback_listen_without_tls_is_refused_at_start() {
     .to_string();
     assert!(e.contains("0.0.0.0:7701") && e.contains("[tls]"), "{e}");
 }
+
+/// Agent-to-agent: with `[tls]`, an `https://` peer is called with this host's certificate,
+/// which the peer's host-only routes accept; without `[tls]` an `https://` peer is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_agent_is_called_with_the_host_certificate() {
+    let a = TlsAgent::start().await;
+    let cert = a
+        .pki
+        .issue_host("t2", &[LOCALHOST], Validity::days(1))
+        .unwrap();
+    let files = a.files(&cert);
+    let peer = tern_agent::remote::AgentClient::for_peer(&a.url(""), Some(&files)).unwrap();
+    let facts = peer.host().await.unwrap();
+    assert_eq!(facts.host, "t1");
+    let e = peer.delete_incoming("nope").await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "host-only route reached: {e}");
+
+    let e = tern_agent::remote::AgentClient::for_peer(&a.url(""), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("https://") && e.contains("[tls]"), "{e}");
+    let e = AgentConfig::from_toml(
+        "host = \"t1\"\nlisten = \"127.0.0.1:7701\"\nmigration_address = \"127.0.0.1\"\n\
+         memory_mib = 512\n[peers]\nt2 = \"https://127.0.0.1:7702\"\n",
+        "agent.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("t2") && e.contains("[tls]"), "{e}");
+}
