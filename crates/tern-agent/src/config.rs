@@ -78,6 +78,11 @@ pub struct AgentConfig {
     /// agent still runs migrations on its own (`tern migrate` talks to it directly).
     #[serde(default)]
     pub controller: Option<ControllerConfig>,
+    /// Mutual TLS for the agent's API (and its calls to peers). Without it the agent serves
+    /// plain HTTP, which is accepted only on a loopback `listen` address (a lab): anyone who
+    /// can reach an unauthenticated agent controls its QEMUs, which run as root.
+    #[serde(default)]
+    pub tls: Option<AgentTlsConfig>,
 }
 
 /// Where and how often the agent sends its heartbeat (`POST /v1/agents/heartbeat`).
@@ -147,6 +152,64 @@ impl ControllerConfig {
             )));
         }
         Ok(())
+    }
+}
+
+/// The `[tls]` section: where the host's certificate, key and the installation's CA are.
+///
+/// Either `pki_dir` (a directory `tern pki` manages; the certificate is the one issued to
+/// `name`, by default this agent's `host`) or all of `cert`, `key` and `ca` (files copied to
+/// the host by other means), never a mix: a half-specified section would silently pick files
+/// from two places.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTlsConfig {
+    /// A `tern pki` directory (`/etc/tern/pki`).
+    #[serde(default)]
+    pub pki_dir: Option<PathBuf>,
+    /// The host certificate's name in `pki_dir` (default: the agent's `host`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The host certificate (PEM), when not using `pki_dir`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM, mode 0600).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The installation's CA certificate (PEM): the only issuer clients may present.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The deny list of revoked serials (reloaded when it changes); with `pki_dir` it is the
+    /// directory's `revoked.txt`.
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
+}
+
+impl AgentTlsConfig {
+    /// The files to serve and call peers with, for the agent of host `host`.
+    pub fn files(&self, host: &str) -> Result<tern_pki::TlsFiles, AgentError> {
+        match (&self.pki_dir, &self.cert, &self.key, &self.ca) {
+            (Some(dir), None, None, None) => {
+                let name = self.name.as_deref().unwrap_or(host);
+                let mut files = tern_pki::TlsFiles::in_pki_dir(dir, "host", name);
+                if let Some(revoked) = &self.revoked {
+                    files.deny_list = Some(revoked.clone());
+                }
+                Ok(files)
+            }
+            (None, Some(cert), Some(key), Some(ca)) if self.name.is_none() => {
+                Ok(tern_pki::TlsFiles {
+                    ca_cert: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    deny_list: self.revoked.clone(),
+                })
+            }
+            _ => Err(AgentError::Config(format!(
+                "[tls] {self:?} is incomplete or mixed: give either pki_dir (and optionally \
+                 name, default the agent's host) or all of cert, key and ca"
+            ))),
+        }
     }
 }
 
@@ -304,11 +367,34 @@ impl AgentConfig {
         if let Some(c) = &cfg.controller {
             c.validate(origin)?;
         }
+        match &cfg.tls {
+            Some(tls) => {
+                tls.files(&cfg.host)
+                    .map_err(|e| AgentError::Config(format!("{origin}: {e}")))?;
+            }
+            None if !cfg.listen.ip().is_loopback() => {
+                return Err(AgentError::Config(format!(
+                    "{origin}: listen = \"{}\" is not a loopback address and there is no [tls] \
+                     section: an agent without TLS would give anyone who reaches it control of \
+                     its VMs; add [tls] (pki_dir = \"/etc/tern/pki\", see docs/agent.toml) or \
+                     listen on 127.0.0.1 for a lab",
+                    cfg.listen
+                )));
+            }
+            None => {}
+        }
         for (host, peer) in &cfg.peers {
             let url = peer.url();
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(AgentError::Config(format!(
                     "{origin}: peer {host} = {url:?} is not an agent URL: use http://ADDRESS:PORT"
+                )));
+            }
+            if url.starts_with("https://") && cfg.tls.is_none() {
+                return Err(AgentError::Config(format!(
+                    "{origin}: peer {host} = {url:?} is https:// but there is no [tls] section: \
+                     add [tls] (this host's certificate authenticates it to the peer) or use \
+                     http:// for a lab peer"
                 )));
             }
         }
@@ -469,6 +555,61 @@ bandwidth_mib_per_s = 100
                 "{e}"
             );
         }
+    }
+
+    /// The issue's first exploit: `listen = "0.0.0.0:…"` without TLS used to be accepted.
+    #[test]
+    fn non_loopback_listen_without_tls_is_refused() {
+        let open = GOOD.replace("127.0.0.1:7701", "0.0.0.0:7701");
+        let e = AgentConfig::from_toml(&open, "agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0.0.0.0:7701") && e.contains("[tls]"), "{e}");
+        let with_tls = open.replace(
+            "[migration]",
+            "[tls]\npki_dir = \"/etc/tern/pki\"\n\n[migration]",
+        );
+        let c = AgentConfig::from_toml(&with_tls, "agent.toml").unwrap();
+        let files = c.tls.as_ref().unwrap().files(&c.host).unwrap();
+        assert_eq!(
+            files.cert,
+            PathBuf::from("/etc/tern/pki/issued/host/h1/cert.pem")
+        );
+        let ipv6 = GOOD.replace("127.0.0.1:7701", "[::]:7701");
+        assert!(AgentConfig::from_toml(&ipv6, "t").is_err());
+        let loopback6 = GOOD.replace("127.0.0.1:7701", "[::1]:7701");
+        assert!(
+            AgentConfig::from_toml(&loopback6, "t")
+                .unwrap()
+                .tls
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn tls_takes_a_pki_dir_or_explicit_files_never_a_mix() {
+        let explicit = GOOD.replace(
+            "[migration]",
+            "[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\nca = \"/ca.pem\"\n\n[migration]",
+        );
+        let c = AgentConfig::from_toml(&explicit, "t").unwrap();
+        let files = c.tls.as_ref().unwrap().files("h1").unwrap();
+        assert_eq!(files.ca_cert, PathBuf::from("/ca.pem"));
+        assert_eq!(files.deny_list, None);
+        let mixed = GOOD.replace(
+            "[migration]",
+            "[tls]\npki_dir = \"/p\"\ncert = \"/c.pem\"\n\n[migration]",
+        );
+        let e = AgentConfig::from_toml(&mixed, "t").unwrap_err().to_string();
+        assert!(
+            e.contains("pki_dir") && e.contains("cert, key and ca"),
+            "{e}"
+        );
+        let missing_key = GOOD.replace(
+            "[migration]",
+            "[tls]\ncert = \"/c.pem\"\nca = \"/ca.pem\"\n\n[migration]",
+        );
+        assert!(AgentConfig::from_toml(&missing_key, "t").is_err());
     }
 
     #[test]

@@ -132,6 +132,26 @@ fn note(at_ms: u64, text: impl Into<String>) -> MigrationEvent {
 }
 
 impl Agent {
+    /// A client of the peer agent at `url`: with this host's certificate for an `https://`
+    /// peer (see [`AgentClient::for_peer`]).
+    pub(crate) fn peer_client(&self, url: &str) -> Result<AgentClient, AgentError> {
+        let config = &self.inner.config;
+        let files = match &config.tls {
+            Some(tls) => Some(tls.files(&config.host)?),
+            None => None,
+        };
+        AgentClient::for_peer(url, files.as_ref())
+    }
+
+    /// [`Self::peer_client`] where a failure cannot be returned (settling after the fact):
+    /// the error is logged and the plain client's calls then fail as unreachable.
+    fn peer_client_or_plain(&self, url: &str) -> AgentClient {
+        self.peer_client(url).unwrap_or_else(|e| {
+            tracing::error!(error = %e, %url, "no client for the peer agent");
+            AgentClient::new(url)
+        })
+    }
+
     /// Opens the agent's database, re-attaches to the QEMUs it lists and settles unfinished
     /// migrations (in background tasks). Must be called inside a tokio runtime.
     pub async fn start(config: AgentConfig, options: AgentOptions) -> Result<Self, AgentError> {
@@ -434,7 +454,10 @@ impl Agent {
             Duration::from_secs(self.inner.config.migration.postcopy_recovery_window_s);
         let runner = MigrationRunner::new(
             source_qmp,
-            Box::new(RemoteDestination::new(&url, &req.vm)),
+            Box::new(RemoteDestination::with_client(
+                self.peer_client_or_plain(&url),
+                &req.vm,
+            )),
             policy,
             setup,
         );
@@ -596,7 +619,7 @@ impl Agent {
     /// Completed: stop the source QEMU and promote the destination's. Failed/aborted: remove
     /// the destination's. Lost: leave both for the operator.
     async fn settle(&self, rec: &MigrationRecord, state: MigrationState) {
-        let dest = AgentClient::new(&rec.destination_url);
+        let dest = self.peer_client_or_plain(&rec.destination_url);
         match state {
             MigrationState::Completed => {
                 let mut promoted = Err(ClientError::Api {
@@ -805,7 +828,10 @@ impl Agent {
             Duration::from_secs(self.inner.config.migration.postcopy_recovery_window_s);
         let runner = MigrationRunner::new(
             qmp,
-            Box::new(RemoteDestination::new(&rec.destination_url, &rec.vm)),
+            Box::new(RemoteDestination::with_client(
+                self.peer_client_or_plain(&rec.destination_url),
+                &rec.vm,
+            )),
             policy,
             setup,
         );
@@ -867,7 +893,7 @@ impl Agent {
     /// next start.
     async fn settle_without_source(&self, rec: &MigrationRecord) {
         let from = rec.state;
-        let dest = AgentClient::new(&rec.destination_url);
+        let dest = self.peer_client_or_plain(&rec.destination_url);
         match dest.show_vm(&rec.vm).await {
             Ok(i) if i.run_state.is_running() => {
                 self.transition(

@@ -10,12 +10,14 @@
 use std::future::Future;
 use std::sync::LazyLock;
 
-use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{Method, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use tern_pki::{Identity, Role};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -211,12 +213,105 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     DOC.clone()
 }
 
-/// The agent's router: the described routes, `/openapi.json`, JSON errors for unknown
-/// routes (404) and wrong methods (405), and the body limit (413).
+/// Who may call what: the role each route needs, by method and route template.
+///
+/// Viewers read; operators run migrations; admins create and stop VMs; the destination-side
+/// `/v1/incoming…` routes take host certificates only (other agents), so a user — even an
+/// admin — cannot drive a destination QEMU by hand. A route missing here is refused (403),
+/// and a test checks that every documented route is listed.
+pub const ROUTE_ROLES: &[(&str, &str, Role)] = &[
+    ("GET", "/healthz", Role::Viewer),
+    ("GET", "/openapi.json", Role::Viewer),
+    ("GET", "/v1/host", Role::Viewer),
+    ("GET", "/v1/vms", Role::Viewer),
+    ("GET", "/v1/vms/{name}", Role::Viewer),
+    ("GET", "/v1/migrations", Role::Viewer),
+    ("GET", "/v1/migrations/{id}", Role::Viewer),
+    ("POST", "/v1/migrations", Role::Operator),
+    ("POST", "/v1/migrations/plan", Role::Operator),
+    ("POST", "/v1/migrations/{id}/force-complete", Role::Operator),
+    ("POST", "/v1/migrations/{id}/abort", Role::Operator),
+    ("POST", "/v1/migrations/{id}/bandwidth", Role::Operator),
+    ("POST", "/v1/vms", Role::Admin),
+    ("DELETE", "/v1/vms/{name}", Role::Admin),
+    ("POST", "/v1/incoming", Role::Host),
+    ("DELETE", "/v1/incoming/{vm}", Role::Host),
+    ("GET", "/v1/incoming/{vm}/facts", Role::Host),
+    ("POST", "/v1/incoming/{vm}/capabilities", Role::Host),
+    ("POST", "/v1/incoming/{vm}/parameters", Role::Host),
+    ("POST", "/v1/incoming/{vm}/start", Role::Host),
+    ("GET", "/v1/incoming/{vm}/status", Role::Host),
+    ("GET", "/v1/incoming/{vm}/migration", Role::Host),
+    ("POST", "/v1/incoming/{vm}/cont", Role::Host),
+    ("POST", "/v1/incoming/{vm}/recover", Role::Host),
+    ("POST", "/v1/incoming/{vm}/pause", Role::Host),
+    ("POST", "/v1/incoming/{vm}/promote", Role::Host),
+];
+
+/// The role `method path_template` needs, from [`ROUTE_ROLES`].
+pub fn role_needed(method: &Method, template: &str) -> Option<Role> {
+    ROUTE_ROLES
+        .iter()
+        .find(|(m, p, _)| *m == method.as_str() && *p == template)
+        .map(|(_, _, r)| *r)
+}
+
+/// Marks requests served in plain lab mode (see [`serve`]).
+#[derive(Debug, Clone, Copy)]
+struct LabPlainHttp;
+
+/// The router as served in plain lab mode: every request acts as
+/// [`Identity::lab_without_tls`] (an admin), and may also use the host-only routes, since
+/// the lab's agents call each other without certificates.
+pub fn lab_router(agent: Agent) -> Router {
+    router(agent)
+        .layer(axum::Extension(Identity::lab_without_tls()))
+        .layer(axum::Extension(LabPlainHttp))
+}
+
+/// Lets a request through only if its [`Identity`] (from the client certificate, or the lab
+/// identity in plain mode) has the role [`ROUTE_ROLES`] gives its route.
+async fn require_route_role(
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let template = matched.as_ref().map_or("", |m| m.as_str());
+    let Some(needed) = role_needed(request.method(), template) else {
+        return ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: format!(
+                "{} {template} has no role assigned in the agent's route table: refused",
+                request.method()
+            ),
+        }
+        .into_response();
+    };
+    // In plain lab mode no peer can be told from a user: the lab's agents call each other's
+    // host-only routes as the lab identity. The marker is private to this module and only
+    // [`serve`]'s plain branch inserts it, so no client certificate can stand in for it.
+    let lab = request.extensions().get::<LabPlainHttp>().is_some();
+    if lab && needed == Role::Host {
+        return next.run(request).await;
+    }
+    match tern_pki::authorize(request.extensions().get::<Identity>(), needed) {
+        Ok(()) => next.run(request).await,
+        Err(e) => {
+            tracing::info!(error = %e, path = %request.uri().path(), "refused request");
+            e.into_response()
+        }
+    }
+}
+
+/// The agent's router: the described routes, `/openapi.json`, the role each route needs
+/// ([`ROUTE_ROLES`]), JSON errors for unknown routes (404) and wrong methods (405), and the
+/// body limit (413). Requests must carry an [`Identity`] (put there by
+/// [`tern_pki::serve_mtls_until`], or [`Identity::lab_without_tls`] in plain lab mode).
 pub fn router(agent: Agent) -> Router {
     let (routes, _) = api().split_for_parts();
     routes
         .route("/openapi.json", get(|| async { Json(openapi()) }))
+        .route_layer(axum::middleware::from_fn(require_route_role))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -272,15 +367,50 @@ async fn wrong_method(method: Method, uri: Uri) -> Response {
     resp
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves: with mutual TLS when the
+/// configuration has a `[tls]` section (clients without a certificate of the installation's
+/// CA are refused in the handshake), otherwise plain HTTP in lab mode, where every request
+/// acts as [`Identity::lab_without_tls`] (an admin). The configuration refuses plain HTTP on
+/// a non-loopback address; this re-checks the address actually bound.
 pub async fn serve(
     agent: Agent,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(agent))
-        .with_graceful_shutdown(shutdown)
-        .await
+) -> Result<(), AgentError> {
+    let config = agent.config().clone();
+    let local = listener
+        .local_addr()
+        .map_err(|e| AgentError::Internal(format!("listener address: {e}")))?;
+    let io = |e: std::io::Error| AgentError::Internal(format!("HTTP server on {local}: {e}"));
+    match &config.tls {
+        Some(tls) => {
+            let files = tls.files(&config.host)?;
+            let server_tls = tern_pki::server_config(&files).map_err(|e| {
+                AgentError::Config(format!("[tls] of the agent for host {}: {e}", config.host))
+            })?;
+            tracing::info!(%local, cert = %files.cert.display(), "agent API served with mutual TLS");
+            tern_pki::serve_mtls_until(listener, router(agent), server_tls, shutdown)
+                .await
+                .map_err(io)
+        }
+        None => {
+            if !local.ip().is_loopback() {
+                return Err(AgentError::Config(format!(
+                    "listen = \"{local}\" is not a loopback address and there is no [tls] \
+                     section: refusing to serve the agent API without authentication"
+                )));
+            }
+            tracing::warn!(
+                %local,
+                "LAB MODE: agent API served over plain HTTP without authentication; every \
+                 request acts as admin `lab-plain-http`. Add a [tls] section outside a lab."
+            );
+            axum::serve(listener, lab_router(agent))
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(io)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -357,6 +487,30 @@ mod tests {
         assert_eq!(allowed_methods("/v1/vms/web"), ["DELETE", "GET"]);
         assert_eq!(allowed_methods("/v1/incoming/web/promote"), ["POST"]);
         assert!(allowed_methods("/v2").is_empty());
+    }
+
+    /// Every documented route has exactly one role in the table (a forgotten route would be
+    /// refused to everyone), and every `/v1/incoming` route is host-only.
+    #[test]
+    fn every_route_has_a_role_and_incoming_is_host_only() {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let mut n = 0;
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for method in ops.as_object().unwrap().keys() {
+                let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+                let role = role_needed(&m, path).unwrap_or_else(|| panic!("{m} {path}"));
+                n += 1;
+                assert_eq!(
+                    path.starts_with("/v1/incoming"),
+                    role == Role::Host,
+                    "{path}"
+                );
+                if m == Method::GET && !path.starts_with("/v1/incoming") {
+                    assert_eq!(role, Role::Viewer, "{path}");
+                }
+            }
+        }
+        assert_eq!(n, ROUTE_ROLES.len());
     }
 
     /// Starts an agent with no VMs on a free port; every route of the table must reach a

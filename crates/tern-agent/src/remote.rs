@@ -86,6 +86,42 @@ impl AgentClient {
         }
     }
 
+    /// A client of the peer agent at `base_url`, as the agent configured with `tls` calls it:
+    /// an `https://` peer with this host's own certificate (the peer's `/v1/incoming…`
+    /// routes take host certificates only) and only the installation's CA as root; an
+    /// `http://` peer (a lab agent) in plain HTTP.
+    pub fn for_peer(
+        base_url: &str,
+        tls: Option<&tern_pki::TlsFiles>,
+    ) -> Result<Self, crate::AgentError> {
+        if !base_url.starts_with("https://") {
+            return Ok(Self::new(base_url));
+        }
+        let Some(files) = tls else {
+            return Err(crate::AgentError::Config(format!(
+                "peer URL {base_url:?} is https:// but this agent has no [tls] section: add one \
+                 (its host certificate authenticates this agent to the peer) or use http:// for a lab peer"
+            )));
+        };
+        let http = tern_pki::reqwest_client_builder(files)
+            .and_then(|b| {
+                b.timeout(CALL_TIMEOUT)
+                    .connect_timeout(Duration::from_secs(3))
+                    .no_proxy()
+                    .build()
+                    .map_err(|e| tern_pki::PkiError::Tls(e.to_string()))
+            })
+            .map_err(|e| {
+                crate::AgentError::Config(format!(
+                    "cannot build the TLS client for peer {base_url}: {e}"
+                ))
+            })?;
+        Ok(Self {
+            base: base_url.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
     /// The agent's base URL.
     pub fn url(&self) -> &str {
         &self.base
@@ -259,6 +295,14 @@ impl RemoteDestination {
     pub fn new(base_url: &str, vm: &str) -> Self {
         Self {
             client: AgentClient::new(base_url),
+            vm: vm.to_string(),
+        }
+    }
+
+    /// The incoming VM `vm` on the agent `client` talks to (see [`AgentClient::for_peer`]).
+    pub fn with_client(client: AgentClient, vm: &str) -> Self {
+        Self {
+            client,
             vm: vm.to_string(),
         }
     }

@@ -24,6 +24,11 @@ pub struct AgentArgs {
 pub async fn run(a: AgentArgs) -> Result<(), Failure> {
     let config = AgentConfig::load(&a.config).map_err(Failure::input)?;
     let listen = config.listen;
+    let scheme = if config.tls.is_some() {
+        "https (mutual TLS)"
+    } else {
+        "http (LAB MODE: no authentication, loopback only)"
+    };
     let agent = Agent::start(
         config,
         AgentOptions {
@@ -42,7 +47,7 @@ pub async fn run(a: AgentArgs) -> Result<(), Failure> {
         ))
     })?;
     eprintln!(
-        "tern agent for host {} listening on http://{listen} (pid {})",
+        "tern agent for host {} listening on {listen}, {scheme} (pid {})",
         agent.config().host,
         std::process::id()
     );

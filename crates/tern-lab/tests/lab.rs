@@ -592,7 +592,7 @@ fn a_stale_state_file_without_namespaces_does_not_block_up() {
 
     // With the lab's namespaces present, the state file is not stale: up still refuses.
     let lab = Lab::up_guarded(&spec(&name)).unwrap();
-    let err = Lab::up(&spec(&name)).err().expect("a live lab is refused");
+    let err = Lab::up(&spec(&name)).expect_err("a live lab is refused");
     assert!(matches!(err, LabError::AlreadyExists { .. }), "{err}");
     drop(lab);
     assert_no_leftovers(&name);

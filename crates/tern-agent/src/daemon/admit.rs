@@ -66,7 +66,7 @@ impl Agent {
         let spec = h.spec(&req.vm)?;
         let role = h.role(&req.vm)?;
         let url = peer.url().to_string();
-        let dest = AgentClient::new(&url);
+        let dest = self.peer_client(&url)?;
         let facts = dest.host().await.map_err(|e| match e {
             ClientError::Unreachable { .. } => {
                 AgentError::Unavailable(format!("destination host {}: {e}", req.to_host))
