@@ -286,6 +286,10 @@ pub struct MigrationSummary {
     pub control_mismatches: u64,
     /// The heartbeat sequence had no gap or backwards step, including across the switch.
     pub heartbeat_continuous: bool,
+    /// Where the heartbeat sequence broke, if it did (side, previous → next): the detail a
+    /// failed integrity check needs to tell a lost console line from state from the past.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heartbeat_anomalies: Vec<tern_guest::SequenceAnomaly>,
     /// Verifier passes completed before the switch.
     pub verify_passes_before: u64,
     /// Verifier passes completed on the destination.
@@ -1098,6 +1102,7 @@ pub fn summary_from(
         corrupt_pages: 0,
         control_mismatches: 0,
         heartbeat_continuous: false,
+        heartbeat_anomalies: Vec::new(),
         verify_passes_before: 0,
         verify_passes_after: 0,
         max_dest_gap_ms: 0.0,
@@ -1139,6 +1144,7 @@ fn judge_logs(
             summary.corrupt_pages = i.corrupt_pages;
             summary.control_mismatches = i.control_mismatches;
             summary.heartbeat_continuous = i.heartbeat_continuous;
+            summary.heartbeat_anomalies = i.sequence_anomalies.clone();
             summary.verify_passes_before = i.verify_passes_before;
             summary.verify_passes_after = i.verify_passes_after;
             summary.max_dest_gap_ms = i.max_dest_gap_ms;
@@ -1148,6 +1154,7 @@ fn judge_logs(
             summary.corrupt_pages = h.corrupt_pages;
             summary.control_mismatches = h.control_mismatches;
             summary.heartbeat_continuous = h.sequence_anomalies.is_empty() && h.heartbeats > 0;
+            summary.heartbeat_anomalies = h.sequence_anomalies.clone();
             summary.verify_passes_before = h.verify_passes;
         }
     }

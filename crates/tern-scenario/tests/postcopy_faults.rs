@@ -104,7 +104,8 @@ fn assert_recovered(s: &MigrationSummary, cuts: u32) {
     assert_eq!(s.control_mismatches, 0);
     assert!(
         s.heartbeat_continuous,
-        "heartbeats continue on the destination"
+        "heartbeats continue on the destination: {:?}",
+        s.heartbeat_anomalies
     );
     assert!(s.verify_passes_after >= 1);
     assert_eq!(s.guest_location.as_deref(), Some("h2"));
@@ -123,7 +124,7 @@ fn assert_source_kept(s: &MigrationSummary) {
     }
     assert_eq!(s.corrupt_pages, 0);
     assert_eq!(s.control_mismatches, 0);
-    assert!(s.heartbeat_continuous);
+    assert!(s.heartbeat_continuous, "{:?}", s.heartbeat_anomalies);
 }
 
 #[test]
