@@ -227,6 +227,9 @@ pub struct MigrationRunner {
     /// Set when an adopted pre-copy was cancelled: it ends `failed` with this reason (the
     /// migration did not end as anyone asked), not `aborted`.
     adoption_cancel: Option<String>,
+    /// When (elapsed ms) `migrate-pause` was last sent to the destination: a second one must
+    /// not follow while the first is still taking effect (see `postcopy::pause_destination`).
+    destination_paused_at_ms: Option<u64>,
 }
 
 impl MigrationRunner {
@@ -260,6 +263,7 @@ impl MigrationRunner {
             recoveries_before: 0,
             abort_requested: false,
             adoption_cancel: None,
+            destination_paused_at_ms: None,
         }
     }
 
