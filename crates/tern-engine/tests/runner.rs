@@ -337,7 +337,10 @@ async fn a_destination_pause_that_lands_late_is_not_sent_twice() {
         .at(When::AfterSwitch(8_000), Fault::RestoreLink);
     let r = run(&pair, switch_at(2), setup(PostCopyPermission::Allowed)).await;
     assert_eq!(r.state, MigrationState::Completed, "{:#?}", r.events);
-    assert!(pair.model().dest_qemu_alive, "the destination QEMU was crashed");
+    assert!(
+        pair.model().dest_qemu_alive,
+        "the destination QEMU was crashed"
+    );
     assert_eq!(r.recoveries, 1);
     let pauses = pair
         .calls()

@@ -897,7 +897,10 @@ mod tests {
         let c = img.cmdline(&WorkloadParams::default());
         assert!(c.starts_with("console=ttyS0 "));
         // A post-copy stall must not make the kernel write into the heartbeat stream.
-        assert!(c.contains(" nowatchdog rcupdate.rcu_cpu_stall_suppress=1 "), "{c}");
+        assert!(
+            c.contains(" nowatchdog rcupdate.rcu_cpu_stall_suppress=1 "),
+            "{c}"
+        );
         assert!(c.ends_with("tern_ws_mib=64 tern_rate=max tern_pattern=seq tern_verify=1"));
     }
 
