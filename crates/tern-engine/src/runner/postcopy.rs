@@ -17,6 +17,7 @@ use tern_policy::{
 use tern_qmp::MigrationStatus;
 
 use super::MigrationRunner;
+use crate::EngineError;
 use crate::state::{MigrationEventKind, MigrationState};
 
 /// How long the destination may take to leave `postcopy-active` after `migrate-pause`, and
@@ -112,6 +113,7 @@ impl MigrationRunner {
         let PostcopyDecision { action, reason } = d;
         match action {
             PostcopyAction::Recovered { .. } => {
+                self.destination_silent = false;
                 self.transition(MigrationState::Postcopy, reason);
                 return None;
             }
@@ -164,7 +166,18 @@ impl MigrationRunner {
             at_ms: runner.elapsed_ms(),
             reason,
         };
-        match self.destination.migration_info().await {
+        let info = if self.destination_silent {
+            // It did not answer the last in-band query; another would only queue behind the
+            // blocked main loop (QEMU stops reading the monitor, out-of-band commands
+            // included, once 8 in-band commands wait: QMP_REQ_QUEUE_LEN_MAX, monitor/qmp.c).
+            Err(EngineError::PeerUnreachable(
+                "it did not answer the previous query".into(),
+            ))
+        } else {
+            self.destination.migration_info().await
+        };
+        self.destination_silent = matches!(&info, Err(e) if e.is_peer_unreachable());
+        match info {
             Ok(i) if i.status_or_none() == MigrationStatus::PostcopyActive => {
                 let what = self.pause_destination().await;
                 let why = format!(
@@ -176,10 +189,15 @@ impl MigrationRunner {
             Ok(_) => {}
             Err(e) if e.is_peer_unreachable() => {
                 // Nothing is known about the destination QEMU; it may well be running the
-                // guest. Keep trying within the window.
-                let why = format!("recovery attempt {n}: the destination does not answer: {e}");
-                self.note(why.clone());
-                return Some(failed(self, why));
+                // guest, with its main loop blocked: under TCG a vCPU that faults on a page
+                // still on the source while delivering an interrupt holds the big lock, and
+                // that page only comes back through a recovered channel. `migrate-recover`
+                // goes out of band and works then (QEMU refuses it unless post-copy is
+                // paused, so trying is safe). Keep trying within the window.
+                self.note(format!(
+                    "recovery attempt {n}: the destination does not answer in band ({e}); \
+                     trying migrate-recover out of band"
+                ));
             }
             Err(e) => {
                 self.error = Some(format!("destination gone during post-copy: {e}"));
@@ -196,9 +214,12 @@ impl MigrationRunner {
             }
         }
         if let Err(e) = self.destination.migrate_recover(&self.setup.uri).await {
-            self.note(format!(
-                "recovery attempt {n}: migrate-recover on the destination: {e}"
-            ));
+            let why = format!("recovery attempt {n}: migrate-recover on the destination: {e}");
+            self.note(why.clone());
+            if self.destination_silent {
+                // Nothing listens for the source: resuming it would only fail.
+                return Some(failed(self, why));
+            }
         }
         match self.source.migrate_resume(&self.setup.uri).await {
             Ok(()) => {
@@ -238,6 +259,9 @@ impl MigrationRunner {
             return what;
         }
         self.destination_paused_at_ms = Some(self.elapsed_ms());
+        if self.destination_silent {
+            return "paused it out of band (it does not answer in band)".into();
+        }
         let sent = tokio::time::Instant::now();
         loop {
             match self.destination.migration_info().await {
@@ -249,7 +273,10 @@ impl MigrationRunner {
                         sent.elapsed().as_millis()
                     );
                 }
-                Err(e) => return format!("paused it; the destination then did not answer: {e}"),
+                Err(e) => {
+                    self.destination_silent = e.is_peer_unreachable();
+                    return format!("paused it; the destination then did not answer: {e}");
+                }
             }
             if sent.elapsed() >= DESTINATION_PAUSE_SETTLE {
                 return format!(
