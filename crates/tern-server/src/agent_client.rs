@@ -74,6 +74,9 @@ pub struct AgentMigration {
     /// Error text.
     #[serde(default)]
     pub error: Option<String>,
+    /// Live progress while it runs (the agent's `progress`), for the web view's chart.
+    #[serde(default)]
+    pub progress: Option<crate::progress::ProgressFigures>,
 }
 
 /// The agent operations the controller needs.

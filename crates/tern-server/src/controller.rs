@@ -88,6 +88,9 @@ pub struct MigrationView {
     pub migration: MigrationRecord,
     /// Its events, oldest first.
     pub events: Vec<MigrationEvent>,
+    /// The source agent's last progress report, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::progress::ProgressFigures>,
 }
 
 /// Largest page of `GET /v1/hosts`.
@@ -110,6 +113,8 @@ pub struct Controller {
     /// calls that create or steer work hold it while they write, so a cancel cannot race a
     /// start of the same step. (Several controllers are serialised by the lease, issue 12.)
     pub work: Arc<tokio::sync::Mutex<()>>,
+    /// Live progress of running migrations (memory only), for the web view.
+    pub progress: crate::progress::ProgressLog,
 }
 
 /// Encodes a page token for the host after which the next page starts.
@@ -411,6 +416,57 @@ impl Controller {
         Ok(())
     }
 
+    /// An operator's abort (`POST /v1/migrations/{id}/abort`): a migration not started yet
+    /// ends `aborted` here; a started one is aborted on its source agent, and the runner
+    /// records the outcome it reports (QEMU's `migrate_cancel` cannot undo a switch to
+    /// post-copy, so the agent refuses then: 409 with its reason).
+    pub async fn abort_migration(
+        &self,
+        id: &str,
+        actor: &str,
+    ) -> Result<MigrationView, ControllerError> {
+        let _work = self.work.lock().await;
+        let mut m = self.migration(id).await?.migration;
+        if m.state.is_terminal() {
+            return Err(ControllerError::Conflict(format!(
+                "migration {id} is {}: only an unfinished migration can be aborted",
+                m.state.as_str()
+            )));
+        }
+        match m.agent_migration_id.clone() {
+            None => {
+                let now = now_ms();
+                m.state = MigrationState::Aborted;
+                m.ended_ms = Some(now);
+                m.updated_ms = now;
+                m.error = Some(format!("aborted by {actor} before it started"));
+                self.store.put_migration(&m).await?;
+                self.metrics.aborts.inc();
+                self.note(
+                    &m,
+                    "state",
+                    &format!("aborted by {actor} before it started"),
+                )
+                .await?;
+            }
+            Some(agent_id) => match self.agents.abort(&m.source, &agent_id).await {
+                Ok(()) => {
+                    self.note(&m, "operator", &format!("abort requested by {actor}"))
+                        .await?;
+                }
+                Err(e) => {
+                    self.note(&m, "operator", &format!("abort by {actor} refused: {e}"))
+                        .await?;
+                    return Err(ControllerError::Conflict(format!(
+                        "migration {id} cannot be aborted now: {e}"
+                    )));
+                }
+            },
+        }
+        drop(_work);
+        self.migration(id).await
+    }
+
     /// Shows `unknown` for unfinished migrations whose source is unreachable.
     async fn overlay(
         &self,
@@ -446,7 +502,12 @@ impl Controller {
         })?;
         let events = self.store.events(id).await?;
         let migration = self.overlay(vec![m]).await?.remove(0);
-        Ok(MigrationView { migration, events })
+        let progress = self.progress.last(id);
+        Ok(MigrationView {
+            migration,
+            events,
+            progress,
+        })
     }
 }
 

@@ -198,11 +198,25 @@ impl Runner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(m.id.clone(), am.state.clone());
+        if !matches!(outcome_of(&am.state), AgentOutcome::Running { .. }) {
+            self.ctl.progress.forget(&m.id);
+        }
         match outcome_of(&am.state) {
             AgentOutcome::Running {
                 switched,
                 recovering,
             } => {
+                if let Some(mut p) = am.progress.clone() {
+                    p.wall_ms = now_ms();
+                    let detail = format!(
+                        "{} remaining, dirty {} B/s",
+                        p.remaining_bytes, p.dirty_bytes_per_s
+                    );
+                    self.ctl.progress.record(&m.id, p);
+                    self.ctl
+                        .events
+                        .publish("progress", &m.id, m.state.as_str(), detail);
+                }
                 if m.state == MigrationState::Unknown {
                     m.state = MigrationState::Running;
                     self.save(

@@ -92,8 +92,17 @@ async fn start_migration(
 }
 
 fn view(m: &FakeMigration) -> Value {
+    // Progress as a real agent reports it while it runs: remaining bytes shrink each poll.
+    let total: u64 = 512 << 20;
+    let progress = (m.state == "precopy").then(|| {
+        let remaining = total >> m.polls.min(20);
+        json!({"qemu_status": "active", "remaining_bytes": remaining,
+            "transferred_bytes": total - remaining, "total_bytes": total,
+            "dirty_bytes_per_s": 2_000_000u64, "throughput_bytes_per_s": 100_000_000u64,
+            "pass": m.polls, "elapsed_ms": now_ms() - m.created_ms, "eta_ms": 1500u64})
+    });
     json!({"id": m.id, "vm": m.vm, "source": "x", "destination": m.destination,
-        "state": m.state, "created_ms": m.created_ms,
+        "state": m.state, "created_ms": m.created_ms, "progress": progress,
         "error": if m.state == "failed" { Some("network down") } else { None }})
 }
 
