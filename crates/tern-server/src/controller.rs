@@ -195,6 +195,18 @@ impl Controller {
         }
         let now = now_ms();
         let before = self.store.host(&hb.host).await?;
+        // Which guests the host runs: a change (a VM arrived or left) is an event too, so
+        // watchers (the web view's host list) see a VM change host as soon as it is reported.
+        let mut vms_before: Vec<String> = self
+            .store
+            .vms(Some(&hb.host))
+            .await?
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        vms_before.sort();
+        let mut vms_now: Vec<String> = hb.vms.iter().map(|v| v.name.clone()).collect();
+        vms_now.sort();
         self.store.record_heartbeat(&hb, now).await?;
         let after = self
             .store
@@ -211,6 +223,13 @@ impl Controller {
                     None => "registered".to_string(),
                     Some(s) => format!("heartbeat again (was {})", s.as_str()),
                 },
+            );
+        } else if vms_before != vms_now {
+            self.events.publish(
+                "host",
+                &hb.host,
+                after.state.as_str(),
+                format!("guests now: {}", vms_now.join(", ")),
             );
         }
         Ok(after)
