@@ -33,6 +33,7 @@
         if (eventMs) v.el.dataset.eventMs = String(eventMs);
         v.el.dataset.appliedMs = String(Date.now());
         grow();
+        showArmed();
       })
       .catch(function (e) { notice('could not refresh ' + name + ': ' + e.message, true); })
       .finally(function () {
@@ -71,11 +72,23 @@
     live.textContent = 'reconnecting…';
     live.dataset.live = '0';
   };
+  // Progress reports come at every poll of the runner: their chart is redrawn at most once
+  // a second; state changes are applied at once.
+  let progressTimer = null, lastProgress = 0;
   Object.keys(TOUCHES).forEach(function (kind) {
     es.addEventListener(kind, function (e) {
       let ev;
       try { ev = JSON.parse(e.data); } catch (_) { return; }
-      if (kind !== 'progress') logEvent(ev);
+      if (kind === 'progress') {
+        if (progressTimer) return;
+        const wait = Math.max(0, 1000 - (Date.now() - lastProgress));
+        progressTimer = setTimeout(function () {
+          progressTimer = null; lastProgress = Date.now();
+          TOUCHES.progress.forEach(function (n) { refresh(n, ev.wall_ms); });
+        }, wait);
+        return;
+      }
+      logEvent(ev);
       TOUCHES[kind].forEach(function (n) { refresh(n, ev.wall_ms); });
     });
   });
@@ -99,24 +112,32 @@
   setInterval(grow, 250);
 
   // Operator buttons: a first click arms (the label asks to confirm), a second within 5 s
-  // sends. The answer is the API's own, refusals (403 for a viewer) included.
+  // sends. The armed button is remembered by its URL, so a view re-rendered by an event in
+  // between keeps it armed. The answer is the API's own, refusals (403 for a viewer) included.
+  let armed = null; // { url, until }
+  function showArmed() {
+    document.querySelectorAll('button[data-url]').forEach(function (b) {
+      const on = armed && armed.url === b.dataset.url && Date.now() < armed.until;
+      if (!b.dataset.label) b.dataset.label = b.textContent;
+      if (on) { b.dataset.armed = '1'; b.textContent = 'Confirm: ' + b.dataset.label.toLowerCase() + '?'; b.title = b.dataset.confirm || ''; }
+      else if (b.dataset.armed) { delete b.dataset.armed; b.textContent = b.dataset.label; }
+    });
+  }
   document.addEventListener('click', function (e) {
     const b = e.target.closest('button[data-url]');
     if (!b) return;
-    if (!b.dataset.armed) {
-      b.dataset.armed = '1';
-      b.dataset.label = b.textContent;
-      b.textContent = 'Confirm: ' + b.textContent.toLowerCase() + '?';
-      b.title = b.dataset.confirm || '';
-      setTimeout(function () {
-        if (b.dataset.armed) { delete b.dataset.armed; b.textContent = b.dataset.label; }
-      }, 5000);
+    const url = b.dataset.url;
+    if (!armed || armed.url !== url || Date.now() >= armed.until) {
+      armed = { url: url, until: Date.now() + 5000 };
+      showArmed();
+      setTimeout(showArmed, 5050);
       return;
     }
-    delete b.dataset.armed;
-    b.textContent = b.dataset.label;
+    armed = null;
+    showArmed();
+    const action = b.dataset.action;
     b.disabled = true;
-    fetch(b.dataset.url, {
+    fetch(url, {
       method: 'POST', credentials: 'same-origin',
       headers: { 'Content-Type': 'application/json' }, body: b.dataset.body || '{}',
     })
@@ -124,11 +145,11 @@
         return r.text().then(function (t) {
           let msg = t;
           try { msg = JSON.parse(t).error || 'done'; } catch (_) { /* not JSON */ }
-          if (r.ok) notice(b.dataset.action + ': done', false);
-          else notice(b.dataset.action + ' refused (' + r.status + '): ' + msg, true);
+          if (r.ok) notice(action + ': done', false);
+          else notice(action + ' refused (' + r.status + '): ' + msg, true);
         });
       })
-      .catch(function (err) { notice(b.dataset.action + ' failed: ' + err.message, true); })
+      .catch(function (err) { notice(action + ' failed: ' + err.message, true); })
       .finally(function () { b.disabled = false; });
   });
 })();
