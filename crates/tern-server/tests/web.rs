@@ -20,7 +20,9 @@ use web_driver::{Browser, FleetPage};
 const T: Duration = Duration::from_secs(20);
 
 fn docs(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../docs")
+        .join(name)
 }
 
 async fn evacuation(h: &Harness, id: &str) -> Value {
@@ -32,7 +34,8 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
     let h = Harness::start(3, 30).await;
     let tokens = h.server.as_ref().unwrap().lab_tokens.clone().unwrap();
     h.agent.state.hold.store(true, Ordering::SeqCst);
-    h.heartbeat("h1", 0, &[("web-a", 512), ("web-b", 256)]).await;
+    h.heartbeat("h1", 0, &[("web-a", 512), ("web-b", 256)])
+        .await;
     h.heartbeat("h2", 4096, &[]).await;
     h.heartbeat("h3", 4096, &[]).await;
     // One migration at a time out of h1, so the second step waits and can be re-planned.
@@ -48,12 +51,18 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
 
     // The plan appears as soon as the evacuation starts.
     let (s, v) = h
-        .post("/v1/hosts/h1/evacuate", json!({"deadline": "10m"}))
+        .post("/v1/hosts/h1/evacuate", json!({"deadline": "45s"}))
         .await;
     assert_eq!(s, 200, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
-    let first_vm = v["plan"]["migrations"][0]["vm"].as_str().unwrap().to_string();
-    let second_vm = v["plan"]["migrations"][1]["vm"].as_str().unwrap().to_string();
+    let first_vm = v["plan"]["migrations"][0]["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second_vm = v["plan"]["migrations"][1]["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let gone = v["plan"]["migrations"][1]["destination"]
         .as_str()
         .unwrap()
@@ -69,7 +78,10 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
         .await;
     let rows = viewer.plan_rows(&id).await;
     assert_eq!(rows[0].0, first_vm);
-    assert_eq!(rows[1], (second_vm.clone(), format!("{second_vm} → {gone}")));
+    assert_eq!(
+        rows[1],
+        (second_vm.clone(), format!("{second_vm} → {gone}"))
+    );
 
     // The first VM's real bar appears and grows while it runs.
     let w1 = wait_for("a real bar", T, || async {
@@ -141,7 +153,10 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
     let notice = operator
         .act(&format!("#mig-{first_mig} button[data-action=abort]"))
         .await;
-    assert!(notice.starts_with("ok") && notice.contains("abort: done"), "{notice}");
+    assert!(
+        notice.starts_with("ok") && notice.contains("abort: done"),
+        "{notice}"
+    );
     assert_eq!(h.agent.starts()[0].state, "aborted");
     browser
         .wait_for(
@@ -196,12 +211,20 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
         h.heartbeat(host, 2048, vms).await;
         let (vm, _) = vms[0];
         let (applied, event) = operator.wait_vm_on(vm, host, T).await;
-        assert!(event >= sent, "the page's update came from an event after the heartbeat");
+        assert!(
+            event >= sent,
+            "the page's update came from an event after the heartbeat"
+        );
         let latency = applied.saturating_sub(event);
         println!("{vm} shown on {host} {latency} ms after the server's event");
-        assert!(latency < 1000, "{vm} on {host} shown {latency} ms after its event");
+        assert!(
+            latency < 1000,
+            "{vm} on {host} shown {latency} ms after its event"
+        );
     }
     assert_eq!(operator.host_of(&first_vm).await, Some(a_to));
     assert_eq!(operator.host_of(&second_vm).await, Some(b_to));
-    operator.screenshot_at("body", &docs("web-hosts-after.png")).await;
+    operator
+        .screenshot_at("body", &docs("web-hosts-after.png"))
+        .await;
 }

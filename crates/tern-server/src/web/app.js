@@ -8,7 +8,7 @@
     host: ['hosts', 'migrations'],
     migration: ['migrations', 'evacuations', 'hosts'],
     evacuation: ['evacuations', 'migrations', 'hosts'],
-    progress: ['migrations'],
+    progress: ['migrations', 'evacuations'],
   };
   const ALL = ['hosts', 'migrations', 'evacuations'];
   const views = {};
@@ -99,12 +99,14 @@
     const now = Date.now();
     document.querySelectorAll('svg.timeline').forEach(function (svg) {
       const t0 = Number(svg.dataset.t0Ms), x0 = Number(svg.dataset.x0), k = Number(svg.dataset.pxPerS);
+      const right = svg.viewBox.baseVal.width - 2;
       svg.querySelectorAll('rect.real[data-running]').forEach(function (r) {
-        const w = Math.max(2, (now - Number(r.dataset.startMs)) / 1000 * k);
+        const room = right - Number(r.getAttribute('x'));
+        const w = Math.min(room, Math.max(2, (now - Number(r.dataset.startMs)) / 1000 * k));
         r.setAttribute('width', w.toFixed(1));
       });
       svg.querySelectorAll('line.now[data-running]').forEach(function (l) {
-        const x = (x0 + (now - t0) / 1000 * k).toFixed(1);
+        const x = Math.min(right, x0 + (now - t0) / 1000 * k).toFixed(1);
         l.setAttribute('x1', x); l.setAttribute('x2', x);
       });
     });

@@ -360,3 +360,197 @@ pub fn page(who: &tern_pki::Identity, sections: [&str; 3], lab_mode: bool) -> St
         name = esc(&who.name),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        EvacuationPlan, EvacuationRecord, HostFacts, MigrationContext, MigrationState,
+        PlannedMigration,
+    };
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn host(name: &str, state: HostState) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            state,
+            facts: HostFacts {
+                memory_mib: 8192,
+                free_memory_mib: 4096,
+                qemu_version: "10.0.2".into(),
+                migration_capabilities: vec![],
+                permit_post_copy: true,
+                link_bytes_per_s: Some(125_000_000),
+                max_outbound: 2,
+                max_inbound: 2,
+                outbound_migrations: 0,
+                inbound_migrations: 0,
+            },
+            post_copy: None,
+            max_outbound: None,
+            max_inbound: None,
+            last_heartbeat_ms: T0,
+        }
+    }
+
+    fn vm(name: &str, host: &str) -> VmRecord {
+        VmRecord {
+            name: name.into(),
+            host: host.into(),
+            memory_mib: 512,
+            sla_class: "silver".into(),
+            post_copy_allowed: true,
+            dirty_bytes_per_s: Some(2_500_000),
+        }
+    }
+
+    fn migration(vm: &str, state: MigrationState, started: Option<u64>) -> MigrationRecord {
+        MigrationRecord {
+            id: format!("mig-{vm}"),
+            vm: vm.into(),
+            source: "h1".into(),
+            destination: "h2".into(),
+            context: MigrationContext::Evacuate,
+            state,
+            attempts: 1,
+            evacuation_id: Some("evac-1".into()),
+            plan_index: None,
+            reason: "least loaded <ingress>".into(),
+            idempotency_key: None,
+            agent_migration_id: None,
+            error: None,
+            created_ms: T0,
+            started_ms: started,
+            ended_ms: None,
+            next_attempt_ms: None,
+            updated_ms: T0,
+            switched_to_postcopy: false,
+        }
+    }
+
+    fn evacuation(deadline_s: u64, migrations: Vec<MigrationRecord>) -> EvacuationView {
+        let row = |vm: &str, start: f64, end: f64| PlannedMigration {
+            vm: vm.into(),
+            destination: "h2".into(),
+            start_s: start,
+            duration_s: end - start,
+            end_s: end,
+            ..Default::default()
+        };
+        EvacuationView {
+            evacuation: EvacuationRecord {
+                id: "evac-1".into(),
+                host: "h1".into(),
+                state: EvacuationState::Running,
+                deadline_ms: T0 + deadline_s * 1000,
+                plan: EvacuationPlan {
+                    host: "h1".into(),
+                    planner: "tern-planner".into(),
+                    migrations: vec![row("a", 0.0, 10.0), row("b", 10.0, 20.0)],
+                    predicted_makespan_s: 20.0,
+                    deadline_s,
+                    made_ms: T0,
+                    ..Default::default()
+                },
+                predicted_makespan_s: 20.0,
+                actual_makespan_s: None,
+                created_ms: T0,
+                ended_ms: None,
+                error: None,
+                updated_ms: T0,
+            },
+            migrations,
+        }
+    }
+
+    #[test]
+    fn hosts_list_their_vms_and_migrations_in_and_out_with_names_escaped() {
+        let hs = [host("h1", HostState::Draining), host("h2", HostState::Up)];
+        let vms = [vm("a", "h1"), vm("<b>", "h2")];
+        let ms = [migration("a", MigrationState::Running, Some(T0))];
+        let html = hosts(
+            &FleetSnapshot {
+                hosts: &hs,
+                vms: &vms,
+                migrations: &ms,
+            },
+            T0 + 2000,
+        );
+        let h1 = &html[html.find("id=\"host-h1\"").unwrap()..html.find("id=\"host-h2\"").unwrap()];
+        assert!(
+            h1.contains(r#"data-vm="a""#) && h1.contains("draining"),
+            "{h1}"
+        );
+        assert!(
+            h1.contains(r#"<td class="out"><span class="count">1</span>"#),
+            "{h1}"
+        );
+        let h2 = &html[html.find("id=\"host-h2\"").unwrap()..];
+        assert!(
+            h2.contains(r#"data-vm="&lt;b&gt;""#) && !h2.contains("<b>"),
+            "{h2}"
+        );
+        assert!(
+            h2.contains(r#"<td class="in"><span class="count">1</span>"#),
+            "{h2}"
+        );
+    }
+
+    #[test]
+    fn a_running_migration_shows_its_figures_decisions_and_abort_button() {
+        let m = migration("a", MigrationState::Running, Some(T0));
+        let events = [MigrationEvent {
+            seq: 1,
+            wall_ms: T0,
+            kind: "replan".into(),
+            detail: "destination h3 <draining>".into(),
+        }];
+        let v = vm("a", "h1");
+        let html = migration_card(
+            &MigrationDetail {
+                migration: &m,
+                events: &events,
+                samples: &[],
+                progress: None,
+                vm: Some(&v),
+                link_bytes_per_s: Some(125_000_000),
+                planned_end_ms: Some(T0 + 10_000),
+            },
+            T0 + 4000,
+        );
+        assert!(
+            html.contains("dirty rate 2.5 MB/s vs link 125.0 MB/s (2 %)"),
+            "{html}"
+        );
+        assert!(html.contains("in 6.0 s"), "{html}");
+        assert!(html.contains("destination h3 &lt;draining&gt;"), "{html}");
+        assert!(
+            html.contains(r#"data-url="/v1/migrations/mig-a/abort""#),
+            "{html}"
+        );
+        assert!(html.contains("least loaded &lt;ingress&gt;"), "{html}");
+    }
+
+    #[test]
+    fn the_timeline_draws_the_plan_the_running_bar_and_the_deadline_on_or_off_scale() {
+        let running = migration("a", MigrationState::Running, Some(T0 + 1000));
+        let near = evacuation_card(&evacuation(60, vec![running.clone()]), T0 + 5000);
+        assert_eq!(near.matches(r#"<rect class="pred""#).count(), 2, "{near}");
+        assert!(near.contains(r#"data-makespan-s="20.0""#));
+        assert!(near.contains(&format!(
+            r#"data-running="1" data-start-ms="{}""#,
+            T0 + 1000
+        )));
+        assert!(near.contains(r#"<line class="deadline""#), "{near}");
+        assert!(near.contains(r#"data-url="/v1/evacuations/evac-1/pause""#));
+        let far = evacuation_card(&evacuation(3600, vec![running]), T0 + 5000);
+        assert!(!far.contains(r#"<line class="deadline""#), "{far}");
+        assert!(far.contains("deadline-off-scale"), "{far}");
+        let waiting = evacuation_card(
+            &evacuation(60, vec![migration("a", MigrationState::Planned, None)]),
+            T0,
+        );
+        assert!(!waiting.contains(r#"<rect class="real"#), "{waiting}");
+    }
+}

@@ -15,8 +15,11 @@ use crate::model::{MigrationRecord, MigrationState};
 const WIDTH: f64 = 960.0;
 const LABEL_W: f64 = 150.0;
 const ROW_H: f64 = 26.0;
-const TOP: f64 = 28.0;
+const TOP: f64 = 40.0;
 const BOTTOM: f64 = 24.0;
+const RIGHT: f64 = 40.0;
+/// A deadline more than this many times the work's length is drawn off scale.
+const DEADLINE_ON_SCALE: f64 = 4.0;
 
 /// Where a plan's times count from: when the current plan was made (the runner's `plan_t0`).
 fn plan_t0(v: &EvacuationView) -> u64 {
@@ -55,13 +58,23 @@ pub fn evacuation_timeline(v: &EvacuationView, now_ms: u64) -> String {
     let rows = &e.plan.migrations;
     let deadline_s = rel(e.deadline_ms);
     let makespan_s = plan_off + e.plan.predicted_makespan_s;
-    let mut span = deadline_s.max(makespan_s).max(1.0);
+    let mut work = makespan_s.max(1.0);
     for p in rows {
-        span = span.max(plan_off + p.end_s.max(p.start_s + p.duration_s));
+        work = work.max(plan_off + p.end_s.max(p.start_s + p.duration_s));
     }
     let end_ms = e.ended_ms.unwrap_or(now_ms);
-    span = span.max(rel(end_ms)) * 1.04;
-    let px_per_s = (WIDTH - LABEL_W - 10.0) / span;
+    work = work.max(rel(end_ms));
+    // A deadline far beyond the work would squash every bar: it is then drawn off scale, as
+    // an arrow at the right edge saying how far it is.
+    let deadline_on_scale = deadline_s <= work * DEADLINE_ON_SCALE;
+    // While it runs, room for the bars to grow (app.js) until the next event redraws it.
+    let headroom = if e.state.is_terminal() { 1.04 } else { 1.25 };
+    let span = if deadline_on_scale {
+        work.max(deadline_s)
+    } else {
+        work
+    } * headroom;
+    let px_per_s = (WIDTH - LABEL_W - RIGHT) / span;
     let x = |s: f64| LABEL_W + s.max(0.0) * px_per_s;
     let height = TOP + ROW_H * rows.len().max(1) as f64 + BOTTOM;
     let running = !e.state.is_terminal();
@@ -107,15 +120,39 @@ pub fn evacuation_timeline(v: &EvacuationView, now_ms: u64) -> String {
             out.push_str(&real_bar(m, y, rel, x, px_per_s, now_ms));
         }
     }
+    let (top, bot) = (TOP - 6.0, height - BOTTOM);
+    if deadline_on_scale {
+        let _ = write!(
+            out,
+            r#"<line class="deadline" x1="{d:.1}" x2="{d:.1}" y1="{top}" y2="{bot:.1}"/><text class="deadline-label" text-anchor="end" x="{lx:.1}" y="14">deadline {dc}</text>"#,
+            d = x(deadline_s),
+            lx = x(deadline_s) - 3.0,
+            dc = clock(e.deadline_ms),
+        );
+    } else {
+        let _ = write!(
+            out,
+            r#"<text class="deadline-label deadline-off-scale" text-anchor="end" x="{lx:.1}" y="14">deadline {dc}, at {at} →</text>"#,
+            lx = WIDTH - 2.0,
+            dc = clock(e.deadline_ms),
+            at = duration(deadline_s),
+        );
+    }
     let _ = write!(
         out,
-        r#"<line class="deadline" x1="{d:.1}" x2="{d:.1}" y1="{top}" y2="{bot:.1}"/><text class="deadline-label" x="{d:.1}" y="14">deadline {dc}</text><line class="makespan" x1="{m:.1}" x2="{m:.1}" y1="{top}" y2="{bot:.1}"/><text class="makespan-label" x="{m:.1}" y="{my}">predicted end {ms}</text>"#,
-        d = x(deadline_s),
-        top = TOP - 6.0,
-        bot = height - BOTTOM,
-        dc = clock(e.deadline_ms),
+        r#"<line class="makespan" x1="{m:.1}" x2="{m:.1}" y1="{top}" y2="{bot:.1}"/><text class="makespan-label" text-anchor="{anchor}" x="{lx:.1}" y="{my}">predicted end at {ms}</text>"#,
         m = x(makespan_s),
-        my = TOP - 10.0,
+        anchor = if x(makespan_s) > WIDTH * 0.7 {
+            "end"
+        } else {
+            "start"
+        },
+        lx = if x(makespan_s) > WIDTH * 0.7 {
+            x(makespan_s) - 3.0
+        } else {
+            x(makespan_s) + 3.0
+        },
+        my = TOP - 12.0,
         ms = duration(makespan_s),
     );
     let now_x = x(rel(end_ms));

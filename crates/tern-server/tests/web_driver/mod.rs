@@ -133,16 +133,32 @@ impl Browser {
                     break;
                 }
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "chromedriver did not start"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let args = json!([
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            format!("--window-size={width},{height}"), "--force-device-scale-factor=1",
-            format!("--user-data-dir={}", profile.path().join("chromium").display()),
-            "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-            "--disable-background-networking", "--disable-sync", "--disable-component-update",
-            "--disable-default-apps", "--hide-scrollbars", "--lang=en-US",
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            format!("--window-size={width},{height}"),
+            "--force-device-scale-factor=1",
+            format!(
+                "--user-data-dir={}",
+                profile.path().join("chromium").display()
+            ),
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--disable-sync",
+            "--disable-component-update",
+            "--disable-default-apps",
+            "--hide-scrollbars",
+            "--lang=en-US",
         ]);
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
@@ -198,7 +214,13 @@ impl Browser {
     }
 
     /// Waits until `script` returns something other than null/false (checked every 20 ms).
-    pub async fn wait_for(&self, what: &str, script: &str, args: Value, timeout: Duration) -> Value {
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        script: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Value {
         let start = Instant::now();
         loop {
             let v = self.eval(script, args.clone()).await;
@@ -230,8 +252,10 @@ impl Browser {
             let _ = self
                 .http
                 .post(format!("{}/execute/sync", self.session))
-                .json(&json!({"script": "arguments[0].scrollIntoView({block: 'center'});",
-                    "args": [{ELEMENT: id}]}))
+                .json(
+                    &json!({"script": "arguments[0].scrollIntoView({block: 'center'});",
+                    "args": [{ELEMENT: id}]}),
+                )
                 .send()
                 .await;
             let r = self
@@ -383,7 +407,10 @@ impl<'a> FleetPage<'a> {
     pub async fn act(&self, button_css: &str) -> String {
         let before = self
             .browser
-            .eval("return document.getElementById('notice').dataset.at || '';", json!([]))
+            .eval(
+                "return document.getElementById('notice').dataset.at || '';",
+                json!([]),
+            )
             .await;
         self.browser.click(button_css).await;
         self.browser.click(button_css).await;
