@@ -435,57 +435,6 @@ impl Controller {
         Ok(())
     }
 
-    /// An operator's abort (`POST /v1/migrations/{id}/abort`): a migration not started yet
-    /// ends `aborted` here; a started one is aborted on its source agent, and the runner
-    /// records the outcome it reports (QEMU's `migrate_cancel` cannot undo a switch to
-    /// post-copy, so the agent refuses then: 409 with its reason).
-    pub async fn abort_migration(
-        &self,
-        id: &str,
-        actor: &str,
-    ) -> Result<MigrationView, ControllerError> {
-        let _work = self.work.lock().await;
-        let mut m = self.migration(id).await?.migration;
-        if m.state.is_terminal() {
-            return Err(ControllerError::Conflict(format!(
-                "migration {id} is {}: only an unfinished migration can be aborted",
-                m.state.as_str()
-            )));
-        }
-        match m.agent_migration_id.clone() {
-            None => {
-                let now = now_ms();
-                m.state = MigrationState::Aborted;
-                m.ended_ms = Some(now);
-                m.updated_ms = now;
-                m.error = Some(format!("aborted by {actor} before it started"));
-                self.store.put_migration(&m).await?;
-                self.metrics.aborts.inc();
-                self.note(
-                    &m,
-                    "state",
-                    &format!("aborted by {actor} before it started"),
-                )
-                .await?;
-            }
-            Some(agent_id) => match self.agents.abort(&m.source, &agent_id).await {
-                Ok(()) => {
-                    self.note(&m, "operator", &format!("abort requested by {actor}"))
-                        .await?;
-                }
-                Err(e) => {
-                    self.note(&m, "operator", &format!("abort by {actor} refused: {e}"))
-                        .await?;
-                    return Err(ControllerError::Conflict(format!(
-                        "migration {id} cannot be aborted now: {e}"
-                    )));
-                }
-            },
-        }
-        drop(_work);
-        self.migration(id).await
-    }
-
     /// Shows `unknown` for unfinished migrations whose source is unreachable.
     async fn overlay(
         &self,

@@ -14,6 +14,7 @@
 //! - [`agent_client`]: the one module that talks to agents;
 //! - [`api`]: axum routes, auth, audit, OpenAPI; [`metrics`], [`events`]: Prometheus and
 //!   server-sent events; [`config`], [`server`]: `server.toml` and start-up;
+//! - [`operator`]: an operator's abort / force-complete / bandwidth on one migration;
 //! - [`web`]: the live web view at `/` (server-rendered HTML, one small script, issue 15);
 //!   [`progress`]: running migrations' progress reports, in memory, for its charts.
 
@@ -25,6 +26,7 @@ pub mod evacuation;
 pub mod events;
 pub mod metrics;
 pub mod model;
+pub mod operator;
 pub mod placement;
 pub mod planner;
 pub mod progress;

@@ -192,7 +192,8 @@ fn request_token(headers: &axum::http::HeaderMap) -> Option<&str> {
 /// The role a request needs: the one authorization table of the API.
 ///
 /// Reads (`GET`, `HEAD`: every list and view, `/v1/events`, `/metrics`, `/openapi.json`) need
-/// `viewer`; starting, aborting and evacuating (`POST /v1/migrations`, `.../abort`,
+/// `viewer`; starting, steering and evacuating (`POST /v1/migrations`, `.../abort`,
+/// `.../force-complete`, `.../bandwidth`,
 /// `POST /v1/hosts/{name}/evacuate`, evacuation pause/resume/cancel) need `operator`; agent
 /// heartbeats need a host certificate; everything else that changes state (host settings
 /// `PATCH /v1/hosts/{name}`, and any route added later) needs `admin`, so a new route is
@@ -206,7 +207,13 @@ pub fn required_role(method: &Method, path: &str) -> Role {
         match parts.as_slice() {
             ["", "v1", "agents", "heartbeat"] => return Role::Host,
             ["", "v1", "migrations"]
-            | ["", "v1", "migrations", _, "abort"]
+            | [
+                "",
+                "v1",
+                "migrations",
+                _,
+                "abort" | "force-complete" | "bandwidth",
+            ]
             | ["", "v1", "hosts", _, "evacuate"]
             | ["", "v1", "evacuations", _, "pause" | "resume" | "cancel"] => return Role::Operator,
             _ => {}
@@ -274,6 +281,8 @@ impl Modify for BearerAuth {
         handlers::create_migration,
         handlers::show_migration,
         handlers::abort_migration,
+        handlers::force_complete_migration,
+        handlers::bandwidth_migration,
         handlers::list_evacuations,
         handlers::show_evacuation,
         handlers::pause_evacuation,
@@ -306,6 +315,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/migrations/{id}", get(handlers::show_migration))
         .route("/v1/migrations/{id}/abort", post(handlers::abort_migration))
+        .route(
+            "/v1/migrations/{id}/force-complete",
+            post(handlers::force_complete_migration),
+        )
+        .route(
+            "/v1/migrations/{id}/bandwidth",
+            post(handlers::bandwidth_migration),
+        )
         .route("/v1/evacuations", get(handlers::list_evacuations))
         .route("/v1/evacuations/{id}", get(handlers::show_evacuation))
         .route(
@@ -455,6 +472,13 @@ mod tests {
             (Method::POST, "/v1/agents/heartbeat", Role::Host),
             (Method::POST, "/v1/migrations", Role::Operator),
             (Method::POST, "/v1/migrations/7/abort", Role::Operator),
+            (
+                Method::POST,
+                "/v1/migrations/7/force-complete",
+                Role::Operator,
+            ),
+            (Method::POST, "/v1/migrations/7/bandwidth", Role::Operator),
+            (Method::POST, "/v1/migrations/7/delete", Role::Admin),
             (Method::POST, "/v1/hosts/h1/evacuate", Role::Operator),
             (Method::POST, "/v1/evacuations/e1/pause", Role::Operator),
             (Method::POST, "/v1/evacuations/e1/resume", Role::Operator),

@@ -29,7 +29,17 @@
         return r.text();
       })
       .then(function (html) {
+        // What the user is typing survives the redraw.
+        const kept = {};
+        v.el.querySelectorAll('input[id]').forEach(function (i) { kept[i.id] = i.value; });
+        const focused = document.activeElement && v.el.contains(document.activeElement)
+          ? document.activeElement.id : '';
         v.el.innerHTML = html;
+        Object.keys(kept).forEach(function (id) {
+          const i = document.getElementById(id);
+          if (i) i.value = kept[id];
+        });
+        if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
         if (eventMs) v.el.dataset.eventMs = String(eventMs);
         v.el.dataset.appliedMs = String(Date.now());
         grow();
@@ -138,10 +148,16 @@
     armed = null;
     showArmed();
     const action = b.dataset.action;
+    let body = b.dataset.body || '{}';
+    if (b.dataset.input) {
+      const mbps = Number((document.getElementById(b.dataset.input) || {}).value);
+      if (!(mbps > 0)) { notice(action + ': type a cap in MB/s first', true); return; }
+      body = JSON.stringify({ bytes_per_s: Math.round(mbps * 1e6) });
+    }
     b.disabled = true;
     fetch(url, {
       method: 'POST', credentials: 'same-origin',
-      headers: { 'Content-Type': 'application/json' }, body: b.dataset.body || '{}',
+      headers: { 'Content-Type': 'application/json' }, body: body,
     })
       .then(function (r) {
         return r.text().then(function (t) {

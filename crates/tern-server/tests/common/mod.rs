@@ -39,6 +39,9 @@ pub struct FakeAgentState {
     pub fail_next: AtomicU32,
     /// Refuse every start (the agent answers 503).
     pub refuse: AtomicBool,
+    /// Operator commands received: (agent migration id, command), e.g. `force-complete`,
+    /// `bandwidth 50000000`.
+    pub commands: Mutex<Vec<(String, String)>>,
 }
 
 /// A fake agent server; stopped when dropped.
@@ -153,6 +156,45 @@ async fn abort(
     }
 }
 
+/// `force-complete` finishes a running migration (as a switch to post-copy would);
+/// `bandwidth` is recorded.
+async fn command(
+    State(st): State<Arc<FakeAgentState>>,
+    Path((id, cmd)): Path<(String, String)>,
+    body: Option<Json<Value>>,
+) -> (StatusCode, Json<Value>) {
+    let mut ms = st.migrations.lock().unwrap();
+    let Some(m) = ms.iter_mut().find(|m| m.id == id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such migration"})),
+        );
+    };
+    if m.state != "precopy" {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": format!("the migration already ended ({})", m.state)})),
+        );
+    }
+    let recorded = match cmd.as_str() {
+        "force-complete" => {
+            m.state = "completed".into();
+            cmd.clone()
+        }
+        "bandwidth" => format!(
+            "bandwidth {}",
+            body.map(|Json(b)| b["bytes_per_s"].clone())
+                .unwrap_or_default()
+        ),
+        _ => return (StatusCode::NOT_FOUND, Json(json!({"error": "no route"}))),
+    };
+    st.commands.lock().unwrap().push((id, recorded));
+    (
+        StatusCode::OK,
+        Json(json!({"command": {"command": cmd}, "result": "done"})),
+    )
+}
+
 impl FakeAgent {
     pub async fn start() -> Self {
         let state = Arc::new(FakeAgentState::default());
@@ -160,6 +202,7 @@ impl FakeAgent {
             .route("/v1/migrations", post(start_migration).get(list_migrations))
             .route("/v1/migrations/{id}", get(show_migration))
             .route("/v1/migrations/{id}/abort", post(abort))
+            .route("/v1/migrations/{id}/{command}", post(command))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
