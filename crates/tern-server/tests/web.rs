@@ -4,7 +4,8 @@
 //! operator's works, the VM list changes host, and an update reaches the DOM within 1 s of the
 //! server emitting its event (no polling: the page only listens to `/v1/events`).
 //!
-//! Screenshots at three moments are written to `docs/web-*.png` (linked from the README).
+//! Screenshots at three moments are taken every run; with `TERN_UPDATE_SCREENSHOTS=1` they
+//! replace `docs/web-*.png` (linked from the README).
 
 mod common;
 mod web_driver;
@@ -19,10 +20,15 @@ use web_driver::{Browser, FleetPage};
 
 const T: Duration = Duration::from_secs(20);
 
-fn docs(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../docs")
-        .join(name)
+/// Where a screenshot goes: `docs/` when asked to update them, else a temp dir of the run.
+fn shot(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    if std::env::var_os("TERN_UPDATE_SCREENSHOTS").is_some_and(|v| v == "1") {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../docs")
+            .join(name)
+    } else {
+        dir.path().join(name)
+    }
 }
 
 async fn evacuation(h: &Harness, id: &str) -> Value {
@@ -44,6 +50,8 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
         .await;
     assert_eq!(s, 200);
 
+    let shots = tempfile::tempdir().unwrap();
+    let shots = tempfile::tempdir().unwrap();
     let browser = Browser::launch(1440, 1000).await;
     let viewer = FleetPage::login(&browser, &h.url, &tokens.viewer).await;
     assert_eq!(viewer.role().await, "viewer");
@@ -134,7 +142,7 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
         "page shows makespan {shown}, the plan says {api_makespan}"
     );
     viewer
-        .screenshot_at("#evacuations", &docs("web-evacuation-plan.png"))
+        .screenshot_at("#evacuations", &shot(&shots, "web-evacuation-plan.png"))
         .await;
 
     // A viewer's abort is the API's own 403, shown on the page; nothing reaches the agent.
@@ -168,7 +176,7 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
         )
         .await;
     operator
-        .screenshot_at("#migrations", &docs("web-migrations-abort.png"))
+        .screenshot_at("#migrations", &shot(&shots, "web-migrations-abort.png"))
         .await;
 
     // The evacuation must finish: the aborted step is retried; let every migration complete.
@@ -225,6 +233,7 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
     assert_eq!(operator.host_of(&first_vm).await, Some(a_to));
     assert_eq!(operator.host_of(&second_vm).await, Some(b_to));
     operator
-        .screenshot_at("body", &docs("web-hosts-after.png"))
+        .screenshot_at("body", &shot(&shots, "web-hosts-after.png"))
         .await;
+    browser.quit().await;
 }

@@ -107,7 +107,9 @@ impl Browser {
         let profile = tempfile::tempdir().expect("profile dir");
         let log = std::fs::File::create(profile.path().join("chromedriver.log")).ok();
         let mut cmd = Command::new(CHROMEDRIVER);
-        cmd.arg(format!("--port={port}"))
+        // Chromium's own temp dirs go into the profile dir, removed with it even after a kill.
+        cmd.env("TMPDIR", profile.path())
+            .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
@@ -195,6 +197,12 @@ impl Browser {
         let v: Value = r.json().await.expect("webdriver JSON");
         assert!(status.is_success(), "webdriver {path}: {status} {v}");
         v["value"].clone()
+    }
+
+    /// Ends the session (chromium exits by itself); the processes are then killed by PID
+    /// anyway when `self` drops, as on every other path.
+    pub async fn quit(self) {
+        let _ = self.http.delete(&self.session).send().await;
     }
 
     /// Opens `url`.
