@@ -51,7 +51,6 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
     assert_eq!(s, 200);
 
     let shots = tempfile::tempdir().unwrap();
-    let shots = tempfile::tempdir().unwrap();
     let browser = Browser::launch(1440, 1000).await;
     let viewer = FleetPage::login(&browser, &h.url, &tokens.viewer).await;
     assert_eq!(viewer.role().await, "viewer");
