@@ -78,6 +78,25 @@ pub struct AgentMigration {
     /// Live progress while it runs (the agent's `progress`), for the web view's chart.
     #[serde(default)]
     pub progress: Option<crate::progress::ProgressFigures>,
+    /// The agent's event log of the migration (decisions among them).
+    #[serde(default)]
+    pub events: Vec<AgentEvent>,
+}
+
+/// One entry of an agent migration's event log, as far as the controller reads it (the
+/// policy's decisions: `event` = `decision`, with `action` and `reason`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AgentEvent {
+    /// Position in the agent's log (1-based).
+    pub seq: u64,
+    /// What kind (`state`, `decision`, `pass`, `operator`, …).
+    pub event: String,
+    /// A decision's action (`switch-to-postcopy`, `set-downtime-limit`, …).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// A decision's (or state change's) reason.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// The agent operations the controller needs.

@@ -115,6 +115,8 @@ pub struct Controller {
     pub work: Arc<tokio::sync::Mutex<()>>,
     /// Live progress of running migrations (memory only), for the web view.
     pub progress: crate::progress::ProgressLog,
+    /// Which agent decisions are already in the migrations' histories.
+    pub forwarded: crate::agent_reports::ForwardedDecisions,
 }
 
 /// Encodes a page token for the host after which the next page starts.

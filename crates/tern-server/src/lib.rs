@@ -19,6 +19,7 @@
 //!   [`progress`]: running migrations' progress reports, in memory, for its charts.
 
 pub mod agent_client;
+pub mod agent_reports;
 pub mod api;
 pub mod config;
 pub mod controller;

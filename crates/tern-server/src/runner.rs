@@ -198,6 +198,8 @@ impl Runner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(m.id.clone(), am.state.clone());
+        // Progress and the policy's decisions (a last decision may come with the end).
+        self.ctl.record_agent_report(&m, &am).await?;
         if !matches!(outcome_of(&am.state), AgentOutcome::Running { .. }) {
             self.ctl.progress.forget(&m.id);
         }
@@ -206,17 +208,6 @@ impl Runner {
                 switched,
                 recovering,
             } => {
-                if let Some(mut p) = am.progress.clone() {
-                    p.wall_ms = now_ms();
-                    let detail = format!(
-                        "{} remaining, dirty {} B/s",
-                        p.remaining_bytes, p.dirty_bytes_per_s
-                    );
-                    self.ctl.progress.record(&m.id, p);
-                    self.ctl
-                        .events
-                        .publish("progress", &m.id, m.state.as_str(), detail);
-                }
                 if m.state == MigrationState::Unknown {
                     m.state = MigrationState::Running;
                     self.save(

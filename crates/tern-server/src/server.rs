@@ -185,6 +185,7 @@ impl RunningServer {
             events: EventBus::new(),
             work: Arc::default(),
             progress: Default::default(),
+            forwarded: Default::default(),
         };
         let app = router(AppState {
             ctl: controller.clone(),

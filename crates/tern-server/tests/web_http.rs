@@ -305,6 +305,27 @@ async fn operator_commands_reach_the_agent_are_recorded_and_refused_by_role_and_
         history.contains("force-complete requested by token-operator"),
         "{history}"
     );
+    // The agent's decisions are in the history once each, with their reasons, as they came.
+    let decisions: Vec<String> = done["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "decision")
+        .map(|e| e["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!decisions.is_empty(), "{history}");
+    assert!(
+        decisions[0].starts_with("agent-agent-1 #1: continue: pass 1: remaining 256 MiB"),
+        "{decisions:?}"
+    );
+    let mut unique = decisions.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        decisions.len(),
+        "each decision once: {decisions:?}"
+    );
     // Nothing to steer once it ended.
     let (s, v) = call_as(&h, &tokens.operator, "POST", &path("abort"), None).await;
     assert_eq!(s, 409, "{v}");

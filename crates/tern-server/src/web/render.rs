@@ -134,7 +134,11 @@ pub fn migration_card(d: &MigrationDetail<'_>, now_ms: u64) -> String {
     let m = d.migration;
     let id = esc(&m.id);
     let mut figures = Vec::new();
+    if m.switched_to_postcopy {
+        figures.push("<b>post-copy</b> (guest runs on the destination)".to_string());
+    }
     if let Some(p) = d.progress {
+        figures.push(format!("QEMU <b>{}</b>", esc(&p.qemu_status)));
         figures.push(format!("remaining <b>{}</b>", bytes(p.remaining_bytes)));
         figures.push(format!("throughput {}", rate(p.throughput_bytes_per_s)));
     }

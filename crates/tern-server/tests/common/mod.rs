@@ -104,8 +104,17 @@ fn view(m: &FakeMigration) -> Value {
             "dirty_bytes_per_s": 2_000_000u64, "throughput_bytes_per_s": 100_000_000u64,
             "pass": m.polls, "elapsed_ms": now_ms() - m.created_ms, "eta_ms": 1500u64})
     });
+    // The policy's decisions as a real agent logs them: one per poll, with its reason (the
+    // whole log on every read, as the agent's GET does).
+    let events: Vec<Value> = (1..=m.polls.min(5))
+        .map(|i| {
+            json!({"seq": i, "wall_ms": m.created_ms + u64::from(i) * 50,
+            "at_ms": u64::from(i) * 50, "event": "decision", "action": "continue",
+            "reason": format!("pass {i}: remaining {} MiB shrinking", 512u64 >> i)})
+        })
+        .collect();
     json!({"id": m.id, "vm": m.vm, "source": "x", "destination": m.destination,
-        "state": m.state, "created_ms": m.created_ms, "progress": progress,
+        "state": m.state, "created_ms": m.created_ms, "progress": progress, "events": events,
         "error": if m.state == "failed" { Some("network down") } else { None }})
 }
 
