@@ -5,7 +5,7 @@
 //! `GET /v1/migrations/{id}`).
 //!
 //! A decision is identified by the agent migration and the agent's event `seq`; the detail
-//! starts with `agent-ID #SEQ` so that, after a controller restart (memory empty), the last
+//! starts with `[AGENT-MIGRATION-ID #SEQ]` so that, after a controller restart (memory empty), the last
 //! forwarded one is found again in the stored history and nothing is recorded twice.
 
 use std::collections::HashMap;
@@ -24,7 +24,7 @@ pub struct ForwardedDecisions {
 /// The history detail of an agent decision.
 pub fn decision_detail(agent_id: &str, e: &AgentEvent) -> String {
     format!(
-        "agent-{agent_id} #{}: {}: {}",
+        "[{agent_id} #{}] {}: {}",
         e.seq,
         e.action.as_deref().unwrap_or("decision"),
         e.reason.as_deref().unwrap_or("")
@@ -33,12 +33,12 @@ pub fn decision_detail(agent_id: &str, e: &AgentEvent) -> String {
 
 /// The highest `seq` of `agent_id`'s decisions already in a stored history.
 pub fn last_forwarded(agent_id: &str, history: &[MigrationEvent]) -> u64 {
-    let prefix = format!("agent-{agent_id} #");
+    let prefix = format!("[{agent_id} #");
     history
         .iter()
         .filter(|e| e.kind == "decision")
         .filter_map(|e| e.detail.strip_prefix(&prefix))
-        .filter_map(|rest| rest.split(':').next()?.parse::<u64>().ok())
+        .filter_map(|rest| rest.split(']').next()?.parse::<u64>().ok())
         .max()
         .unwrap_or(0)
 }
@@ -106,7 +106,7 @@ mod tests {
         let detail = decision_detail("a1", &e);
         assert_eq!(
             detail,
-            "agent-a1 #7: switch-to-postcopy: dirty 90 MB/s > link 60 MB/s: pass 3: no convergence"
+            "[a1 #7] switch-to-postcopy: dirty 90 MB/s > link 60 MB/s: pass 3: no convergence"
         );
         let ev = |kind: &str, detail: &str| MigrationEvent {
             seq: 1,
@@ -116,9 +116,9 @@ mod tests {
         };
         let history = [
             ev("decision", &detail),
-            ev("decision", "agent-a1 #3: set-downtime-limit: 300 ms"),
-            ev("decision", "agent-a2 #9: other attempt"),
-            ev("note", "agent-a1 #99: not a decision"),
+            ev("decision", "[a1 #3] set-downtime-limit: 300 ms"),
+            ev("decision", "[a2 #9] other attempt"),
+            ev("note", "[a1 #99] not a decision"),
         ];
         assert_eq!(last_forwarded("a1", &history), 7);
         assert_eq!(last_forwarded("a2", &history), 9);

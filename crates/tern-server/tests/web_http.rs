@@ -315,7 +315,7 @@ async fn operator_commands_reach_the_agent_are_recorded_and_refused_by_role_and_
         .collect();
     assert!(!decisions.is_empty(), "{history}");
     assert!(
-        decisions[0].starts_with("agent-agent-1 #1: continue: pass 1: remaining 256 MiB"),
+        decisions[0].starts_with("[agent-1 #1] continue: pass 1: remaining 256 MiB"),
         "{decisions:?}"
     );
     let mut unique = decisions.clone();
