@@ -217,16 +217,15 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
         let sent = tern_server::model::now_ms();
         h.heartbeat(host, 2048, vms).await;
         let (vm, _) = vms[0];
-        let (applied, event) = operator.wait_vm_on(vm, host, T).await;
-        assert!(
-            event >= sent,
-            "the page's update came from an event after the heartbeat"
-        );
-        let latency = applied.saturating_sub(event);
-        println!("{vm} shown on {host} {latency} ms after the server's event");
+        let (applied, _event) = operator.wait_vm_on(vm, host, T).await;
+        // The server emits its event after `sent` (it handles the heartbeat first), so this
+        // bounds the time from the event to the DOM change from above. (The change may even
+        // come from an earlier event's redraw that read the new state: sooner still.)
+        let latency = applied.saturating_sub(sent);
+        println!("{vm} shown on {host} {latency} ms after the heartbeat that caused its event");
         assert!(
             latency < 1000,
-            "{vm} on {host} shown {latency} ms after its event"
+            "{vm} on {host} shown {latency} ms after its heartbeat"
         );
     }
     assert_eq!(operator.host_of(&first_vm).await, Some(a_to));
