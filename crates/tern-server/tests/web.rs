@@ -178,6 +178,26 @@ async fn the_web_view_follows_an_evacuation_live_and_enforces_roles() {
         .screenshot_at("#migrations", &shot(&shots, "web-migrations-abort.png"))
         .await;
 
+    // The operator pauses and resumes the evacuation from its card.
+    let notice = operator
+        .act(&format!("#evac-{id} button[data-action=pause]"))
+        .await;
+    assert!(notice.starts_with("ok"), "{notice}");
+    assert_eq!(evacuation(&h, &id).await["evacuation"]["state"], "paused");
+    browser
+        .wait_for(
+            "the card to offer resume",
+            "return !!document.querySelector(`#evac-${arguments[0]}[data-state=paused] button[data-action=resume]`);",
+            json!([id]),
+            T,
+        )
+        .await;
+    let notice = operator
+        .act(&format!("#evac-{id} button[data-action=resume]"))
+        .await;
+    assert!(notice.starts_with("ok"), "{notice}");
+    assert_eq!(evacuation(&h, &id).await["evacuation"]["state"], "running");
+
     // The evacuation must finish: the aborted step is retried; let every migration complete.
     h.agent.state.hold.store(false, Ordering::SeqCst);
     let done = wait_for("evacuation completed", Duration::from_secs(40), || async {
