@@ -81,6 +81,17 @@ pub fn check_order(
     catalog: &SlaCatalog,
 ) -> Result<PlanInput, AgentError> {
     let spec = source.spec(&order.vm)?;
+    if source.migration_tls() != destination.migration_tls() {
+        let mode = |h: &HostRuntime| if h.migration_tls() { "required" } else { "off" };
+        return Err(AgentError::Conflict(format!(
+            "host {} has migration_tls = {} but host {} has migration_tls = {}: a stream is \
+             encrypted at both ends or at neither; set the same mode on both hosts",
+            source.identity().name,
+            mode(source),
+            destination.identity().name,
+            mode(destination)
+        )));
+    }
     let migrating = source.is_migrating(&order.vm).then_some("in progress");
     let vm = admission::SourceVm {
         spec: &spec,
@@ -152,7 +163,10 @@ pub async fn migrate_with(
         destination.end_migration(&order.vm);
     };
     let source_log = source.show(&order.vm).await.map(|i| i.serial_log)?;
-    let dest_qmp = match destination.prepare_incoming(spec.clone()).await {
+    let dest_qmp = match destination
+        .prepare_incoming(spec.clone(), &source.identity().name)
+        .await
+    {
         Ok(q) => q,
         Err(e) => {
             release();
@@ -176,6 +190,7 @@ pub async fn migrate_with(
             source.settings().postcopy_recovery_window_s,
         ),
         postcopy_stall_timeout: tern_engine::DEFAULT_POSTCOPY_STALL_TIMEOUT,
+        tls: source.source_stream_tls(&destination.identity().name),
     };
     let mut runner = MigrationRunner::new(source_qmp, Box::new(dest_qmp), policy, setup);
     if let Some(sink) = event_sink {

@@ -83,6 +83,10 @@ pub struct MigrationRecord {
     /// restart needs it. `None` for migrations recorded by older agents.
     #[serde(default)]
     pub stream_uri: Option<String>,
+    /// Whether the stream is TLS (both hosts' `migration_tls = "required"`), decided before
+    /// it starts.
+    #[serde(default)]
+    pub stream_encrypted: bool,
 }
 
 /// An event with the wall-clock time it was recorded.
@@ -137,7 +141,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     error TEXT,
     report TEXT,
     link_bytes_per_s INTEGER,
-    stream_uri TEXT
+    stream_uri TEXT,
+    stream_encrypted INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -177,6 +182,15 @@ impl Store {
         {
             conn.execute_batch("ALTER TABLE migrations ADD COLUMN stream_uri TEXT")
                 .map_err(|e| db_err("adding migrations.stream_uri", e))?;
+        }
+        if conn
+            .prepare("SELECT stream_encrypted FROM migrations LIMIT 0")
+            .is_err()
+        {
+            conn.execute_batch(
+                "ALTER TABLE migrations ADD COLUMN stream_encrypted INTEGER NOT NULL DEFAULT 0",
+            )
+            .map_err(|e| db_err("adding migrations.stream_encrypted", e))?;
         }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -277,8 +291,8 @@ impl Store {
             c.execute(
                 "INSERT INTO migrations (id, vm, source, destination, destination_url, context, \
                  policy, state, created_ms, updated_ms, finished_ms, error, report, \
-                 link_bytes_per_s, stream_uri) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL, NULL, ?11, ?12)",
+                 link_bytes_per_s, stream_uri, stream_encrypted) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL, NULL, ?11, ?12, ?13)",
                 params![
                     m.id,
                     m.vm,
@@ -291,7 +305,8 @@ impl Store {
                     m.created_ms as i64,
                     m.updated_ms as i64,
                     m.link_bytes_per_s.map(|v| v as i64),
-                    m.stream_uri
+                    m.stream_uri,
+                    m.stream_encrypted
                 ],
             )
             .map_err(|e| db_err("insert migration", e))?;
@@ -417,8 +432,8 @@ fn select_migrations(
 ) -> Result<Vec<MigrationRecord>, AgentError> {
     let sql = format!(
         "SELECT id, vm, source, destination, destination_url, context, policy, state, \
-         created_ms, updated_ms, finished_ms, error, report, link_bytes_per_s, stream_uri \
-         FROM migrations {} \
+         created_ms, updated_ms, finished_ms, error, report, link_bytes_per_s, stream_uri, \
+         stream_encrypted FROM migrations {} \
          ORDER BY created_ms DESC, id DESC",
         match (id.is_some(), unfinished) {
             (true, _) => "WHERE id = ?1",
@@ -445,6 +460,7 @@ fn select_migrations(
         Option<String>,
         Option<i64>,
         Option<String>,
+        bool,
     );
     let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
         Ok((
@@ -463,6 +479,7 @@ fn select_migrations(
             r.get(12)?,
             r.get(13)?,
             r.get(14)?,
+            r.get(15)?,
         ))
     };
     let rows: Vec<Row> = match id {
@@ -499,6 +516,7 @@ fn select_migrations(
                 },
                 link_bytes_per_s: r.13.map(|v| v as u64),
                 stream_uri: r.14,
+                stream_encrypted: r.15,
             })
         })
         .collect()
@@ -526,6 +544,7 @@ mod tests {
             report: None,
             link_bytes_per_s: Some(25_000_000),
             stream_uri: Some("tcp:198.18.0.2:49152".into()),
+            stream_encrypted: true,
         }
     }
 

@@ -310,6 +310,7 @@ async fn migrate_through_agents(
         error: rec.error.clone(),
         recoveries: 0,
         plan: None,
+        stream_encrypted: false,
     });
     let on_source = source.show_vm(&vm.name).await.ok();
     let on_destination = destination.show_vm(&vm.name).await.ok();

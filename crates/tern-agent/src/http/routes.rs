@@ -70,9 +70,13 @@ pub(super) async fn stop_vm(State(a): State<Agent>, Path(name): Path<String>) ->
     responses((status = 200, description = "success", body = crate::api::IncomingReply), ApiErrors))]
 pub(super) async fn prepare_incoming(
     State(a): State<Agent>,
+    axum::Extension(caller): axum::Extension<tern_pki::Identity>,
     req: Result<Json<IncomingRequest>, JsonRejection>,
 ) -> ApiResult<crate::api::IncomingReply> {
-    Ok(Json(a.prepare_incoming(body(req)?).await?))
+    // The source host is the one whose certificate made this call, never a name in the body:
+    // the destination QEMU's tls-authz accepts a stream only from it.
+    let source_host = (caller.kind == tern_pki::CertKind::Host).then_some(caller.name.as_str());
+    Ok(Json(a.prepare_incoming(body(req)?, source_host).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/incoming/{vm}", summary = "Destination side: remove an incoming QEMU (failed migration); refused for a VM that runs here",
