@@ -79,6 +79,8 @@ struct Inner {
     options: AgentOptions,
     host: HostRuntime,
     store: Store,
+    /// Every mutating API request, with who made it.
+    audit: crate::audit::StoreAudit,
     catalog: SlaCatalog,
     active: Mutex<BTreeMap<String, ActiveMigration>>,
     /// The host QEMU binary's migration capabilities and commands, probed once.
@@ -204,6 +206,7 @@ impl Agent {
         let db = config.runtime_dir.join("agent.db");
         files::private_file(&db)?;
         let store = Store::open(&db)?;
+        let audit = crate::audit::StoreAudit::open(store.clone())?;
         let host = HostRuntime::new(
             HostIdentity {
                 name: config.host.clone(),
@@ -225,6 +228,7 @@ impl Agent {
                 options,
                 host,
                 store,
+                audit,
                 catalog: SlaCatalog::builtin(),
                 active: Mutex::new(BTreeMap::new()),
                 capabilities: AsyncMutex::new(None),
@@ -252,6 +256,11 @@ impl Agent {
     /// The host's VMs.
     pub fn host(&self) -> &HostRuntime {
         &self.inner.host
+    }
+
+    /// The audit log of the agent's API.
+    pub fn audit(&self) -> &crate::audit::StoreAudit {
+        &self.inner.audit
     }
 
     /// The agent's database.

@@ -198,12 +198,19 @@ impl Store {
         })
     }
 
+    /// Runs `f` on the connection on the calling thread: for short writes that must happen
+    /// before a response leaves (the audit record of a request).
+    pub(crate) fn run_blocking<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&c)
+    }
+
     /// Where the database lives.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    async fn run<T: Send + 'static>(
+    pub(crate) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, AgentError> + Send + 'static,
     ) -> Result<T, AgentError> {
