@@ -147,6 +147,11 @@ impl AgentsClient {
         self.agents.keys().cloned().collect::<Vec<_>>().join(", ")
     }
 
+    /// Every agent, by host name.
+    pub fn agents(&self) -> impl Iterator<Item = (&String, &AgentClient)> {
+        self.agents.iter()
+    }
+
     /// The agent of `host`.
     pub fn agent(&self, host: &str) -> Result<&AgentClient, ClusterError> {
         self.agents.get(host).ok_or_else(|| {
