@@ -58,6 +58,13 @@ pub struct MigrationOutcome {
     pub source_serial_log: PathBuf,
     /// The destination's serial log (exists only if the destination was started).
     pub destination_serial_log: Option<PathBuf>,
+    /// CPU time the source QEMU spent outside its vCPUs during the migration (ms): the
+    /// migration's cost on the source (stream, TLS, dirty tracking). `None` if unreadable.
+    #[serde(default)]
+    pub source_migration_cpu_ms: Option<u64>,
+    /// The same for the destination QEMU, from `migrate-incoming` to the end.
+    #[serde(default)]
+    pub destination_migration_cpu_ms: Option<u64>,
 }
 
 /// The facts of one in-process host, for [`admission::admit`].
@@ -199,7 +206,14 @@ pub async fn migrate_with(
     if let Some(tx) = progress {
         let _ = tx.send(runner.progress());
     }
+    let cpu_of = |h: &HostRuntime| h.pid(&order.vm).ok().and_then(tern_qemu::qemu_cpu);
+    let (source_cpu_before, destination_cpu_before) = (cpu_of(source), cpu_of(destination));
     let mut report = runner.run(control).await;
+    let cpu_used = |before: Option<tern_qemu::QemuCpu>, h: &HostRuntime| {
+        Some(cpu_of(h)?.non_vcpu_ms_since(&before?))
+    };
+    let source_migration_cpu_ms = cpu_used(source_cpu_before, source);
+    let destination_migration_cpu_ms = cpu_used(destination_cpu_before, destination);
     if report.state == MigrationState::Lost {
         // Say which QEMU died and how: the engine only saw its QMP connection drop.
         let exits: Vec<String> = [(source, "source"), (destination, "destination")]
@@ -263,5 +277,7 @@ pub async fn migrate_with(
         source_running,
         source_serial_log: source_log,
         destination_serial_log: dest_log,
+        source_migration_cpu_ms,
+        destination_migration_cpu_ms,
     })
 }

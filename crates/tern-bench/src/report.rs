@@ -528,6 +528,8 @@ mod tests {
                 error: None,
                 faults: Vec::new(),
                 recoveries: 0,
+                source_cpu_s: None,
+                destination_cpu_s: None,
             },
             series: Vec::new(),
         }

@@ -142,6 +142,8 @@ fn error_run(arm: &crate::set::Arm, repeat: u32, e: &str) -> RunRecord {
             error: Some(e.to_string()),
             faults: Vec::new(),
             recoveries: 0,
+            source_cpu_s: None,
+            destination_cpu_s: None,
         },
         series: Vec::new(),
     }

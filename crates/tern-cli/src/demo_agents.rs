@@ -334,6 +334,8 @@ async fn migrate_through_agents(
         source_serial_log: created.serial_log.clone(),
         destination_serial_log: destination_serial_log.clone(),
         report,
+        source_migration_cpu_ms: None,
+        destination_migration_cpu_ms: None,
     };
     let mut summary = tern_scenario::summary_from(
         env,

@@ -347,6 +347,12 @@ pub struct MigrationSummary {
     /// Whether the migration stream was TLS (`tern demo --tls`).
     #[serde(default)]
     pub stream_encrypted: bool,
+    /// CPU seconds the source QEMU spent outside its vCPUs during the migration.
+    #[serde(default)]
+    pub source_migration_cpu_s: Option<f64>,
+    /// CPU seconds the destination QEMU spent outside its vCPUs during the migration.
+    #[serde(default)]
+    pub destination_migration_cpu_s: Option<f64>,
 }
 
 impl MigrationSummary {
@@ -1178,6 +1184,10 @@ pub fn summary_from(
         error: report.error.clone(),
         events: report.events.clone(),
         stream_encrypted: report.stream_encrypted,
+        source_migration_cpu_s: outcome.source_migration_cpu_ms.map(|ms| ms as f64 / 1000.0),
+        destination_migration_cpu_s: outcome
+            .destination_migration_cpu_ms
+            .map(|ms| ms as f64 / 1000.0),
     }
 }
 
