@@ -103,6 +103,7 @@ pub async fn run(
         lab: spec.lab_name.clone(),
     };
     let settings = LabAgentSettings {
+        tls: false,
         port_base: free_port_base()?,
         memory_mib: spec.host_memory_mib,
         deny_post_copy_hosts: if spec.destination_permits_post_copy {
