@@ -383,3 +383,34 @@ async fn mutating_requests_are_audited_with_the_callers_name_and_refusals_change
     assert_eq!(abort["target"], "migration web-1");
     assert!(abort["serial"].as_str().is_some_and(|s| !s.is_empty()));
 }
+
+/// `migration_tls = "required"` (the default with `[tls]`) needs the host certificate for
+/// QEMU: an agent whose certificate was never issued refuses to start, and says how to fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_migration_tls_without_a_host_certificate_refuses_to_start() {
+    if let Err(e) = tern_qemu::QemuBinary::locate() {
+        panic!("this test needs QEMU (an agent refuses to start without it): {e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki")).unwrap();
+    let cfg = AgentConfig::from_toml(
+        &format!(
+            "host = \"t9\"\nlisten = \"127.0.0.1:0\"\nmigration_address = \"127.0.0.1\"\n\
+             memory_mib = 512\nruntime_dir = \"{}\"\n[tls]\npki_dir = \"{}\"\n",
+            dir.path().join("rt").display(),
+            pki.dir().display()
+        ),
+        "test",
+    )
+    .unwrap();
+    let e = match Agent::start(cfg, AgentOptions::default()).await {
+        Ok(_) => panic!("an agent without its host certificate must not start"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("migration_tls = \"required\"")
+            && e.contains("tern pki issue host t9")
+            && e.contains("migration_tls = \"off\""),
+        "{e}"
+    );
+}
