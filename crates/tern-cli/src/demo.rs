@@ -73,9 +73,10 @@ pub struct DemoArgs {
     settle: u64,
     /// Inject a fault (repeatable, or comma-separated): link-cut-precopy:SECS,
     /// link-cut-postcopy:SECS, link-cut-recovery:SECS, kill-dest-qemu-precopy,
-    /// kill-dest-qemu-postcopy, kill-source-qemu-postcopy, kill-source-agent-postcopy (this one
-    /// runs the demo through one agent process per host, and cannot be combined with the
-    /// others); each may end in @SECS, when in its phase it fires.
+    /// kill-dest-qemu-postcopy, kill-source-qemu-postcopy,
+    /// kill-{source,dest}-agent-{precopy,postcopy}[:SECS away] (an agent kill runs the demo
+    /// through one agent process per host); each may end in @SECS, when in its phase it
+    /// fires. Faults combine freely.
     #[arg(long = "fault", value_delimiter = ',')]
     faults: Vec<tern_scenario::faults::FaultPlan>,
     /// Lab name used for the demo's hosts.
@@ -153,24 +154,13 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
             .recommended_memory_mib()
         )));
     }
-    let through_agents = a.faults.iter().any(|f| f.needs_agents());
-    if through_agents && a.faults.iter().any(|f| !f.needs_agents()) {
-        return Err(Failure::input(anyhow::anyhow!(
-            "--fault {} runs the demo through agent processes and cannot be combined with \
-             other faults ({}): give it alone",
-            a.faults
-                .iter()
-                .find(|f| f.needs_agents())
-                .map(|f| f.to_string())
-                .unwrap_or_default(),
-            a.faults
-                .iter()
-                .filter(|f| !f.needs_agents())
-                .map(|f| f.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
+    // A fault that kills an agent needs agent processes; every fault combines with every
+    // other on that backend too.
+    let backend = if a.faults.iter().any(|f| f.needs_agents()) {
+        crate::demo_agents::backend()
+    } else {
+        tern_scenario::HopBackend::InProcess
+    };
     let text = a.out.output == OutputFormat::Text;
     let env = tokio::task::spawn_blocking(move || {
         LabEnvironment::prepare(|s| {
@@ -191,19 +181,14 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
     let (tx, rx) = mpsc::unbounded_channel();
     let link = a.link_rate.bytes_per_sec();
     let ui = tokio::spawn(show_progress(rx, text, link));
-    let summary = if through_agents {
-        let result = crate::demo_agents::run(&env, &spec, tx).await;
-        let _ = ui.await;
-        result?
-    } else {
-        let result = tern_scenario::run_scenario(&env, &spec, Some(tx)).await;
-        let _ = ui.await;
-        result.map_err(|e| match e {
-            tern_scenario::ScenarioError::Agent(_)
-            | tern_scenario::ScenarioError::Unsupported(_) => Failure::input(e),
-            other => Failure::failed(other),
-        })?
-    };
+    let result = tern_scenario::run_scenario_with(&env, &spec, &backend, Some(tx)).await;
+    let _ = ui.await;
+    let summary = result.map_err(|e| match e {
+        tern_scenario::ScenarioError::Agent(_) | tern_scenario::ScenarioError::Unsupported(_) => {
+            Failure::input(e)
+        }
+        other => Failure::failed(other),
+    })?;
     match a.out.output {
         OutputFormat::Json => print_json(&summary)?,
         OutputFormat::Text => print_summary(&summary),

@@ -8,9 +8,12 @@
 //! continuity, corrupt pages, control-state mismatches, verifier progress. Everything it
 //! started (QEMU processes, namespaces, temp dirs) is removed on every path.
 
+mod agent_hop;
+pub mod agents;
 pub mod faults;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +53,10 @@ pub enum ScenarioError {
     /// The scenario asks for something this runner cannot do (names what and where it can).
     #[error("{0}")]
     Unsupported(String),
+    /// An agent process of a hop driven through agents could not be started, asked or
+    /// killed.
+    #[error("{0}")]
+    AgentProcess(String),
 }
 
 /// What every scenario on this machine shares: the QEMU binary, the guest image and the
@@ -66,7 +73,7 @@ pub struct LabEnvironment {
 
 /// How long a guest may take to boot and finish its first verify pass (TCG boots the Debian
 /// kernel in ~6 s on an idle host, ~11 s on a busy one).
-const GUEST_READY_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const GUEST_READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl LabEnvironment {
     /// Checks QEMU, builds (or reuses) the guest image and decides the accelerator.
@@ -340,6 +347,10 @@ pub struct MigrationSummary {
     pub error: Option<String>,
     /// The engine's event log.
     pub events: Vec<tern_engine::MigrationEvent>,
+    /// How many hosts run the guest after the hop, as their agents report it (hops through
+    /// agent processes): 1 unless something went wrong; never 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_copies: Option<u32>,
 }
 
 impl MigrationSummary {
@@ -372,16 +383,65 @@ pub enum ScenarioProgress {
     Migration(MigrationProgress),
 }
 
-/// Runs a scenario and cleans up after it, whatever happens.
+/// What drives a hop: the one interface behind which a migration runs, in this process or
+/// through agent processes. Both boot the same guest, publish the same live progress, take
+/// the same faults ([`faults::FaultHosts`]) and are judged the same way.
+#[derive(Clone)]
+pub enum HopBackend {
+    /// The runner in this process, on two in-process host runtimes ([`tern_agent::migrate`]):
+    /// no agent to kill, and the fastest way to measure.
+    InProcess,
+    /// One `tern agent` process per lab host, started by the launcher and driven over the
+    /// agents' HTTP API, as an operator's migration runs. The only backend on which an agent
+    /// can be killed.
+    AgentProcesses(Arc<dyn agents::AgentLauncher>),
+}
+
+impl std::fmt::Debug for HopBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::InProcess => "InProcess",
+            Self::AgentProcesses(_) => "AgentProcesses",
+        })
+    }
+}
+
+/// Runs a scenario in-process ([`HopBackend::InProcess`]) and cleans up after it, whatever
+/// happens.
 pub async fn run_scenario(
+    env: &LabEnvironment,
+    spec: &ScenarioSpec,
+    progress: Option<mpsc::UnboundedSender<ScenarioProgress>>,
+) -> Result<MigrationSummary, ScenarioError> {
+    run_scenario_with(env, spec, &HopBackend::InProcess, progress).await
+}
+
+/// Runs a scenario on `backend` and cleans up after it, whatever happens. A fault that
+/// kills an agent needs [`HopBackend::AgentProcesses`]; every other fault runs on both, and
+/// any faults combine.
+pub async fn run_scenario_with(
+    env: &LabEnvironment,
+    spec: &ScenarioSpec,
+    backend: &HopBackend,
+    progress: Option<mpsc::UnboundedSender<ScenarioProgress>>,
+) -> Result<MigrationSummary, ScenarioError> {
+    match backend {
+        HopBackend::InProcess => run_in_process(env, spec, progress).await,
+        HopBackend::AgentProcesses(launcher) => {
+            agent_hop::run(env, spec, launcher.clone(), progress).await
+        }
+    }
+}
+
+async fn run_in_process(
     env: &LabEnvironment,
     spec: &ScenarioSpec,
     progress: Option<mpsc::UnboundedSender<ScenarioProgress>>,
 ) -> Result<MigrationSummary, ScenarioError> {
     if let Some(f) = spec.faults.iter().find(|f| f.needs_agents()) {
         return Err(ScenarioError::Unsupported(format!(
-            "fault {f} kills an agent process, but this scenario runs the migration in-process; \
-             `tern demo --fault {f}` runs it through agent processes"
+            "fault {f} kills an agent process, but this hop runs in-process; run it through \
+             agent processes (`tern demo --fault {f}` does)"
         )));
     }
     let step = |s: &str| {
@@ -581,8 +641,11 @@ async fn run_on_hosts(
                 }
             })
         });
-        let injectors =
-            faults::spawn_injectors(fault_plans, &lab2, &src2, &dst2, &vm_name, &rx, started);
+        let hosts = faults::FaultHosts::InProcess {
+            source: src2,
+            destination: dst2,
+        };
+        let injectors = faults::spawn_injectors(fault_plans, &lab2, &hosts, &vm_name, &rx, started);
         let records = faults::collect(injectors).await;
         if let Some(f) = forward {
             let _ = f.await;
@@ -988,8 +1051,10 @@ impl ScenarioSession {
             let injectors = faults::spawn_injectors(
                 fault_plans,
                 &lab,
-                &fault_src,
-                &fault_dst,
+                &faults::FaultHosts::InProcess {
+                    source: fault_src,
+                    destination: fault_dst,
+                },
                 SESSION_VM,
                 &rx,
                 started,
@@ -1128,6 +1193,7 @@ pub fn summary_from(
         recovery_s: None,
         error: report.error.clone(),
         events: report.events.clone(),
+        running_copies: None,
     }
 }
 
