@@ -247,6 +247,7 @@ async fn migrate(
         &created.serial_log,
         dest_log.as_deref().filter(|_| handed_over),
     )?;
+    summary.excuse_unrecorded_console();
     Ok(summary)
 }
 

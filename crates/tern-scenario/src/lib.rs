@@ -297,6 +297,13 @@ pub struct MigrationSummary {
     /// failed integrity check needs to tell a lost console line from state from the past.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub heartbeat_anomalies: Vec<tern_guest::SequenceAnomaly>,
+    /// Heartbeat gaps left by console lines nobody recorded — forward jumps that arrived
+    /// while (or just after) a killed agent, which records its guests' consoles, was away.
+    /// Not counted against continuity: the guest's status lines carry cumulative corrupt and
+    /// mismatch counts, so what was not recorded cannot hide corruption, and a backwards
+    /// step (state from the past) is never excused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heartbeat_unrecorded: Vec<tern_guest::SequenceAnomaly>,
     /// Verifier passes completed before the switch.
     pub verify_passes_before: u64,
     /// Verifier passes completed on the destination.
@@ -364,6 +371,30 @@ impl MigrationSummary {
         self.faults_injected = faults;
     }
 
+    /// Moves heartbeat gaps explained by an agent's absence (see
+    /// [`MigrationSummary::heartbeat_unrecorded`]) out of the anomalies, and judges continuity
+    /// on the rest. A gap is explained when it jumps forward and its first heartbeat after
+    /// the gap arrived between the kill and [`UNRECORDED_SLACK`] after the agent answered
+    /// again.
+    pub fn excuse_unrecorded_console(&mut self) {
+        let windows: Vec<(u64, u64)> = self
+            .faults_injected
+            .iter()
+            .filter_map(|f| f.console_unrecorded_ns)
+            .collect();
+        if windows.is_empty() {
+            return;
+        }
+        let (unrecorded, real) = split_unrecorded(&self.heartbeat_anomalies, &windows);
+        if unrecorded.is_empty() {
+            return;
+        }
+        // Anomalies existed, so heartbeats did: continuity rests on the rest.
+        self.heartbeat_continuous = real.is_empty();
+        self.heartbeat_unrecorded = unrecorded;
+        self.heartbeat_anomalies = real;
+    }
+
     /// Integrity as defined for every migration: zero corrupt pages and control mismatches,
     /// a continuous heartbeat sequence, and (after a switch) the verifier still running.
     pub fn integrity_ok(&self) -> bool {
@@ -372,6 +403,29 @@ impl MigrationSummary {
             && self.heartbeat_continuous
             && (self.outcome != "completed" || self.verify_passes_after >= 1)
     }
+}
+
+/// How long after a killed agent answers again its console recorder may take to deliver the
+/// first line (it re-attaches to the serial socket when the agent re-adopts the VM).
+pub const UNRECORDED_SLACK: Duration = Duration::from_secs(3);
+
+/// Splits heartbeat anomalies into those explained by a console nobody recorded (a forward
+/// jump whose heartbeat arrived within one of `windows`, host ns, or [`UNRECORDED_SLACK`]
+/// after it) and the rest.
+fn split_unrecorded(
+    anomalies: &[tern_guest::SequenceAnomaly],
+    windows: &[(u64, u64)],
+) -> (
+    Vec<tern_guest::SequenceAnomaly>,
+    Vec<tern_guest::SequenceAnomaly>,
+) {
+    let slack = UNRECORDED_SLACK.as_nanos() as u64;
+    anomalies.iter().partition(|a| {
+        !a.is_backwards()
+            && windows
+                .iter()
+                .any(|&(from, to)| a.at_ns >= from && a.at_ns <= to.saturating_add(slack))
+    })
 }
 
 /// Live notifications while a scenario runs.
@@ -1168,6 +1222,7 @@ pub fn summary_from(
         control_mismatches: 0,
         heartbeat_continuous: false,
         heartbeat_anomalies: Vec::new(),
+        heartbeat_unrecorded: Vec::new(),
         verify_passes_before: 0,
         verify_passes_after: 0,
         max_dest_gap_ms: 0.0,
@@ -1229,6 +1284,32 @@ fn judge_logs(
 #[cfg(test)]
 mod outcome_tests {
     use super::*;
+
+    #[test]
+    fn only_forward_gaps_while_an_agent_was_away_are_unrecorded_console() {
+        use tern_guest::{LogSide, SequenceAnomaly};
+        let gap = |at_ns, previous, next| SequenceAnomaly {
+            side: LogSide::Switchover,
+            at_ns,
+            previous,
+            next,
+        };
+        let s = 1_000_000_000u64;
+        let windows = [(10 * s, 16 * s)];
+        let anomalies = [
+            gap(12 * s, 963, 1409),  // forward, inside: lines lost while away
+            gap(18 * s, 1500, 1600), // forward, within the slack after the restart
+            gap(12 * s, 1409, 1200), // backwards: state from the past, never excused
+            gap(9 * s, 10, 20),      // before the kill
+            gap(20 * s, 1700, 1800), // long after the restart
+        ];
+        let (unrecorded, real) = split_unrecorded(&anomalies, &windows);
+        assert_eq!(unrecorded, anomalies[..2].to_vec());
+        assert_eq!(real, anomalies[2..].to_vec());
+        let (none, all) = split_unrecorded(&anomalies, &[]);
+        assert!(none.is_empty());
+        assert_eq!(all.len(), anomalies.len());
+    }
 
     #[test]
     fn outcomes_keep_their_json_names_and_compare_with_text() {

@@ -92,6 +92,12 @@ pub struct FaultRecord {
     /// up) while the killed agent was away, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub states_while_away: Vec<MigrationState>,
+    /// For an agent kill: host `CLOCK_MONOTONIC` (ns) from the kill to the restarted agent
+    /// answering. The agent records its guests' serial consoles, and console lines printed
+    /// while no agent reads them are lost (`tern_qemu::SerialRecorder`): the heartbeat gap
+    /// they leave is not the guest's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_unrecorded_ns: Option<(u64, u64)>,
 }
 
 impl FaultRecord {
@@ -105,6 +111,7 @@ impl FaultRecord {
             resumed_after_restore_ms: None,
             error: None,
             states_while_away: Vec::new(),
+            console_unrecorded_ns: None,
         }
     }
 }
@@ -331,6 +338,7 @@ async fn kill_agent(
 ) {
     let ms = |at: Instant| at.duration_since(started).as_millis() as u64;
     let killed_at = Instant::now();
+    let killed_ns = tern_qemu::host_monotonic_ns();
     rec.fired_at_ms = Some(ms(killed_at));
     if let Err(e) = fleet.kill(host).await {
         rec.error = Some(e);
@@ -365,4 +373,5 @@ async fn kill_agent(
         Ok(()) => rec.resumed_after_restore_ms = Some(restarted.elapsed().as_millis() as u64),
         Err(e) => rec.error = Some(e),
     }
+    rec.console_unrecorded_ns = Some((killed_ns, tern_qemu::host_monotonic_ns()));
 }
