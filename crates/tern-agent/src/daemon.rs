@@ -947,15 +947,14 @@ impl Agent {
                 MigrationEventKind::State { to, .. } => {
                     report.switched_to_postcopy |= *to == MigrationState::Postcopy;
                 }
-                MigrationEventKind::Decision { action, reason }
-                    if action != "continue" && !action.starts_with("postcopy-") =>
-                {
-                    report.paused_guest |= action == "pause-guest";
-                    actions.push(TakenAction {
-                        at_ms: e.at_ms,
-                        action: action.clone(),
-                        reason: reason.clone(),
-                    });
+                MigrationEventKind::Decision { action, reason } => {
+                    // Supervisor decisions (`postcopy-…`) name no policy action.
+                    if let Some(taken) = TakenAction::from_text(e.at_ms, action, reason.clone())
+                        && taken.action != tern_policy::ActionKind::Continue
+                    {
+                        report.paused_guest |= taken.action == tern_policy::ActionKind::PauseGuest;
+                        actions.push(taken);
+                    }
                 }
                 _ => {}
             }

@@ -307,27 +307,28 @@ fn print_summary(s: &MigrationSummary) {
         println!(
             "action @{:>6.1}s      {}: {}",
             a.at_ms as f64 / 1000.0,
-            a.action,
+            a.text(),
             a.reason
         );
     }
     for f in &s.faults_injected {
         let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-        let what = if f.fault.starts_with("kill-source-agent") {
-            format!(
-                "agent back after {} ms, re-attached {} ms later",
-                ms(f.restored_at_ms
-                    .zip(f.fired_at_ms)
-                    .map(|(r, k)| r.saturating_sub(k))),
-                ms(f.resumed_after_restore_ms)
-            )
-        } else {
-            format!(
-                "detected after {} ms, resumed {} ms after the link came back",
-                ms(f.detected_after_ms),
-                ms(f.resumed_after_restore_ms)
-            )
-        };
+        let what =
+            if f.fault.starts_with("kill-source-agent") || f.fault.starts_with("kill-dest-agent") {
+                format!(
+                    "agent back after {} ms, re-attached {} ms later",
+                    ms(f.restored_at_ms
+                        .zip(f.fired_at_ms)
+                        .map(|(r, k)| r.saturating_sub(k))),
+                    ms(f.resumed_after_restore_ms)
+                )
+            } else {
+                format!(
+                    "detected after {} ms, resumed {} ms after the link came back",
+                    ms(f.detected_after_ms),
+                    ms(f.resumed_after_restore_ms)
+                )
+            };
         println!(
             "fault                {} at {} ms: {what}{}",
             f.fault,

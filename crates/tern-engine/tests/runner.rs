@@ -185,7 +185,11 @@ async fn a_guest_dirtying_faster_than_the_link_is_switched_by_tern_and_completes
     let r = run(&pair, tern(), setup(PostCopyPermission::Allowed)).await;
     assert_eq!(r.state, MigrationState::Completed, "{:#?}", r.events);
     assert!(r.switched_to_postcopy);
-    assert!(r.actions.iter().any(|a| a.action == "switch-to-postcopy"));
+    assert!(
+        r.actions
+            .iter()
+            .any(|a| a.action == tern_policy::ActionKind::SwitchToPostcopy)
+    );
     assert_no_cancel_after_switch(&pair);
 }
 

@@ -11,7 +11,8 @@
 use std::collections::VecDeque;
 
 use tern_policy::{
-    IterationSample, PostcopyAction, PostcopyDecision, PostcopyObservation, PostcopyStatus,
+    ActionKind, IterationSample, PostcopyAction, PostcopyDecision, PostcopyObservation,
+    PostcopyStatus,
 };
 use tern_qmp::MigrationStatus;
 
@@ -41,7 +42,7 @@ impl MigrationRunner {
                  recovering an interrupted post-copy needs it (requested: {reason})"
             ));
         }
-        self.take_action("switch-to-postcopy", reason);
+        self.take_action(ActionKind::SwitchToPostcopy, None, reason);
         self.source
             .migrate_start_postcopy()
             .await
