@@ -291,6 +291,11 @@ pub struct MigrationRunner {
     /// Set when an adopted pre-copy was cancelled: it ends `failed` with this reason (the
     /// migration did not end as anyone asked), not `aborted`.
     adoption_cancel: Option<String>,
+    /// A switch to post-copy the policy decided while the destination did not answer: the
+    /// policy now counts on it (it is "finishing by" the switch and will not decide it
+    /// again), so the runner carries it out once the destination answers
+    /// ([`MigrationRunner::retry_deferred_switch`]). The reason, and when it was last tried.
+    deferred_switch: Option<(String, Instant)>,
 }
 
 impl MigrationRunner {
@@ -324,6 +329,7 @@ impl MigrationRunner {
             recoveries_before: 0,
             abort_requested: false,
             adoption_cancel: None,
+            deferred_switch: None,
         }
     }
 

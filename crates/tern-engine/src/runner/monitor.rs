@@ -79,6 +79,10 @@ impl MigrationRunner {
                 }
             };
             if matches!(self.state, MigrationState::Precopy) {
+                self.retry_deferred_switch().await;
+                if self.state != MigrationState::Precopy {
+                    continue;
+                }
                 let Some(plan) = self.plan.clone() else {
                     continue;
                 };
@@ -342,7 +346,9 @@ impl MigrationRunner {
                     });
                     return;
                 }
-                if let Err(why) = self.switch_to_postcopy(&reason).await {
+                if let Err(why) = self.switch_to_postcopy(&reason).await
+                    && !why.is_empty()
+                {
                     self.note(why);
                 }
                 return;
