@@ -51,6 +51,7 @@ use crate::{AgentError, api::MigrationView, bounds, edge, files};
 mod admit;
 mod destination;
 pub mod heartbeat;
+mod reconcile;
 
 use admit::Admitted;
 
@@ -244,8 +245,10 @@ impl Agent {
                 Ok(_) => {
                     tracing::info!(vm = %name, pid = vm.pid, "re-attached to QEMU");
                     if vm.role == VmRole::Incoming {
-                        // Keep the inbound count right until the source agent settles it.
+                        // Keep the inbound count right until the migration is settled: by the
+                        // source agent, or by this agent from the source's record.
                         let _ = self.inner.host.begin_inbound(&name);
+                        self.reconcile_incoming_later(name.clone());
                     }
                 }
                 Err(e) => {
