@@ -316,11 +316,20 @@ fn print_summary(s: &MigrationSummary) {
         let what =
             if f.fault.starts_with("kill-source-agent") || f.fault.starts_with("kill-dest-agent") {
                 format!(
-                    "agent back after {} ms, re-attached {} ms later",
+                    "agent back after {} ms, re-attached {} ms later; migration seen {} meanwhile",
                     ms(f.restored_at_ms
                         .zip(f.fired_at_ms)
                         .map(|(r, k)| r.saturating_sub(k))),
-                    ms(f.resumed_after_restore_ms)
+                    ms(f.resumed_after_restore_ms),
+                    if f.states_while_away.is_empty() {
+                        "in no state (nobody to ask)".to_string()
+                    } else {
+                        f.states_while_away
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(" → ")
+                    }
                 )
             } else {
                 format!(
@@ -341,6 +350,15 @@ fn print_summary(s: &MigrationSummary) {
     }
     if s.recoveries > 0 {
         println!("recoveries           {}", s.recoveries);
+    }
+    for g in &s.heartbeat_unrecorded {
+        println!(
+            "console unrecorded   heartbeat {} → {} ({:?}) while a killed agent was away: lines lost, not the guest's",
+            g.previous, g.next, g.side
+        );
+    }
+    if let Some(n) = s.running_copies {
+        println!("running copies       {n}");
     }
     for r in &s.operator_results {
         println!("operator             {r}");
