@@ -367,8 +367,11 @@ pub struct MigrationSummary {
 impl MigrationSummary {
     /// Records the injected faults and the slowest recovery among them.
     pub fn record_faults(&mut self, faults: Vec<faults::FaultRecord>) {
+        // Post-copy recoveries after a link came back; an agent kill's "answered again" is
+        // not a recovery of the migration.
         self.recovery_s = faults
             .iter()
+            .filter(|f| f.console_unrecorded_ns.is_none())
             .filter_map(|f| f.resumed_after_restore_ms)
             .max()
             .map(|ms| ms as f64 / 1000.0);
