@@ -88,6 +88,9 @@ pub struct MigrationView {
     pub migration: MigrationRecord,
     /// Its events, oldest first.
     pub events: Vec<MigrationEvent>,
+    /// The source agent's last progress report, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::progress::ProgressFigures>,
 }
 
 /// Largest page of `GET /v1/hosts`.
@@ -110,6 +113,10 @@ pub struct Controller {
     /// calls that create or steer work hold it while they write, so a cancel cannot race a
     /// start of the same step. (Several controllers are serialised by the lease, issue 12.)
     pub work: Arc<tokio::sync::Mutex<()>>,
+    /// Live progress of running migrations (memory only), for the web view.
+    pub progress: crate::progress::ProgressLog,
+    /// Which agent decisions are already in the migrations' histories.
+    pub forwarded: crate::agent_reports::ForwardedDecisions,
 }
 
 /// Encodes a page token for the host after which the next page starts.
@@ -190,6 +197,18 @@ impl Controller {
         }
         let now = now_ms();
         let before = self.store.host(&hb.host).await?;
+        // Which guests the host runs: a change (a VM arrived or left) is an event too, so
+        // watchers (the web view's host list) see a VM change host as soon as it is reported.
+        let mut vms_before: Vec<String> = self
+            .store
+            .vms(Some(&hb.host))
+            .await?
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        vms_before.sort();
+        let mut vms_now: Vec<String> = hb.vms.iter().map(|v| v.name.clone()).collect();
+        vms_now.sort();
         self.store.record_heartbeat(&hb, now).await?;
         let after = self
             .store
@@ -206,6 +225,13 @@ impl Controller {
                     None => "registered".to_string(),
                     Some(s) => format!("heartbeat again (was {})", s.as_str()),
                 },
+            );
+        } else if vms_before != vms_now {
+            self.events.publish(
+                "host",
+                &hb.host,
+                after.state.as_str(),
+                format!("guests now: {}", vms_now.join(", ")),
             );
         }
         Ok(after)
@@ -446,7 +472,12 @@ impl Controller {
         })?;
         let events = self.store.events(id).await?;
         let migration = self.overlay(vec![m]).await?.remove(0);
-        Ok(MigrationView { migration, events })
+        let progress = self.progress.last(id);
+        Ok(MigrationView {
+            migration,
+            events,
+            progress,
+        })
     }
 }
 

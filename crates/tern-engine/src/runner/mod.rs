@@ -296,6 +296,12 @@ pub struct MigrationRunner {
     /// again), so the runner carries it out once the destination answers
     /// ([`MigrationRunner::retry_deferred_switch`]). The reason, and when it was last tried.
     deferred_switch: Option<(String, Instant)>,
+    /// When (elapsed ms) `migrate-pause` was last sent to the destination: a second one must
+    /// not follow while the first is still taking effect (see `postcopy::pause_destination`).
+    destination_paused_at_ms: Option<u64>,
+    /// The destination did not answer its last in-band query in post-copy (agent away, or
+    /// its main loop blocked): recovery goes straight to the out-of-band `migrate-recover`.
+    destination_silent: bool,
 }
 
 impl MigrationRunner {
@@ -330,6 +336,8 @@ impl MigrationRunner {
             abort_requested: false,
             adoption_cancel: None,
             deferred_switch: None,
+            destination_paused_at_ms: None,
+            destination_silent: false,
         }
     }
 
