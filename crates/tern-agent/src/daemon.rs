@@ -51,6 +51,7 @@ use crate::{AgentError, api::MigrationView, bounds, edge, files};
 mod admit;
 mod destination;
 pub mod heartbeat;
+mod reconcile;
 
 use admit::Admitted;
 
@@ -290,8 +291,10 @@ impl Agent {
                 Ok(_) => {
                     tracing::info!(vm = %name, pid = vm.pid, "re-attached to QEMU");
                     if vm.role == VmRole::Incoming {
-                        // Keep the inbound count right until the source agent settles it.
+                        // Keep the inbound count right until the migration is settled: by the
+                        // source agent, or by this agent from the source's record.
                         let _ = self.inner.host.begin_inbound(&name);
+                        self.reconcile_incoming_later(name.clone());
                     }
                 }
                 Err(e) => {
@@ -1008,15 +1011,14 @@ impl Agent {
                 MigrationEventKind::State { to, .. } => {
                     report.switched_to_postcopy |= *to == MigrationState::Postcopy;
                 }
-                MigrationEventKind::Decision { action, reason }
-                    if action != "continue" && !action.starts_with("postcopy-") =>
-                {
-                    report.paused_guest |= action == "pause-guest";
-                    actions.push(TakenAction {
-                        at_ms: e.at_ms,
-                        action: action.clone(),
-                        reason: reason.clone(),
-                    });
+                MigrationEventKind::Decision { action, reason } => {
+                    // Supervisor decisions (`postcopy-…`) name no policy action.
+                    if let Some(taken) = TakenAction::from_text(e.at_ms, action, reason.clone())
+                        && taken.action != tern_policy::ActionKind::Continue
+                    {
+                        report.paused_guest |= taken.action == tern_policy::ActionKind::PauseGuest;
+                        actions.push(taken);
+                    }
                 }
                 _ => {}
             }

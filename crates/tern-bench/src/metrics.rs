@@ -370,7 +370,7 @@ pub fn compute(
         passes,
         integrity_ok: s.integrity_ok(),
         actions: policy_actions(hop)
-            .map(|a| format!("{:.1}s {}: {}", a.at_ms as f64 / 1000.0, a.action, a.reason))
+            .map(|a| format!("{:.1}s {}: {}", a.at_ms as f64 / 1000.0, a.text(), a.reason))
             .collect(),
         capabilities: s.capabilities.clone(),
         error: s.error.clone(),

@@ -656,6 +656,8 @@ mod tests {
             detected_after_ms: Some(2250),
             resumed_after_restore_ms: Some(480),
             error: None,
+            states_while_away: Vec::new(),
+            console_unrecorded_ns: None,
         }];
         s.aggregate();
         let md = scenario_table(&r.scenarios[0]);

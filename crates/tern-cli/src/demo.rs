@@ -73,9 +73,10 @@ pub struct DemoArgs {
     settle: u64,
     /// Inject a fault (repeatable, or comma-separated): link-cut-precopy:SECS,
     /// link-cut-postcopy:SECS, link-cut-recovery:SECS, kill-dest-qemu-precopy,
-    /// kill-dest-qemu-postcopy, kill-source-qemu-postcopy, kill-source-agent-postcopy (this one
-    /// runs the demo through one agent process per host, and cannot be combined with the
-    /// others); each may end in @SECS, when in its phase it fires.
+    /// kill-dest-qemu-postcopy, kill-source-qemu-postcopy,
+    /// kill-{source,dest}-agent-{precopy,postcopy}[:SECS away] (an agent kill runs the demo
+    /// through one agent process per host); each may end in @SECS, when in its phase it
+    /// fires. Faults combine freely.
     #[arg(long = "fault", value_delimiter = ',')]
     faults: Vec<tern_scenario::faults::FaultPlan>,
     /// Lab name used for the demo's hosts.
@@ -158,28 +159,17 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
             .recommended_memory_mib()
         )));
     }
-    let through_agents = a.faults.iter().any(|f| f.needs_agents());
-    if through_agents && a.faults.iter().any(|f| !f.needs_agents()) {
+    // A fault that kills an agent needs agent processes; every fault combines with every
+    // other on that backend too.
+    let backend = if a.faults.iter().any(|f| f.needs_agents()) {
+        crate::demo_agents::backend()
+    } else {
+        tern_scenario::HopBackend::InProcess
+    };
+    if a.tls && matches!(backend, tern_scenario::HopBackend::AgentProcesses(_)) {
         return Err(Failure::input(anyhow::anyhow!(
-            "--fault {} runs the demo through agent processes and cannot be combined with \
-             other faults ({}): give it alone",
-            a.faults
-                .iter()
-                .find(|f| f.needs_agents())
-                .map(|f| f.to_string())
-                .unwrap_or_default(),
-            a.faults
-                .iter()
-                .filter(|f| !f.needs_agents())
-                .map(|f| f.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    if through_agents && a.tls {
-        return Err(Failure::input(anyhow::anyhow!(
-            "--tls cannot be combined with --fault kill-source-agent-postcopy yet: that demo \
-             runs lab agents over plain loopback; run --tls with the other faults"
+            "--tls cannot be combined with a --fault that kills an agent yet: that demo runs \
+             lab agents over plain loopback; run --tls with the other faults"
         )));
     }
     let text = a.out.output == OutputFormat::Text;
@@ -202,19 +192,14 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
     let (tx, rx) = mpsc::unbounded_channel();
     let link = a.link_rate.bytes_per_sec();
     let ui = tokio::spawn(show_progress(rx, text, link));
-    let summary = if through_agents {
-        let result = crate::demo_agents::run(&env, &spec, tx).await;
-        let _ = ui.await;
-        result?
-    } else {
-        let result = tern_scenario::run_scenario(&env, &spec, Some(tx)).await;
-        let _ = ui.await;
-        result.map_err(|e| match e {
-            tern_scenario::ScenarioError::Agent(_)
-            | tern_scenario::ScenarioError::Unsupported(_) => Failure::input(e),
-            other => Failure::failed(other),
-        })?
-    };
+    let result = tern_scenario::run_scenario_with(&env, &spec, &backend, Some(tx)).await;
+    let _ = ui.await;
+    let summary = result.map_err(|e| match e {
+        tern_scenario::ScenarioError::Agent(_) | tern_scenario::ScenarioError::Unsupported(_) => {
+            Failure::input(e)
+        }
+        other => Failure::failed(other),
+    })?;
     match a.out.output {
         OutputFormat::Json => print_json(&summary)?,
         OutputFormat::Text => print_summary(&summary),
@@ -341,27 +326,37 @@ fn print_summary(s: &MigrationSummary) {
         println!(
             "action @{:>6.1}s      {}: {}",
             a.at_ms as f64 / 1000.0,
-            a.action,
+            a.text(),
             a.reason
         );
     }
     for f in &s.faults_injected {
         let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-        let what = if f.fault.starts_with("kill-source-agent") {
-            format!(
-                "agent back after {} ms, re-attached {} ms later",
-                ms(f.restored_at_ms
-                    .zip(f.fired_at_ms)
-                    .map(|(r, k)| r.saturating_sub(k))),
-                ms(f.resumed_after_restore_ms)
-            )
-        } else {
-            format!(
-                "detected after {} ms, resumed {} ms after the link came back",
-                ms(f.detected_after_ms),
-                ms(f.resumed_after_restore_ms)
-            )
-        };
+        let what =
+            if f.fault.starts_with("kill-source-agent") || f.fault.starts_with("kill-dest-agent") {
+                format!(
+                    "agent back after {} ms, re-attached {} ms later; migration seen {} meanwhile",
+                    ms(f.restored_at_ms
+                        .zip(f.fired_at_ms)
+                        .map(|(r, k)| r.saturating_sub(k))),
+                    ms(f.resumed_after_restore_ms),
+                    if f.states_while_away.is_empty() {
+                        "in no state (nobody to ask)".to_string()
+                    } else {
+                        f.states_while_away
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(" → ")
+                    }
+                )
+            } else {
+                format!(
+                    "detected after {} ms, resumed {} ms after the link came back",
+                    ms(f.detected_after_ms),
+                    ms(f.resumed_after_restore_ms)
+                )
+            };
         println!(
             "fault                {} at {} ms: {what}{}",
             f.fault,
@@ -374,6 +369,15 @@ fn print_summary(s: &MigrationSummary) {
     }
     if s.recoveries > 0 {
         println!("recoveries           {}", s.recoveries);
+    }
+    for g in &s.heartbeat_unrecorded {
+        println!(
+            "console unrecorded   heartbeat {} → {} ({:?}) while a killed agent was away: lines lost, not the guest's",
+            g.previous, g.next, g.side
+        );
+    }
+    if let Some(n) = s.running_copies {
+        println!("running copies       {n}");
     }
     for r in &s.operator_results {
         println!("operator             {r}");

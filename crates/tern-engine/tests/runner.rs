@@ -185,7 +185,11 @@ async fn a_guest_dirtying_faster_than_the_link_is_switched_by_tern_and_completes
     let r = run(&pair, tern(), setup(PostCopyPermission::Allowed)).await;
     assert_eq!(r.state, MigrationState::Completed, "{:#?}", r.events);
     assert!(r.switched_to_postcopy);
-    assert!(r.actions.iter().any(|a| a.action == "switch-to-postcopy"));
+    assert!(
+        r.actions
+            .iter()
+            .any(|a| a.action == tern_policy::ActionKind::SwitchToPostcopy)
+    );
     assert_no_cancel_after_switch(&pair);
 }
 
@@ -447,6 +451,57 @@ async fn no_switch_to_postcopy_while_the_destination_agent_does_not_answer() {
         .unwrap_or(0);
     assert!(refused_at < 60_000);
     assert_eq!(r.state, MigrationState::Completed);
+}
+
+/// tern decides the switch once and then counts on it ("finishing by" it): a switch refused
+/// because the destination agent did not answer is made by the runner once it answers, and
+/// not before — the migration neither switches blind nor stays in pre-copy forever (found in
+/// the lab: 6 minutes of pre-copy after the agent was back).
+#[tokio::test(start_paused = true)]
+async fn a_switch_decided_once_while_the_destination_is_away_is_made_when_it_answers() {
+    let pair = FakePair::new(256 * MIB, LINK, 2 * LINK);
+    pair.at(When::AfterStart(1_000), Fault::DestinationAgentDown)
+        .at(When::AfterStart(60_000), Fault::DestinationAgentUp);
+    let r = run(&pair, tern(), setup(PostCopyPermission::Allowed)).await;
+    assert!(
+        pair.switch_call().is_some(),
+        "never switched: {:?}",
+        states(&r)
+    );
+    let note_at = |needle: &str| {
+        r.events
+            .iter()
+            .find(|e| {
+                matches!(&e.kind,
+                tern_engine::MigrationEventKind::Note { text } if text.contains(needle))
+            })
+            .map(|e| e.at_ms)
+    };
+    let refused = note_at("no switch to post-copy").expect("the refusal is recorded");
+    let made = note_at("making the deferred switch").expect("the deferred switch is recorded");
+    assert!(refused < 60_000, "refused at {refused} ms");
+    assert!(
+        made >= 60_000,
+        "switched at {made} ms, while the agent was away"
+    );
+    let postcopy_at = r
+        .events
+        .iter()
+        .find(|e| {
+            matches!(
+                e.kind,
+                tern_engine::MigrationEventKind::State {
+                    to: MigrationState::Postcopy,
+                    ..
+                }
+            )
+        })
+        .map(|e| e.at_ms)
+        .expect("post-copy entered");
+    assert!(postcopy_at >= 60_000, "post-copy at {postcopy_at} ms");
+    assert!(postcopy_at < 70_000, "the switch waited {postcopy_at} ms");
+    assert_eq!(r.state, MigrationState::Completed);
+    assert_no_cancel_after_switch(&pair);
 }
 
 #[tokio::test(start_paused = true)]

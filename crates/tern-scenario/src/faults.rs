@@ -1,20 +1,21 @@
-//! Faults injected into a running scenario at a chosen migration phase: link cuts (and two
-//! in a row), and QEMU processes killed by PID.
+//! Faults injected into a running scenario at a chosen migration phase, as one small language:
+//! link cuts (several may overlap), QEMU processes and agent processes killed by PID.
 //!
-//! The injector watches the engine's live progress, waits for its trigger (pre-copy for N
+//! This module is the language (`--fault` forms, parsed once into [`FaultPlan`]s);
+//! [`inject`] carries them out against either hop backend (in-process or agent processes).
+//! The injector watches the migration's live progress, waits for its trigger (pre-copy for N
 //! seconds, or post-copy started N seconds ago), acts, and records host-monotonic times so
 //! the report can say how long detection and recovery took.
 
-use std::collections::BTreeMap;
+mod inject;
+
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tern_agent::HostRuntime;
-use tern_engine::{MigrationProgress, MigrationState};
-use tern_lab::{FaultMode, Lab, Signal};
-use tokio::sync::watch;
+
+pub use inject::{FaultHosts, FaultRecord, collect, spawn_injectors};
 
 /// When a fault fires.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -50,12 +51,37 @@ pub enum FaultAction {
     KillDestinationQemu,
     /// Kill the source QEMU (SIGKILL).
     KillSourceQemu,
-    /// Kill the source host's agent process (SIGKILL) and start it again: QEMU keeps
-    /// migrating without it, and the restarted agent must re-attach to its QEMU and see the
-    /// migration through. Needs real agent processes, so only `tern demo` (which then runs
-    /// the migration through agents) and the agent tests can inject it; an in-process
-    /// scenario refuses it ([`FaultPlan::needs_agents`]).
-    KillSourceAgent,
+    /// Kill a host's agent process (SIGKILL; its QEMU is untouched), keep it away for
+    /// `away`, and start it again with its configuration: QEMU keeps migrating without it,
+    /// and the restarted agent must re-attach to its QEMU and reconcile the migration. Needs
+    /// real agent processes ([`FaultPlan::needs_agents`]): the hop runs through
+    /// [`crate::HopBackend::AgentProcesses`], and an in-process hop refuses it.
+    KillAgent {
+        /// Whose agent.
+        host: FaultHost,
+        /// How long it stays dead before it is started again (zero: at once).
+        away: Duration,
+    },
+}
+
+/// One of the hop's two hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultHost {
+    /// The host the guest leaves.
+    Source,
+    /// The host the guest goes to.
+    Destination,
+}
+
+impl FaultHost {
+    /// How `--fault` names it (`source`, `dest`).
+    fn word(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Destination => "dest",
+        }
+    }
 }
 
 /// One planned fault.
@@ -118,7 +144,13 @@ impl FaultPlan {
             }
             FaultAction::KillDestinationQemu => write!(f, "kill-dest-qemu-{phase}"),
             FaultAction::KillSourceQemu => write!(f, "kill-source-qemu-{phase}"),
-            FaultAction::KillSourceAgent => write!(f, "kill-source-agent-{phase}"),
+            FaultAction::KillAgent { host, away } => {
+                write!(f, "kill-{}-agent-{phase}", host.word())?;
+                if !away.is_zero() {
+                    write!(f, ":{}s", away.as_secs_f64())?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -126,8 +158,10 @@ impl FaultPlan {
 /// Valid `--fault` forms, for error messages.
 pub const FAULT_FORMS: &str = "link-cut-precopy:SECS, link-cut-postcopy:SECS, \
 link-cut-recovery:SECS, kill-dest-qemu-precopy, kill-dest-qemu-postcopy, kill-source-qemu-postcopy, \
-kill-source-agent-postcopy, each optionally followed by @SECS (when in the phase it fires; \
-default 1 s, at once in recovery); several faults separated by commas";
+kill-source-agent-precopy[:SECS], kill-source-agent-postcopy[:SECS], \
+kill-dest-agent-precopy[:SECS], kill-dest-agent-postcopy[:SECS] (an agent's SECS: how long it \
+stays dead; default 0, restarted at once), each optionally followed by @SECS (when in the phase \
+it fires; default 1 s, at once in recovery); several faults separated by commas";
 
 /// A `--fault` value that is not one of [`FAULT_FORMS`]: the value, what is wrong with it,
 /// and the valid forms.
@@ -141,35 +175,38 @@ pub struct FaultParseError {
 /// The longest duration or delay a fault takes (one hour).
 const MAX_FAULT_SECS: f64 = 3600.0;
 
-/// What a fault name means: its action (a link cut's duration comes from `:SECS`) and phase.
-fn named(name: &str) -> Option<(Option<FaultAction>, FaultTrigger)> {
+/// What a fault name leaves to its `:SECS` part.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// A link cut: `:SECS` is its duration, and required.
+    LinkCut,
+    /// A fixed action: no `:SECS`.
+    Fixed(FaultAction),
+    /// An agent kill: `:SECS` is how long the agent stays dead, optional.
+    AgentKill(FaultHost),
+}
+
+/// What a fault name means: its shape and phase.
+fn named(name: &str) -> Option<(Shape, FaultTrigger)> {
     let one = Duration::from_secs(1);
-    let cut = None;
+    let pre = FaultTrigger::Precopy { after: one };
+    let post = FaultTrigger::Postcopy { after: one };
     Some(match name {
-        "link-cut-precopy" => (cut, FaultTrigger::Precopy { after: one }),
-        "link-cut-postcopy" => (cut, FaultTrigger::Postcopy { after: one }),
+        "link-cut-precopy" => (Shape::LinkCut, pre),
+        "link-cut-postcopy" => (Shape::LinkCut, post),
         "link-cut-recovery" => (
-            cut,
+            Shape::LinkCut,
             FaultTrigger::Recovering {
                 after: Duration::ZERO,
             },
         ),
-        "kill-dest-qemu-precopy" => (
-            Some(FaultAction::KillDestinationQemu),
-            FaultTrigger::Precopy { after: one },
-        ),
-        "kill-dest-qemu-postcopy" => (
-            Some(FaultAction::KillDestinationQemu),
-            FaultTrigger::Postcopy { after: one },
-        ),
-        "kill-source-qemu-postcopy" => (
-            Some(FaultAction::KillSourceQemu),
-            FaultTrigger::Postcopy { after: one },
-        ),
-        "kill-source-agent-postcopy" => (
-            Some(FaultAction::KillSourceAgent),
-            FaultTrigger::Postcopy { after: one },
-        ),
+        "kill-dest-qemu-precopy" => (Shape::Fixed(FaultAction::KillDestinationQemu), pre),
+        "kill-dest-qemu-postcopy" => (Shape::Fixed(FaultAction::KillDestinationQemu), post),
+        "kill-source-qemu-postcopy" => (Shape::Fixed(FaultAction::KillSourceQemu), post),
+        "kill-source-agent-precopy" => (Shape::AgentKill(FaultHost::Source), pre),
+        "kill-source-agent-postcopy" => (Shape::AgentKill(FaultHost::Source), post),
+        "kill-dest-agent-precopy" => (Shape::AgentKill(FaultHost::Destination), pre),
+        "kill-dest-agent-postcopy" => (Shape::AgentKill(FaultHost::Destination), post),
         _ => return None,
     })
 }
@@ -210,20 +247,27 @@ impl FromStr for FaultPlan {
         let (action, trigger) =
             named(name).ok_or_else(|| fail(format!("no fault is called {name:?}")))?;
         let action = match (action, arg) {
-            (None, Some(a)) => FaultAction::LinkCut {
+            (Shape::LinkCut, Some(a)) => FaultAction::LinkCut {
                 duration: seconds(a, "link cut duration", true).map_err(fail)?,
             },
-            (None, None) => {
+            (Shape::LinkCut, None) => {
                 return Err(fail(format!(
                     "{name} needs the cut's duration: {name}:SECS"
                 )));
             }
-            (Some(_), Some(a)) => {
+            (Shape::Fixed(_), Some(a)) => {
                 return Err(fail(format!(
                     "{name} takes no duration (\":{a}\"); use @SECS for when it fires"
                 )));
             }
-            (Some(action), None) => action,
+            (Shape::Fixed(action), None) => action,
+            (Shape::AgentKill(host), away) => FaultAction::KillAgent {
+                host,
+                away: match away {
+                    Some(a) => seconds(a, "time the agent stays dead", false).map_err(fail)?,
+                    None => Duration::ZERO,
+                },
+            },
         };
         let trigger = match at {
             None => trigger,
@@ -244,247 +288,8 @@ pub fn parse_fault_list(text: &str) -> Result<Vec<FaultPlan>, FaultParseError> {
 impl FaultPlan {
     /// Whether the fault needs the migration to run in agent processes (it kills one).
     pub fn needs_agents(&self) -> bool {
-        self.action == FaultAction::KillSourceAgent
+        matches!(self.action, FaultAction::KillAgent { .. })
     }
-}
-
-/// How long after a cut link is restored a pause still counts as the detection of that cut.
-const LATE_DETECTION: Duration = Duration::from_secs(3);
-
-/// What an injected fault did, with times in ms since the scenario's migration started.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FaultRecord {
-    /// The fault, as `--fault` spells it.
-    pub fault: String,
-    /// When it fired (ms since the migration started), `None` if its trigger never came.
-    pub fired_at_ms: Option<u64>,
-    /// When a cut link was restored.
-    pub restored_at_ms: Option<u64>,
-    /// From the cut to tern seeing the migration paused (`postcopy-paused`), ms (±250 ms,
-    /// the engine's poll interval); for a short cut this can be after the link came back
-    /// (up to 3 s after). `None`: never detected.
-    pub detected_after_ms: Option<u64>,
-    /// From the link's restoration to post-copy running again, ms (±250 ms).
-    pub resumed_after_restore_ms: Option<u64>,
-    /// Error while injecting, if any.
-    pub error: Option<String>,
-}
-
-/// Cuts currently holding each `(lab, host)` link down. Overlapping cuts (a cut during the
-/// recovery from another) compose as their union: the link is cut by the first and restored
-/// by the last, not by whichever ends first.
-static ACTIVE_CUTS: std::sync::Mutex<BTreeMap<(String, String), u32>> =
-    std::sync::Mutex::new(BTreeMap::new());
-
-fn cut_link_counted(lab: &Lab, host: &str) -> Result<(), tern_lab::LabError> {
-    let mut cuts = ACTIVE_CUTS.lock().unwrap_or_else(|p| p.into_inner());
-    let n = cuts
-        .entry((lab.name().to_string(), host.to_string()))
-        .or_insert(0);
-    if *n == 0 {
-        lab.cut_link(host, FaultMode::Blackhole)?;
-    }
-    *n += 1;
-    Ok(())
-}
-
-fn restore_link_counted(lab: &Lab, host: &str) -> Result<(), tern_lab::LabError> {
-    let mut cuts = ACTIVE_CUTS.lock().unwrap_or_else(|p| p.into_inner());
-    let key = (lab.name().to_string(), host.to_string());
-    let n = cuts.get(&key).copied().unwrap_or(0);
-    if n <= 1 {
-        cuts.remove(&key);
-        lab.restore_link(host)
-    } else {
-        cuts.insert(key, n - 1);
-        Ok(())
-    }
-}
-
-fn in_phase(p: &MigrationProgress, t: &FaultTrigger) -> bool {
-    match t {
-        FaultTrigger::Precopy { .. } => p.state == Some(MigrationState::Precopy),
-        FaultTrigger::Postcopy { .. } => p.state == Some(MigrationState::Postcopy),
-        FaultTrigger::Recovering { .. } => p.state == Some(MigrationState::Recovering),
-    }
-}
-
-/// Injectors for every plan, started now on the migration's progress; [`collect`] awaits
-/// their records.
-pub fn spawn_injectors(
-    plans: Vec<FaultPlan>,
-    lab: &Lab,
-    source: &HostRuntime,
-    destination: &HostRuntime,
-    vm: &str,
-    progress: &watch::Receiver<MigrationProgress>,
-    started: Instant,
-) -> Vec<tokio::task::JoinHandle<FaultRecord>> {
-    plans
-        .into_iter()
-        .map(|plan| {
-            tokio::spawn(inject(
-                plan,
-                lab.clone(),
-                source.clone(),
-                destination.clone(),
-                vm.to_string(),
-                progress.clone(),
-                started,
-            ))
-        })
-        .collect()
-}
-
-/// The records of [`spawn_injectors`]' injectors, once each has finished (a cut link is
-/// always restored first).
-pub async fn collect(injectors: Vec<tokio::task::JoinHandle<FaultRecord>>) -> Vec<FaultRecord> {
-    let mut records = Vec::new();
-    for i in injectors {
-        if let Ok(r) = i.await {
-            records.push(r);
-        }
-    }
-    records
-}
-
-/// Runs one fault plan to completion (or until the migration ends without its trigger).
-pub async fn inject(
-    plan: FaultPlan,
-    lab: Lab,
-    source: HostRuntime,
-    destination: HostRuntime,
-    vm: String,
-    mut progress: watch::Receiver<MigrationProgress>,
-    started: Instant,
-) -> FaultRecord {
-    let ms = |at: Instant| at.duration_since(started).as_millis() as u64;
-    let mut rec = FaultRecord {
-        fault: plan.to_string(),
-        fired_at_ms: None,
-        restored_at_ms: None,
-        detected_after_ms: None,
-        resumed_after_restore_ms: None,
-        error: None,
-    };
-    // Wait for the phase.
-    loop {
-        {
-            let p = progress.borrow();
-            if in_phase(&p, &plan.trigger) {
-                break;
-            }
-            if p.state.is_some_and(|s| s.is_terminal()) {
-                return rec;
-            }
-        }
-        if progress.changed().await.is_err() {
-            return rec;
-        }
-    }
-    tokio::time::sleep(plan.trigger.after()).await;
-    if progress.borrow().state.is_some_and(|s| s.is_terminal()) {
-        return rec;
-    }
-    let host = destination.identity().name.clone();
-    match plan.action {
-        FaultAction::LinkCut { duration } => {
-            let l = lab.clone();
-            let h = host.clone();
-            let cut = tokio::task::spawn_blocking(move || cut_link_counted(&l, &h)).await;
-            rec.fired_at_ms = Some(ms(Instant::now()));
-            if let Ok(Err(e)) = cut {
-                rec.error = Some(e.to_string());
-                return rec;
-            }
-            let cut_at = Instant::now();
-            let restore_at = cut_at + duration;
-            let paused = |p: &MigrationProgress| {
-                matches!(
-                    p.state,
-                    Some(MigrationState::PostcopyPaused | MigrationState::Recovering)
-                )
-            };
-            while Instant::now() < restore_at {
-                if rec.detected_after_ms.is_none() && paused(&progress.borrow()) {
-                    rec.detected_after_ms = Some(cut_at.elapsed().as_millis() as u64);
-                }
-                let left = restore_at.saturating_duration_since(Instant::now());
-                if tokio::time::timeout(left, progress.changed())
-                    .await
-                    .is_ok_and(|r| r.is_err())
-                {
-                    tokio::time::sleep(restore_at.saturating_duration_since(Instant::now())).await;
-                }
-            }
-            let l = lab.clone();
-            let r = tokio::task::spawn_blocking(move || restore_link_counted(&l, &host)).await;
-            let restored = Instant::now();
-            rec.restored_at_ms = Some(ms(restored));
-            if let Ok(Err(e)) = r {
-                rec.error = Some(e.to_string());
-            }
-            if rec.detected_after_ms.is_none() && !paused(&progress.borrow()) {
-                // A cut shorter than detection (2 s without bytes) can still be detected just
-                // after the link is back, before TCP's own retransmission gets bytes flowing:
-                // the engine then pauses and recovers anyway. Count it.
-                let late = tokio::time::timeout(LATE_DETECTION, async {
-                    loop {
-                        if paused(&progress.borrow()) {
-                            return true;
-                        }
-                        if progress.changed().await.is_err() {
-                            return false;
-                        }
-                    }
-                })
-                .await;
-                if late == Ok(true) {
-                    rec.detected_after_ms = Some(cut_at.elapsed().as_millis() as u64);
-                }
-            }
-            if rec.detected_after_ms.is_some() || paused(&progress.borrow()) {
-                // Wait for post-copy to run again (or the migration to end).
-                loop {
-                    let state = progress.borrow().state;
-                    if matches!(
-                        state,
-                        Some(MigrationState::Postcopy | MigrationState::Completed)
-                    ) {
-                        rec.resumed_after_restore_ms = Some(restored.elapsed().as_millis() as u64);
-                        break;
-                    }
-                    if state.is_some_and(|s| s.is_terminal()) || progress.changed().await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        FaultAction::KillSourceAgent => {
-            rec.error = Some(
-                "kill-source-agent needs agent processes; this scenario runs in-process \
-                 (`tern demo` runs it through agents)"
-                    .into(),
-            );
-        }
-        FaultAction::KillDestinationQemu | FaultAction::KillSourceQemu => {
-            let side = if plan.action == FaultAction::KillDestinationQemu {
-                &destination
-            } else {
-                &source
-            };
-            match side.pid(&vm) {
-                Ok(pid) => {
-                    rec.fired_at_ms = Some(ms(Instant::now()));
-                    if let Err(e) = tern_lab::kill_process(pid, Signal::SIGKILL) {
-                        rec.error = Some(e.to_string());
-                    }
-                }
-                Err(e) => rec.error = Some(e.to_string()),
-            }
-        }
-    }
-    rec
 }
 
 #[cfg(test)]
@@ -581,6 +386,58 @@ mod tests {
         // @0 in pre-copy differs from the default (1 s) and is kept.
         let p: FaultPlan = "kill-dest-qemu-precopy@0".parse().unwrap();
         assert_eq!(p.trigger.after(), Duration::ZERO);
+    }
+
+    /// Agent kills name their host and phase, take an optional time away (`:SECS`) and
+    /// `@SECS`, and are the only faults that need agent processes.
+    #[test]
+    fn agent_kills_name_host_phase_and_time_away() {
+        let p: FaultPlan = "kill-dest-agent-precopy:8@2".parse().unwrap();
+        assert_eq!(
+            p.action,
+            FaultAction::KillAgent {
+                host: FaultHost::Destination,
+                away: Duration::from_secs(8)
+            }
+        );
+        assert_eq!(
+            p.trigger,
+            FaultTrigger::Precopy {
+                after: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(p.to_string(), "kill-dest-agent-precopy:8s@2");
+        assert!(p.needs_agents());
+        let s: FaultPlan = "kill-source-agent-postcopy".parse().unwrap();
+        assert_eq!(
+            s.action,
+            FaultAction::KillAgent {
+                host: FaultHost::Source,
+                away: Duration::ZERO
+            }
+        );
+        assert_eq!(s.to_string(), "kill-source-agent-postcopy");
+        for f in [
+            "kill-source-agent-precopy",
+            "kill-source-agent-postcopy:3",
+            "kill-dest-agent-precopy@0.5",
+            "kill-dest-agent-postcopy:0@4",
+        ] {
+            let p: FaultPlan = f.parse().unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert_eq!(p.to_string().parse::<FaultPlan>().unwrap(), p, "{f}");
+            assert!(p.needs_agents(), "{f}");
+        }
+        for f in ["link-cut-postcopy:3", "kill-dest-qemu-postcopy"] {
+            assert!(!f.parse::<FaultPlan>().unwrap().needs_agents(), "{f}");
+        }
+        let e = "kill-dest-agent-postcopy:-2"
+            .parse::<FaultPlan>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("out of range") && e.contains("kill-dest-agent-postcopy[:SECS]"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,9 +8,16 @@
 //! continuity, corrupt pages, control-state mismatches, verifier progress. Everything it
 //! started (QEMU processes, namespaces, temp dirs) is removed on every path.
 
+mod agent_hop;
+pub mod agents;
 pub mod faults;
+mod in_process;
+mod session;
+
+pub use session::{HopRecord, HopSpec, ScenarioSession, SessionSpec};
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +57,10 @@ pub enum ScenarioError {
     /// The scenario asks for something this runner cannot do (names what and where it can).
     #[error("{0}")]
     Unsupported(String),
+    /// An agent process of a hop driven through agents could not be started, asked or
+    /// killed.
+    #[error("{0}")]
+    AgentProcess(String),
 }
 
 /// What every scenario on this machine shares: the QEMU binary, the guest image and the
@@ -66,7 +77,7 @@ pub struct LabEnvironment {
 
 /// How long a guest may take to boot and finish its first verify pass (TCG boots the Debian
 /// kernel in ~6 s on an idle host, ~11 s on a busy one).
-const GUEST_READY_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const GUEST_READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl LabEnvironment {
     /// Checks QEMU, builds (or reuses) the guest image and decides the accelerator.
@@ -294,6 +305,13 @@ pub struct MigrationSummary {
     /// failed integrity check needs to tell a lost console line from state from the past.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub heartbeat_anomalies: Vec<tern_guest::SequenceAnomaly>,
+    /// Heartbeat gaps left by console lines nobody recorded — forward jumps that arrived
+    /// while (or just after) a killed agent, which records its guests' consoles, was away.
+    /// Not counted against continuity: the guest's status lines carry cumulative corrupt and
+    /// mismatch counts, so what was not recorded cannot hide corruption, and a backwards
+    /// step (state from the past) is never excused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heartbeat_unrecorded: Vec<tern_guest::SequenceAnomaly>,
     /// Verifier passes completed before the switch.
     pub verify_passes_before: u64,
     /// Verifier passes completed on the destination.
@@ -344,6 +362,10 @@ pub struct MigrationSummary {
     pub error: Option<String>,
     /// The engine's event log.
     pub events: Vec<tern_engine::MigrationEvent>,
+    /// How many hosts run the guest after the hop, as their agents report it (hops through
+    /// agent processes): 1 unless something went wrong; never 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_copies: Option<u32>,
     /// Whether the migration stream was TLS (`tern demo --tls`).
     #[serde(default)]
     pub stream_encrypted: bool,
@@ -358,12 +380,39 @@ pub struct MigrationSummary {
 impl MigrationSummary {
     /// Records the injected faults and the slowest recovery among them.
     pub fn record_faults(&mut self, faults: Vec<faults::FaultRecord>) {
+        // Post-copy recoveries after a link came back; an agent kill's "answered again" is
+        // not a recovery of the migration.
         self.recovery_s = faults
             .iter()
+            .filter(|f| f.console_unrecorded_ns.is_none())
             .filter_map(|f| f.resumed_after_restore_ms)
             .max()
             .map(|ms| ms as f64 / 1000.0);
         self.faults_injected = faults;
+    }
+
+    /// Moves heartbeat gaps explained by an agent's absence (see
+    /// [`MigrationSummary::heartbeat_unrecorded`]) out of the anomalies, and judges continuity
+    /// on the rest. A gap is explained when it jumps forward and its first heartbeat after
+    /// the gap arrived between the kill and [`UNRECORDED_SLACK`] after the agent answered
+    /// again.
+    pub fn excuse_unrecorded_console(&mut self) {
+        let windows: Vec<(u64, u64)> = self
+            .faults_injected
+            .iter()
+            .filter_map(|f| f.console_unrecorded_ns)
+            .collect();
+        if windows.is_empty() {
+            return;
+        }
+        let (unrecorded, real) = split_unrecorded(&self.heartbeat_anomalies, &windows);
+        if unrecorded.is_empty() {
+            return;
+        }
+        // Anomalies existed, so heartbeats did: continuity rests on the rest.
+        self.heartbeat_continuous = real.is_empty();
+        self.heartbeat_unrecorded = unrecorded;
+        self.heartbeat_anomalies = real;
     }
 
     /// Integrity as defined for every migration: zero corrupt pages and control mismatches,
@@ -376,6 +425,29 @@ impl MigrationSummary {
     }
 }
 
+/// How long after a killed agent answers again its console recorder may take to deliver the
+/// first line (it re-attaches to the serial socket when the agent re-adopts the VM).
+pub const UNRECORDED_SLACK: Duration = Duration::from_secs(3);
+
+/// Splits heartbeat anomalies into those explained by a console nobody recorded (a forward
+/// jump whose heartbeat arrived within one of `windows`, host ns, or [`UNRECORDED_SLACK`]
+/// after it) and the rest.
+fn split_unrecorded(
+    anomalies: &[tern_guest::SequenceAnomaly],
+    windows: &[(u64, u64)],
+) -> (
+    Vec<tern_guest::SequenceAnomaly>,
+    Vec<tern_guest::SequenceAnomaly>,
+) {
+    let slack = UNRECORDED_SLACK.as_nanos() as u64;
+    anomalies.iter().partition(|a| {
+        !a.is_backwards()
+            && windows
+                .iter()
+                .any(|&(from, to)| a.at_ns >= from && a.at_ns <= to.saturating_add(slack))
+    })
+}
+
 /// Live notifications while a scenario runs.
 #[derive(Debug, Clone)]
 pub enum ScenarioProgress {
@@ -385,69 +457,54 @@ pub enum ScenarioProgress {
     Migration(MigrationProgress),
 }
 
-/// Runs a scenario and cleans up after it, whatever happens.
+/// What drives a hop: the one interface behind which a migration runs, in this process or
+/// through agent processes. Both boot the same guest, publish the same live progress, take
+/// the same faults ([`faults::FaultHosts`]) and are judged the same way.
+#[derive(Clone)]
+pub enum HopBackend {
+    /// The runner in this process, on two in-process host runtimes ([`tern_agent::migrate`]):
+    /// no agent to kill, and the fastest way to measure.
+    InProcess,
+    /// One `tern agent` process per lab host, started by the launcher and driven over the
+    /// agents' HTTP API, as an operator's migration runs. The only backend on which an agent
+    /// can be killed.
+    AgentProcesses(Arc<dyn agents::AgentLauncher>),
+}
+
+impl std::fmt::Debug for HopBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::InProcess => "InProcess",
+            Self::AgentProcesses(_) => "AgentProcesses",
+        })
+    }
+}
+
+/// Runs a scenario in-process ([`HopBackend::InProcess`]) and cleans up after it, whatever
+/// happens.
 pub async fn run_scenario(
     env: &LabEnvironment,
     spec: &ScenarioSpec,
     progress: Option<mpsc::UnboundedSender<ScenarioProgress>>,
 ) -> Result<MigrationSummary, ScenarioError> {
-    if let Some(f) = spec.faults.iter().find(|f| f.needs_agents()) {
-        return Err(ScenarioError::Unsupported(format!(
-            "fault {f} kills an agent process, but this scenario runs the migration in-process; \
-             `tern demo --fault {f}` runs it through agent processes"
-        )));
-    }
-    let step = |s: &str| {
-        if let Some(p) = &progress {
-            let _ = p.send(ScenarioProgress::Step(s.to_string()));
+    run_scenario_with(env, spec, &HopBackend::InProcess, progress).await
+}
+
+/// Runs a scenario on `backend` and cleans up after it, whatever happens. A fault that
+/// kills an agent needs [`HopBackend::AgentProcesses`]; every other fault runs on both, and
+/// any faults combine.
+pub async fn run_scenario_with(
+    env: &LabEnvironment,
+    spec: &ScenarioSpec,
+    backend: &HopBackend,
+    progress: Option<mpsc::UnboundedSender<ScenarioProgress>>,
+) -> Result<MigrationSummary, ScenarioError> {
+    match backend {
+        HopBackend::InProcess => in_process::run(env, spec, progress).await,
+        HopBackend::AgentProcesses(launcher) => {
+            agent_hop::run(env, spec, launcher.clone(), progress).await
         }
-    };
-    step(&format!("lab up: 2 hosts, link {}", spec.link_text()));
-    let lab_guard = spec.lab_up()?;
-    let lab: &Lab = &lab_guard;
-    let runtime = tempfile::Builder::new()
-        .prefix("tern-run-")
-        .tempdir()
-        .map_err(|e| ScenarioError::Io(format!("temp dir: {e}")))?;
-    let hosts: Vec<HostRuntime> = ["h1", "h2"]
-        .iter()
-        .map(|name| -> Result<HostRuntime, ScenarioError> {
-            let h = lab.host(name)?;
-            let permit = if *name == "h1" {
-                spec.source_permits_post_copy
-            } else {
-                spec.destination_permits_post_copy
-            };
-            Ok(HostRuntime::new(
-                HostIdentity {
-                    name: name.to_string(),
-                    netns: Some(h.netns().to_string()),
-                    migration_address: h.address().into(),
-                    memory_mib: spec.host_memory_mib,
-                },
-                HostMigrationConfig {
-                    permit_post_copy: permit,
-                    postcopy_recovery_window_s: spec
-                        .recovery_window
-                        .map_or(600, |w| w.as_secs().max(1)),
-                    ..HostMigrationConfig::default()
-                },
-                env.qemu.clone(),
-                runtime.path().join(name),
-            ))
-        })
-        .collect::<Result<_, _>>()?;
-    let hosts = with_lab_migration_tls(hosts, &runtime.path().join("tls"), spec.migration_tls)?;
-    let result = run_on_hosts(env, spec, lab, &hosts[0], &hosts[1], progress.clone()).await;
-    for h in &hosts {
-        h.stop_all().await;
     }
-    step("lab down");
-    drop(lab_guard);
-    keep_logs_for_post_mortem(runtime.path(), &spec.lab_name);
-    let (mut summary, src_log, dst_log) = result?;
-    judge(&mut summary, &src_log, dst_log.as_deref())?;
-    Ok(summary)
 }
 
 /// With `on`, makes a lab CA in `dir` with a host certificate per host (the name its
@@ -541,150 +598,6 @@ pub async fn wait_guest_ready(
     }
 }
 
-async fn run_on_hosts(
-    env: &LabEnvironment,
-    spec: &ScenarioSpec,
-    lab: &Lab,
-    source: &HostRuntime,
-    destination: &HostRuntime,
-    progress: Option<mpsc::UnboundedSender<ScenarioProgress>>,
-) -> Result<(MigrationSummary, PathBuf, Option<PathBuf>), ScenarioError> {
-    let step = |s: &str| {
-        if let Some(p) = &progress {
-            let _ = p.send(ScenarioProgress::Step(s.to_string()));
-        }
-    };
-    let vm = vm_spec(env, spec);
-    step(&format!(
-        "boot guest on h1 ({} MiB, working set {} MiB, {} page writes/s, {})",
-        vm.memory_mib,
-        spec.workload.working_set_mib,
-        spec.workload.rate,
-        env.accelerator.accelerator
-    ));
-    let info = source.create_vm(vm.clone()).await?;
-    wait_guest_ready(&info.serial_log, 1, GUEST_READY_TIMEOUT).await?;
-
-    step(&format!(
-        "migrate h1 → h2 (context {}, policy {})",
-        spec.context, spec.policy
-    ));
-    let (ctl_tx, ctl_rx) = mpsc::channel(8);
-    let mut timers = Vec::new();
-    for (after, cmd) in [
-        (spec.force_complete_after, OperatorCommand::ForceComplete),
-        (spec.abort_after, OperatorCommand::Abort),
-    ] {
-        if let Some(after) = after {
-            let tx = ctl_tx.clone();
-            timers.push(tokio::spawn(async move {
-                tokio::time::sleep(after).await;
-                let (reply_tx, reply_rx) = oneshot::channel();
-                if tx
-                    .send(OperatorRequest {
-                        command: cmd,
-                        reply: reply_tx,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return format!("{cmd:?}: the migration had already ended");
-                }
-                match reply_rx.await {
-                    Ok(Ok(s)) => format!("{cmd:?}: accepted: {s}"),
-                    Ok(Err(s)) => format!("{cmd:?}: refused: {s}"),
-                    Err(_) => format!("{cmd:?}: no answer"),
-                }
-            }));
-        }
-    }
-    drop(ctl_tx);
-    let (prog_tx, prog_rx) = oneshot::channel::<tokio::sync::watch::Receiver<MigrationProgress>>();
-    let fault_plans = spec.faults.clone();
-    let (lab2, src2, dst2, vm_name) = (
-        lab.clone(),
-        source.clone(),
-        destination.clone(),
-        vm.name.clone(),
-    );
-    let progress2 = progress.clone();
-    let watcher = tokio::spawn(async move {
-        let Ok(rx) = prog_rx.await else {
-            return Vec::new();
-        };
-        let started = Instant::now();
-        let forward = progress2.map(|p| {
-            let mut rx = rx.clone();
-            tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    let v = rx.borrow().clone();
-                    if p.send(ScenarioProgress::Migration(v)).is_err() {
-                        break;
-                    }
-                }
-            })
-        });
-        let injectors =
-            faults::spawn_injectors(fault_plans, &lab2, &src2, &dst2, &vm_name, &rx, started);
-        let records = faults::collect(injectors).await;
-        if let Some(f) = forward {
-            let _ = f.await;
-        }
-        records
-    });
-    let order = MigrationOrder {
-        vm: vm.name.clone(),
-        context: spec.context,
-        policy: spec
-            .policy
-            .parse()
-            .map_err(|e: tern_policy::UnknownPolicy| {
-                tern_agent::AgentError::Invalid(e.to_string())
-            })?,
-        link_bytes_per_s: spec.link_rate.map(|r| r.bytes_per_sec()),
-        deadline_ms: spec.deadline_ms,
-        probe_seconds: spec.probe_seconds,
-    };
-    let catalog = SlaCatalog::builtin();
-    let outcome = tern_agent::migrate(
-        source,
-        destination,
-        order,
-        &catalog,
-        ctl_rx,
-        Some(prog_tx),
-        None,
-    )
-    .await;
-    // The runner (and its progress channel) is gone: injectors and the forwarder end.
-    let faults_injected = watcher.await.unwrap_or_default();
-    let operator_results = operator_results(timers).await;
-    let outcome = outcome?;
-    step(&format!(
-        "migration {}; watching the guest for {} s",
-        outcome.report.state,
-        spec.settle.as_secs()
-    ));
-    tokio::time::sleep(spec.settle).await;
-    let report = &outcome.report;
-    let mut summary = summary_from(
-        env,
-        &outcome,
-        spec.context,
-        spec.link_rate,
-        &spec.workload,
-        spec.memory_mib,
-        operator_results,
-    );
-    summary.record_faults(faults_injected);
-    let dest_log = if report.state == MigrationState::Completed || report.state.is_after_switch() {
-        outcome.destination_serial_log.clone()
-    } else {
-        None
-    };
-    Ok((summary, outcome.source_serial_log.clone(), dest_log))
-}
-
 /// The answers of operator-command timers that fired before the migration ended; timers
 /// still waiting are cancelled (their command came too late to matter).
 pub async fn operator_results(timers: Vec<tokio::task::JoinHandle<String>>) -> Vec<String> {
@@ -717,424 +630,6 @@ pub fn judge(
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------------
-// Sessions: one guest, many migrations.
-// ---------------------------------------------------------------------------------------------
-
-/// A lab whose single guest is migrated back and forth between `h1` and `h2`, one hop per
-/// call of [`ScenarioSession::migrate_once`].
-///
-/// Booting a TCG guest costs 6–11 s, more than many migrations take; a benchmark that compares
-/// nine policies with several repeats cannot afford one boot per run. A session boots once and
-/// judges each hop from that hop's own serial logs (every incoming QEMU writes a new log; the
-/// old source's log ends at the switchover), so hops are as independent as separate scenarios
-/// except for the guest's age.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionSpec {
-    /// Lab name (unique per concurrently running session).
-    pub lab_name: String,
-    /// Link rate between the hosts; `None` = unshaped.
-    pub link_rate: Option<LinkRate>,
-    /// Guest RAM in MiB.
-    pub memory_mib: u64,
-    /// What the guest's workload does.
-    pub workload: WorkloadParams,
-    /// The VM's own downtime cap.
-    pub vm_max_downtime_ms: Option<u64>,
-    /// The VM's SLA class.
-    pub sla_class: String,
-    /// Memory each lab host offers to guests (MiB).
-    pub host_memory_mib: u64,
-    /// How long to let the guest run after each hop before judging it (and before the next).
-    pub settle: Duration,
-    /// Encrypt every hop's migration stream with lab certificates.
-    #[serde(default)]
-    pub migration_tls: bool,
-}
-
-impl Default for SessionSpec {
-    fn default() -> Self {
-        let s = ScenarioSpec::default();
-        Self {
-            lab_name: "session".into(),
-            link_rate: s.link_rate,
-            memory_mib: s.memory_mib,
-            workload: s.workload,
-            vm_max_downtime_ms: None,
-            sla_class: s.sla_class,
-            host_memory_mib: s.host_memory_mib,
-            settle: Duration::from_secs(2),
-            migration_tls: false,
-        }
-    }
-}
-
-/// What one hop of a session asks for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HopSpec {
-    /// Why the VM moves.
-    pub context: MigrationContext,
-    /// Policy name.
-    pub policy: String,
-    /// The VM's post-copy permission for this hop. `Forbidden` keeps the `postcopy-ram`
-    /// capability off whatever the policy wants, which is how the benchmark measures the cost
-    /// of merely *enabling* post-copy (the capability on, never switched) against a run without it.
-    pub post_copy: PostCopyPermission,
-    /// Deadline for must-finish contexts (ms from the start).
-    pub deadline_ms: Option<u64>,
-    /// Seconds of dirty-rate probing before the migration.
-    pub probe_seconds: u64,
-    /// Hard cap: when the migration has not ended after this long, the session asks the
-    /// engine to abort it (refused after the switch to post-copy, which always finishes) and
-    /// marks the hop as timed out. Policies that never give up (QEMU's defaults, Proxmox)
-    /// would otherwise run forever on a guest that out-dirties the link.
-    pub time_cap: Option<Duration>,
-    /// Faults injected during this hop. Only link cuts: a killed QEMU would end the session's
-    /// guest, and an agent kill needs agent processes ([`ScenarioSession::migrate_once`]
-    /// refuses both).
-    #[serde(default)]
-    pub faults: Vec<faults::FaultPlan>,
-}
-
-impl Default for HopSpec {
-    fn default() -> Self {
-        Self {
-            context: MigrationContext::Manual,
-            policy: tern_policy::DEFAULT_POLICY.to_string(),
-            post_copy: PostCopyPermission::Allowed,
-            deadline_ms: None,
-            probe_seconds: 0,
-            time_cap: Some(Duration::from_secs(90)),
-            faults: Vec::new(),
-        }
-    }
-}
-
-/// Everything one hop measured: the judged summary plus the raw material a benchmark needs
-/// (progress series, both serial logs, host-clock anchors).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HopRecord {
-    /// The judged summary (same fields as `tern demo`'s).
-    pub summary: MigrationSummary,
-    /// The hop's time cap expired before the migration ended.
-    pub timed_out: bool,
-    /// Every distinct live-progress value the engine published, in order.
-    pub progress: Vec<MigrationProgress>,
-    /// Host CLOCK_MONOTONIC (ns) when the hop was requested (before the destination QEMU
-    /// started).
-    pub requested_mono_ns: u64,
-    /// Host CLOCK_MONOTONIC (ns) when the migration reached its terminal state; the engine's
-    /// `at_ms` values map to host time as `ended_mono_ns - (total_time_ms - at_ms) * 1e6`.
-    pub ended_mono_ns: u64,
-    /// Source host name.
-    pub source_host: String,
-    /// Destination host name.
-    pub destination_host: String,
-    /// The source's host serial log, as read after the settle time.
-    pub source_log: HostSerialLog,
-    /// The destination's host serial log, when the guest ran there.
-    pub destination_log: Option<HostSerialLog>,
-}
-
-impl HopRecord {
-    /// Host monotonic time (ns) of an engine timestamp (`at_ms` since `migrate`).
-    pub fn mono_ns_at(&self, at_ms: u64) -> u64 {
-        let total_ms = (self.summary.total_time_s * 1000.0).round() as u64;
-        self.ended_mono_ns
-            .saturating_sub(total_ms.saturating_sub(at_ms) * 1_000_000)
-    }
-}
-
-/// A running session: a lab, two host runtimes and one guest.
-pub struct ScenarioSession {
-    env: LabEnvironment,
-    spec: SessionSpec,
-    hosts: [HostRuntime; 2],
-    /// Index into `hosts` of where the guest runs now.
-    location: usize,
-    // Declared after `hosts` so the QEMUs are killed before the namespaces go.
-    _runtime: tempfile::TempDir,
-    lab: Option<tern_lab::LabGuard>,
-}
-
-/// The VM name used inside a session.
-const SESSION_VM: &str = "guest";
-
-impl ScenarioSession {
-    /// Brings the lab up and boots the guest on `h1`, waiting for its first verify pass.
-    /// On error everything started so far is torn down.
-    pub async fn start(env: &LabEnvironment, spec: &SessionSpec) -> Result<Self, ScenarioError> {
-        let lab = Lab::up_guarded(&LabSpec {
-            name: spec.lab_name.clone(),
-            hosts: 2,
-            link_rate: spec.link_rate,
-            link_delay: None,
-        })?;
-        let runtime = tempfile::Builder::new()
-            .prefix("tern-session-")
-            .tempdir()
-            .map_err(|e| ScenarioError::Io(format!("temp dir: {e}")))?;
-        let make = |name: &str| -> Result<HostRuntime, ScenarioError> {
-            let h = lab.host(name)?;
-            Ok(HostRuntime::new(
-                HostIdentity {
-                    name: name.to_string(),
-                    netns: Some(h.netns().to_string()),
-                    migration_address: h.address().into(),
-                    memory_mib: spec.host_memory_mib,
-                },
-                HostMigrationConfig::default(),
-                env.qemu.clone(),
-                runtime.path().join(name),
-            ))
-        };
-        let hosts = with_lab_migration_tls(
-            vec![make("h1")?, make("h2")?],
-            &runtime.path().join("tls"),
-            spec.migration_tls,
-        )?;
-        let [h1, h2]: [HostRuntime; 2] = hosts
-            .try_into()
-            .map_err(|_| ScenarioError::Io("a session has two hosts".into()))?;
-        let hosts = [h1, h2];
-        let session = Self {
-            env: env.clone(),
-            spec: spec.clone(),
-            hosts,
-            location: 0,
-            _runtime: runtime,
-            lab: Some(lab),
-        };
-        let vm = VmSpec {
-            name: SESSION_VM.into(),
-            memory_mib: spec.memory_mib,
-            vcpus: 1,
-            kernel: env.image.kernel.clone(),
-            initrd: env.image.initrd.clone(),
-            cmdline: env.image.cmdline(&spec.workload),
-            accelerator: env.accelerator.accelerator,
-            devices: Default::default(),
-            migration: VmMigrationSettings {
-                post_copy: PostCopyPermission::Allowed,
-                max_downtime_ms: spec.vm_max_downtime_ms,
-                sla_class: spec.sla_class.clone(),
-            },
-        };
-        let booted = async {
-            let info = session.hosts[0].create_vm(vm).await?;
-            wait_guest_ready(&info.serial_log, 1, GUEST_READY_TIMEOUT).await
-        }
-        .await;
-        match booted {
-            Ok(()) => Ok(session),
-            Err(e) => {
-                session.finish().await;
-                Err(e)
-            }
-        }
-    }
-
-    /// Name of the host the guest runs on now (`None` once it was lost).
-    pub fn location(&self) -> Option<&str> {
-        self.hosts
-            .get(self.location)
-            .map(|h| h.identity().name.as_str())
-    }
-
-    /// The session's settings.
-    pub fn spec(&self) -> &SessionSpec {
-        &self.spec
-    }
-
-    /// The guest's current host serial log path.
-    pub async fn current_serial_log(&self) -> Result<PathBuf, ScenarioError> {
-        let host = self
-            .hosts
-            .get(self.location)
-            .ok_or_else(|| ScenarioError::Guest2("the session's guest was lost".into()))?;
-        Ok(host.show(SESSION_VM).await?.serial_log)
-    }
-
-    /// Migrates the guest to the other host once, lets it settle, and judges the hop.
-    ///
-    /// After a completed hop the guest lives on the other host; after an abort or failure it
-    /// stays where it was, so the next hop starts from there. A lost guest ends the session
-    /// (later calls fail).
-    pub async fn migrate_once(
-        &mut self,
-        hop: &HopSpec,
-        progress: Option<mpsc::UnboundedSender<ScenarioProgress>>,
-    ) -> Result<HopRecord, ScenarioError> {
-        if self.location > 1 {
-            return Err(ScenarioError::Guest2(
-                "the session's guest was lost in an earlier hop".into(),
-            ));
-        }
-        if let Some(f) = hop
-            .faults
-            .iter()
-            .find(|f| !matches!(f.action, faults::FaultAction::LinkCut { .. }))
-        {
-            return Err(ScenarioError::Unsupported(format!(
-                "fault {f} in a session: a session keeps one guest across hops, so only link \
-                 cuts (link-cut-precopy, link-cut-postcopy, link-cut-recovery) can be injected"
-            )));
-        }
-        let lab = self
-            .lab
-            .as_ref()
-            .map(|l| Lab::clone(l))
-            .ok_or_else(|| ScenarioError::Io("the session's lab is gone".into()))?;
-        let (src_i, dst_i) = (self.location, 1 - self.location);
-        let source = self.hosts[src_i].clone();
-        let destination = self.hosts[dst_i].clone();
-        let requested_mono_ns = tern_qemu::host_monotonic_ns();
-        let order = MigrationOrder {
-            vm: SESSION_VM.into(),
-            context: hop.context,
-            policy: hop
-                .policy
-                .parse()
-                .map_err(|e: tern_policy::UnknownPolicy| {
-                    tern_agent::AgentError::Invalid(e.to_string())
-                })?,
-            link_bytes_per_s: self.spec.link_rate.map(|r| r.bytes_per_sec()),
-            deadline_ms: hop.deadline_ms,
-            probe_seconds: hop.probe_seconds,
-        };
-        let (ctl_tx, ctl_rx) = mpsc::channel(8);
-        let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (prog_tx, prog_rx) =
-            oneshot::channel::<tokio::sync::watch::Receiver<MigrationProgress>>();
-        // The cap starts when the stream starts (the progress receiver arrives then).
-        let (started_tx, started_rx) = oneshot::channel::<()>();
-        let cap_timer = hop.time_cap.map(|cap| {
-            let tx = ctl_tx.clone();
-            let flag = timed_out.clone();
-            tokio::spawn(async move {
-                if started_rx.await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(cap).await;
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                let (reply_tx, reply_rx) = oneshot::channel();
-                if tx
-                    .send(OperatorRequest {
-                        command: OperatorCommand::Abort,
-                        reply: reply_tx,
-                    })
-                    .await
-                    .is_ok()
-                {
-                    let _ = reply_rx.await;
-                }
-            })
-        });
-        drop(ctl_tx);
-        let fault_plans = hop.faults.clone();
-        let (fault_src, fault_dst) = (source.clone(), destination.clone());
-        let collector = tokio::spawn(async move {
-            let mut series = Vec::new();
-            let Ok(mut rx) = prog_rx.await else {
-                return (series, Vec::new());
-            };
-            let _ = started_tx.send(());
-            let started = Instant::now();
-            let injectors = faults::spawn_injectors(
-                fault_plans,
-                &lab,
-                &fault_src,
-                &fault_dst,
-                SESSION_VM,
-                &rx,
-                started,
-            );
-            while rx.changed().await.is_ok() {
-                let v = rx.borrow().clone();
-                if series.last() != Some(&v) {
-                    if let Some(p) = &progress {
-                        let _ = p.send(ScenarioProgress::Migration(v.clone()));
-                    }
-                    series.push(v);
-                }
-            }
-            (series, faults::collect(injectors).await)
-        });
-        let post_copy = hop.post_copy;
-        let outcome = tern_agent::migration::migrate_with(
-            &source,
-            &destination,
-            order,
-            &SlaCatalog::builtin(),
-            ctl_rx,
-            Some(prog_tx),
-            None,
-            move |input| {
-                if post_copy == PostCopyPermission::Forbidden {
-                    input.vm.post_copy = tern_policy::PostCopyPermission::Forbidden;
-                }
-            },
-        )
-        .await
-        .map_err(ScenarioError::from);
-        let ended_mono_ns = tern_qemu::host_monotonic_ns();
-        if let Some(t) = cap_timer {
-            t.abort();
-        }
-        let (series, faults_injected) = collector.await.unwrap_or_default();
-        let outcome = outcome?;
-        let timed_out = timed_out.load(std::sync::atomic::Ordering::SeqCst);
-        tokio::time::sleep(self.spec.settle).await;
-        let report = &outcome.report;
-        self.location = match outcome.guest_location.as_deref() {
-            Some(h) if h == destination.identity().name => dst_i,
-            Some(_) => src_i,
-            None => usize::MAX,
-        };
-        let mut summary = summary_from(
-            &self.env,
-            &outcome,
-            hop.context,
-            self.spec.link_rate,
-            &self.spec.workload,
-            self.spec.memory_mib,
-            Vec::new(),
-        );
-        summary.record_faults(faults_injected);
-        let source_log = HostSerialLog::read(&outcome.source_serial_log)?;
-        let destination_log =
-            if report.state == MigrationState::Completed || report.state.is_after_switch() {
-                match &outcome.destination_serial_log {
-                    Some(p) => Some(HostSerialLog::read(p)?),
-                    None => None,
-                }
-            } else {
-                None
-            };
-        judge_logs(&mut summary, &source_log, destination_log.as_ref());
-        Ok(HopRecord {
-            summary,
-            timed_out,
-            progress: series,
-            requested_mono_ns,
-            ended_mono_ns,
-            source_host: source.identity().name.clone(),
-            destination_host: destination.identity().name.clone(),
-            source_log,
-            destination_log,
-        })
-    }
-
-    /// Stops every QEMU and takes the lab down.
-    pub async fn finish(mut self) {
-        for h in &self.hosts {
-            h.stop_all().await;
-        }
-        drop(self.lab.take());
-        keep_logs_for_post_mortem(self._runtime.path(), &self.spec.lab_name);
-    }
-}
-
 /// The summary of an engine outcome, before the serial logs are judged ([`judge`]).
 pub fn summary_from(
     env: &LabEnvironment,
@@ -1158,6 +653,7 @@ pub fn summary_from(
         control_mismatches: 0,
         heartbeat_continuous: false,
         heartbeat_anomalies: Vec::new(),
+        heartbeat_unrecorded: Vec::new(),
         verify_passes_before: 0,
         verify_passes_after: 0,
         max_dest_gap_ms: 0.0,
@@ -1183,6 +679,7 @@ pub fn summary_from(
         recovery_s: None,
         error: report.error.clone(),
         events: report.events.clone(),
+        running_copies: None,
         stream_encrypted: report.stream_encrypted,
         source_migration_cpu_s: outcome.source_migration_cpu_ms.map(|ms| ms as f64 / 1000.0),
         destination_migration_cpu_s: outcome
@@ -1223,6 +720,32 @@ fn judge_logs(
 #[cfg(test)]
 mod outcome_tests {
     use super::*;
+
+    #[test]
+    fn only_forward_gaps_while_an_agent_was_away_are_unrecorded_console() {
+        use tern_guest::{LogSide, SequenceAnomaly};
+        let gap = |at_ns, previous, next| SequenceAnomaly {
+            side: LogSide::Switchover,
+            at_ns,
+            previous,
+            next,
+        };
+        let s = 1_000_000_000u64;
+        let windows = [(10 * s, 16 * s)];
+        let anomalies = [
+            gap(12 * s, 963, 1409),  // forward, inside: lines lost while away
+            gap(18 * s, 1500, 1600), // forward, within the slack after the restart
+            gap(12 * s, 1409, 1200), // backwards: state from the past, never excused
+            gap(9 * s, 10, 20),      // before the kill
+            gap(20 * s, 1700, 1800), // long after the restart
+        ];
+        let (unrecorded, real) = split_unrecorded(&anomalies, &windows);
+        assert_eq!(unrecorded, anomalies[..2].to_vec());
+        assert_eq!(real, anomalies[2..].to_vec());
+        let (none, all) = split_unrecorded(&anomalies, &[]);
+        assert!(none.is_empty());
+        assert_eq!(all.len(), anomalies.len());
+    }
 
     #[test]
     fn outcomes_keep_their_json_names_and_compare_with_text() {

@@ -38,7 +38,7 @@ fn run(spec: ScenarioSpec) -> MigrationSummary {
         s.operator_results
     );
     for a in &s.actions {
-        eprintln!("  action @{} {}: {}", a.at_ms, a.action, a.reason);
+        eprintln!("  action @{} {}: {}", a.at_ms, a.text(), a.reason);
     }
     s
 }
@@ -64,7 +64,7 @@ fn switch_pass(s: &MigrationSummary) -> Option<u64> {
     let at = s
         .actions
         .iter()
-        .find(|a| a.action == "switch-to-postcopy")?
+        .find(|a| a.action == tern_policy::ActionKind::SwitchToPostcopy)?
         .at_ms;
     s.events
         .iter()
@@ -114,7 +114,7 @@ fn non_converging_guest_switches_to_postcopy_within_three_passes() {
     let why = &s
         .actions
         .iter()
-        .find(|a| a.action == "switch-to-postcopy")
+        .find(|a| a.action == tern_policy::ActionKind::SwitchToPostcopy)
         .expect("switch")
         .reason;
     assert!(!why.is_empty(), "the event log says why it switched");
@@ -245,7 +245,7 @@ fn evacuate_finishes_by_stop_and_copy_when_the_destination_denies_postcopy() {
         s.paused_guest
             || s.actions
                 .iter()
-                .any(|a| a.action.starts_with("set-downtime-limit")),
+                .any(|a| a.action == tern_policy::ActionKind::SetDowntimeLimit),
         "finished by stop-and-copy (pause or a raised downtime): {:?}",
         s.actions
     );

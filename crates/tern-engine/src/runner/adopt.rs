@@ -8,7 +8,7 @@
 //! recovery — until completion.
 
 use serde::{Deserialize, Serialize};
-use tern_policy::PostcopySupervisor;
+use tern_policy::{ActionKind, PostcopySupervisor};
 use tern_qmp::{MigrationStatus, RunState};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -114,7 +114,8 @@ impl MigrationRunner {
                 }
                 self.mark_paused_guest().await;
                 self.take_action(
-                    "abort",
+                    ActionKind::Abort,
+                    None,
                     "adopted during pre-copy after an agent restart: cancelling, the guest \
                      stays on the source (the plan and the policy's state died with the agent)",
                 );

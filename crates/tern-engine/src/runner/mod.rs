@@ -31,7 +31,9 @@ mod prepare;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tern_policy::{MigrationPlan, MigrationPolicy, PlanInput, PostcopySupervisor, PostcopyTimings};
+use tern_policy::{
+    ActionKind, MigrationPlan, MigrationPolicy, PlanInput, PostcopySupervisor, PostcopyTimings,
+};
 use tern_qmp::MigrationInfo;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -162,15 +164,77 @@ pub struct MigrationProgress {
     pub eta_ms: Option<u64>,
 }
 
-/// A decision as taken, for reports.
+/// A decision as taken, for reports: its kind (a fixed set, [`ActionKind`]), the values it was
+/// taken with, and why.
+///
+/// JSON: `{"at_ms", "action": "set-downtime-limit", "setting": "300 ms", "reason"}`, the kind
+/// under the same kebab-case names as before. Records written when `action` was free text
+/// (`"set-downtime-limit 300 ms"`) still read: the first word is the kind, the rest its
+/// setting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "TakenActionRecord")]
 pub struct TakenAction {
     /// Milliseconds since the start.
     pub at_ms: u64,
-    /// Short action name.
-    pub action: String,
+    /// What was done.
+    pub action: ActionKind,
+    /// The values it was done with (`300 ms`, `1000 B/s`, `20/10/50 %`), for kinds that take
+    /// any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setting: Option<String>,
     /// The reason given by the policy or operator.
     pub reason: String,
+}
+
+/// [`TakenAction`] as stored, also in its older free-text form.
+#[derive(Deserialize)]
+struct TakenActionRecord {
+    at_ms: u64,
+    action: String,
+    #[serde(default)]
+    setting: Option<String>,
+    reason: String,
+}
+
+impl TryFrom<TakenActionRecord> for TakenAction {
+    type Error = String;
+    fn try_from(r: TakenActionRecord) -> Result<Self, String> {
+        let mut t = Self::from_text(r.at_ms, &r.action, r.reason).ok_or_else(|| {
+            format!(
+                "unknown action {:?}: valid actions are {}",
+                r.action,
+                ActionKind::ALL.map(ActionKind::as_str).join(", ")
+            )
+        })?;
+        if r.setting.is_some() {
+            t.setting = r.setting;
+        }
+        Ok(t)
+    }
+}
+
+impl TakenAction {
+    /// The action an event log's decision text names (`"set-bandwidth 1000 B/s"`): its
+    /// first word is the kind, the rest its setting. `None` for text that names no action
+    /// (`postcopy-…` supervisor decisions are not policy actions).
+    pub fn from_text(at_ms: u64, text: &str, reason: impl Into<String>) -> Option<Self> {
+        let action = ActionKind::of_text(text)?;
+        let rest = text.trim_start()[action.as_str().len()..].trim();
+        Some(Self {
+            at_ms,
+            action,
+            setting: (!rest.is_empty()).then(|| rest.to_string()),
+            reason: reason.into(),
+        })
+    }
+
+    /// The action as the event log spells it: kind and setting (`set-downtime-limit 300 ms`).
+    pub fn text(&self) -> String {
+        match &self.setting {
+            Some(s) => format!("{} {s}", self.action),
+            None => self.action.to_string(),
+        }
+    }
 }
 
 /// How a migration ended, from the engine's point of view (guest integrity and blackout are
@@ -247,6 +311,11 @@ pub struct MigrationRunner {
     /// Set when an adopted pre-copy was cancelled: it ends `failed` with this reason (the
     /// migration did not end as anyone asked), not `aborted`.
     adoption_cancel: Option<String>,
+    /// A switch to post-copy the policy decided while the destination did not answer: the
+    /// policy now counts on it (it is "finishing by" the switch and will not decide it
+    /// again), so the runner carries it out once the destination answers
+    /// ([`MigrationRunner::retry_deferred_switch`]). The reason, and when it was last tried.
+    deferred_switch: Option<(String, Instant)>,
     /// When (elapsed ms) `migrate-pause` was last sent to the destination: a second one must
     /// not follow while the first is still taking effect (see `postcopy::pause_destination`).
     destination_paused_at_ms: Option<u64>,
@@ -286,6 +355,7 @@ impl MigrationRunner {
             recoveries_before: 0,
             abort_requested: false,
             adoption_cancel: None,
+            deferred_switch: None,
             destination_paused_at_ms: None,
             destination_silent: false,
         }
@@ -337,16 +407,18 @@ impl MigrationRunner {
         self.progress_tx.send_modify(|p| p.state = Some(to));
     }
 
-    fn take_action(&mut self, action: &str, reason: &str) {
-        self.actions.push(TakenAction {
+    fn take_action(&mut self, action: ActionKind, setting: Option<String>, reason: &str) {
+        let taken = TakenAction {
             at_ms: self.elapsed_ms(),
-            action: action.to_string(),
+            action,
+            setting,
             reason: reason.to_string(),
-        });
+        };
         self.record(MigrationEventKind::Decision {
-            action: action.to_string(),
+            action: taken.text(),
             reason: reason.to_string(),
         });
+        self.actions.push(taken);
     }
 
     /// Runs the migration to a terminal state. Errors are reported in the returned report
@@ -401,7 +473,10 @@ impl MigrationRunner {
             state: self.state,
             switched_to_postcopy: self.switched,
             paused_guest: self.paused_guest
-                || self.actions.iter().any(|a| a.action == "pause-guest"),
+                || self
+                    .actions
+                    .iter()
+                    .any(|a| a.action == ActionKind::PauseGuest),
             total_time_ms: self
                 .events
                 .iter()
@@ -463,5 +538,50 @@ pub async fn probe_dirty_rate(
                 seconds + 5
             )));
         }
+    }
+}
+
+#[cfg(test)]
+mod taken_action_tests {
+    use super::*;
+
+    #[test]
+    fn kinds_keep_their_json_names_and_settings_are_separate() {
+        let a = TakenAction {
+            at_ms: 1200,
+            action: ActionKind::SetDowntimeLimit,
+            setting: Some("300 ms".into()),
+            reason: "the model needs it".into(),
+        };
+        let json = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["action"], "set-downtime-limit");
+        assert_eq!(json["setting"], "300 ms");
+        assert_eq!(a.text(), "set-downtime-limit 300 ms");
+        assert_eq!(serde_json::from_value::<TakenAction>(json).unwrap(), a);
+        let p = TakenAction {
+            at_ms: 5,
+            action: ActionKind::PauseGuest,
+            setting: None,
+            reason: "deadline".into(),
+        };
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(json.contains("\"action\":\"pause-guest\"") && !json.contains("setting"));
+        assert_eq!(p.text(), "pause-guest");
+    }
+
+    #[test]
+    fn records_from_the_free_text_era_still_read() {
+        let old = r#"{"at_ms":7,"action":"set-cpu-throttle 20/10/50 %","reason":"r"}"#;
+        let a: TakenAction = serde_json::from_str(old).unwrap();
+        assert_eq!(a.action, ActionKind::SetCpuThrottle);
+        assert_eq!(a.setting.as_deref(), Some("20/10/50 %"));
+        assert_eq!(a.text(), "set-cpu-throttle 20/10/50 %");
+        let e =
+            serde_json::from_str::<TakenAction>(r#"{"at_ms":7,"action":"reboot","reason":"r"}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("reboot") && e.contains("pause-guest"), "{e}");
+        // Supervisor decisions are not policy actions.
+        assert!(TakenAction::from_text(0, "postcopy-recover", "r").is_none());
     }
 }

@@ -1,7 +1,9 @@
 //! The monitoring loop: polls and events from the source, samples for the policy before the
 //! switch, the post-copy supervisor after it, and the policy's decisions executed in order.
 
-use tern_policy::{Action, Decision, IterationSample, Observation, Phase, PostcopySupervisor};
+use tern_policy::{
+    Action, ActionKind, Decision, IterationSample, Observation, Phase, PostcopySupervisor,
+};
 use tern_qmp::{MigrationInfo, MigrationParameters, MigrationStatus, QmpEventKind};
 use tokio::sync::mpsc;
 
@@ -77,6 +79,10 @@ impl MigrationRunner {
                 }
             };
             if matches!(self.state, MigrationState::Precopy) {
+                self.retry_deferred_switch().await;
+                if self.state != MigrationState::Precopy {
+                    continue;
+                }
                 let Some(plan) = self.plan.clone() else {
                     continue;
                 };
@@ -274,7 +280,11 @@ impl MigrationRunner {
                 return;
             }
             Action::SetDowntimeLimit { ms } => {
-                self.take_action(&format!("set-downtime-limit {ms} ms"), &reason);
+                self.take_action(
+                    ActionKind::SetDowntimeLimit,
+                    Some(format!("{ms} ms")),
+                    &reason,
+                );
                 self.source
                     .set_parameters(&MigrationParameters {
                         downtime_limit: Some(ms.clamp(1, 2_000_000)),
@@ -283,7 +293,11 @@ impl MigrationRunner {
                     .await
             }
             Action::SetBandwidth { bytes_per_s } => {
-                self.take_action(&format!("set-bandwidth {bytes_per_s} B/s"), &reason);
+                self.take_action(
+                    ActionKind::SetBandwidth,
+                    Some(format!("{bytes_per_s} B/s")),
+                    &reason,
+                );
                 self.source
                     .set_parameters(&MigrationParameters {
                         max_bandwidth: Some(bytes_per_s),
@@ -297,7 +311,8 @@ impl MigrationRunner {
                 max_pct,
             } => {
                 self.take_action(
-                    &format!("set-cpu-throttle {initial_pct}/{increment_pct}/{max_pct} %"),
+                    ActionKind::SetCpuThrottle,
+                    Some(format!("{initial_pct}/{increment_pct}/{max_pct} %")),
                     &reason,
                 );
                 self.source
@@ -310,7 +325,11 @@ impl MigrationRunner {
                     .await
             }
             Action::SetDirtyLimit { mb_per_s } => {
-                self.take_action(&format!("set-dirty-limit {mb_per_s} MB/s"), &reason);
+                self.take_action(
+                    ActionKind::SetDirtyLimit,
+                    Some(format!("{mb_per_s} MB/s")),
+                    &reason,
+                );
                 self.source.set_dirty_limit(mb_per_s).await
             }
             Action::SwitchToPostcopy => {
@@ -327,13 +346,15 @@ impl MigrationRunner {
                     });
                     return;
                 }
-                if let Err(why) = self.switch_to_postcopy(&reason).await {
+                if let Err(why) = self.switch_to_postcopy(&reason).await
+                    && !why.is_empty()
+                {
                     self.note(why);
                 }
                 return;
             }
             Action::PauseGuest => {
-                self.take_action("pause-guest", &reason);
+                self.take_action(ActionKind::PauseGuest, None, &reason);
                 let r = self.source.stop().await;
                 if r.is_ok() {
                     self.paused_guest = true;
@@ -342,7 +363,7 @@ impl MigrationRunner {
                 r
             }
             Action::Abort => {
-                self.take_action("abort", &reason);
+                self.take_action(ActionKind::Abort, None, &reason);
                 let r = self.source.migrate_cancel().await;
                 self.abort_requested |= r.is_ok();
                 r

@@ -1,6 +1,6 @@
 //! Commands from operators: force-complete, abort (refused after the switch), bandwidth.
 
-use tern_policy::{Action, Decision};
+use tern_policy::{Action, ActionKind, Decision};
 use tern_qmp::MigrationParameters;
 
 use super::{MigrationRunner, OperatorCommand, OperatorRequest};
@@ -20,7 +20,7 @@ impl MigrationRunner {
                 } else if self.state.is_terminal() {
                     Err(format!("the migration already ended ({})", self.state))
                 } else {
-                    self.take_action("abort", "operator requested abort");
+                    self.take_action(ActionKind::Abort, None, "operator requested abort");
                     match self.source.migrate_cancel().await {
                         Ok(()) => {
                             self.abort_requested = true;
@@ -66,7 +66,8 @@ impl MigrationRunner {
                     Err(format!("the migration already ended ({})", self.state))
                 } else {
                     self.take_action(
-                        &format!("set-bandwidth {bytes_per_s} B/s"),
+                        ActionKind::SetBandwidth,
+                        Some(format!("{bytes_per_s} B/s")),
                         "operator changed the bandwidth",
                     );
                     let params = MigrationParameters {

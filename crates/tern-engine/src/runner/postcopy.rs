@@ -12,13 +12,19 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use tern_policy::{
-    IterationSample, PostcopyAction, PostcopyDecision, PostcopyObservation, PostcopyStatus,
+    ActionKind, IterationSample, PostcopyAction, PostcopyDecision, PostcopyObservation,
+    PostcopyStatus,
 };
 use tern_qmp::MigrationStatus;
+use tokio::time::Instant;
 
 use super::MigrationRunner;
 use crate::EngineError;
 use crate::state::{MigrationEventKind, MigrationState};
+
+/// How often a switch to post-copy deferred because the destination did not answer is tried
+/// again.
+const DEFERRED_SWITCH_RETRY: Duration = Duration::from_secs(1);
 
 /// How long the destination may take to leave `postcopy-active` after `migrate-pause`, and
 /// the least time between two pauses sent to it.
@@ -54,18 +60,52 @@ impl MigrationRunner {
     /// Switches to post-copy, after checking that the destination answers: the switch cannot
     /// be undone, and recovering a post-copy interrupted later needs the destination
     /// (`migrate-recover`). An unreachable destination agent therefore blocks the switch.
+    ///
+    /// A refused switch is deferred, not dropped: the policy counts on it, so
+    /// [`MigrationRunner::retry_deferred_switch`] carries it out once the destination
+    /// answers (the guest meanwhile stays on the source, in pre-copy).
     pub(super) async fn switch_to_postcopy(&mut self, reason: &str) -> Result<(), String> {
         if let Err(e) = self.destination.migration_info().await {
-            return Err(format!(
-                "the destination does not answer ({e}): no switch to post-copy, since \
-                 recovering an interrupted post-copy needs it (requested: {reason})"
-            ));
+            let first = self.deferred_switch.is_none();
+            self.deferred_switch = Some((reason.to_string(), Instant::now()));
+            return Err(if first {
+                format!(
+                    "the destination does not answer ({e}): no switch to post-copy, since \
+                     recovering an interrupted post-copy needs it; pre-copy continues and the \
+                     switch is made once it answers (requested: {reason})"
+                )
+            } else {
+                String::new()
+            });
         }
-        self.take_action("switch-to-postcopy", reason);
+        if self.deferred_switch.take().is_some() {
+            self.note("the destination answers again: making the deferred switch to post-copy");
+        }
+        self.take_action(ActionKind::SwitchToPostcopy, None, reason);
         self.source
             .migrate_start_postcopy()
             .await
             .map_err(|e| format!("QEMU refused migrate-start-postcopy: {e}"))
+    }
+
+    /// Tries a deferred switch to post-copy again (at most once per
+    /// [`DEFERRED_SWITCH_RETRY`]) while the migration is still in pre-copy.
+    pub(super) async fn retry_deferred_switch(&mut self) {
+        let Some((reason, tried)) = self.deferred_switch.clone() else {
+            return;
+        };
+        if self.state != MigrationState::Precopy {
+            self.deferred_switch = None;
+            return;
+        }
+        if tried.elapsed() < DEFERRED_SWITCH_RETRY {
+            return;
+        }
+        if let Err(why) = self.switch_to_postcopy(&reason).await
+            && !why.is_empty()
+        {
+            self.note(why);
+        }
     }
 
     /// Feeds one poll to the supervisor and executes its decisions.
