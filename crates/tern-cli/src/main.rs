@@ -9,6 +9,7 @@ mod agent;
 mod client;
 mod demo;
 mod demo_agents;
+mod demo_evacuate;
 mod guest;
 mod host;
 mod lab;

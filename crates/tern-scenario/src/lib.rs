@@ -8,6 +8,7 @@
 //! continuity, corrupt pages, control-state mismatches, verifier progress. Everything it
 //! started (QEMU processes, namespaces, temp dirs) is removed on every path.
 
+pub mod evacuation;
 pub mod faults;
 
 use std::path::{Path, PathBuf};

@@ -288,8 +288,20 @@ impl Agent {
             .iter()
             .filter_map(|n| Some((h.spec(n).ok()?, h.role(n).ok()?)))
             .collect();
-        heartbeat_body(&facts, &vms, &BTreeMap::new())
+        let mut body = heartbeat_body(&facts, &vms, &BTreeMap::new());
+        body.facts.link_bytes_per_s = host_link_bytes_per_s(self.inner.config.peers.values());
+        body
     }
+}
+
+/// The host's migration link rate as far as its configuration knows it: the fastest link to
+/// any peer (the host's egress carries at least that). `None` when no peer has a rate: the
+/// controller's planner then assumes its default and says so. Without this the planner of a
+/// shaped lab assumed 1 Gbit/s and predicted an evacuation several times too short.
+pub fn host_link_bytes_per_s<'a>(
+    peers: impl Iterator<Item = &'a crate::config::PeerConfig>,
+) -> Option<u64> {
+    peers.filter_map(|p| p.link_bytes_per_s()).max()
 }
 
 /// Sends a heartbeat every `interval` until the agent is gone. Holds the agent weakly so that
@@ -312,6 +324,22 @@ mod tests {
     use super::*;
     use crate::config::HostMigrationConfig;
     use tern_qmp::MigrationCapability;
+
+    #[test]
+    fn host_link_rate_is_the_fastest_configured_peer_link() {
+        use crate::config::PeerConfig;
+        let url = |u: &str| PeerConfig::Url(u.into());
+        let rated = |r: u64| PeerConfig::Detailed {
+            url: "http://127.0.0.1:1".into(),
+            link_bytes_per_s: Some(r),
+        };
+        assert_eq!(host_link_bytes_per_s([url("http://a")].iter()), None);
+        assert_eq!(host_link_bytes_per_s(std::iter::empty()), None);
+        assert_eq!(
+            host_link_bytes_per_s([rated(25_000_000), url("x"), rated(50_000_000)].iter()),
+            Some(50_000_000)
+        );
+    }
 
     pub(crate) fn facts() -> HostFacts {
         HostFacts {
