@@ -150,8 +150,7 @@ impl EvacuationSession {
         let started = Instant::now();
         let want: BTreeSet<&str> = self.spec.guests.iter().map(|g| g.name.as_str()).collect();
         loop {
-            let last;
-            match (
+            let last = match (
                 self.api.hosts().await,
                 self.api.vms_on(EVACUATED_HOST).await,
             ) {
@@ -161,13 +160,13 @@ impl EvacuationSession {
                     if up == self.spec.cluster.hosts && want.is_subset(&seen) {
                         return Ok(());
                     }
-                    last = format!(
+                    format!(
                         "{up} of {} hosts up, guests seen on {EVACUATED_HOST}: {seen:?}",
                         self.spec.cluster.hosts
-                    );
+                    )
                 }
-                (Err(e), _) | (_, Err(e)) => last = e.to_string(),
-            }
+                (Err(e), _) | (_, Err(e)) => e.to_string(),
+            };
             if started.elapsed() > CONTROLLER_SEES_TIMEOUT {
                 return Err(EvacuationError::Timeout(format!(
                     "the controller did not see every host and guest within {} s: {last}",
