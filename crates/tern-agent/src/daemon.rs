@@ -50,6 +50,7 @@ use crate::{AgentError, api::MigrationView, bounds, edge, files};
 
 mod admit;
 mod destination;
+mod dirty_rate;
 pub mod heartbeat;
 
 use admit::Admitted;

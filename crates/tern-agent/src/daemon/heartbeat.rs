@@ -281,6 +281,11 @@ impl HeartbeatSender {
 impl Agent {
     /// The heartbeat this agent would send now.
     pub async fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat_with(&BTreeMap::new()).await
+    }
+
+    /// The heartbeat with the guests' measured dirty rates (bytes/s, by VM name).
+    pub async fn heartbeat_with(&self, dirty_bytes_per_s: &BTreeMap<String, u64>) -> Heartbeat {
         let facts = self.facts().await;
         let h = &self.inner.host;
         let vms: Vec<(VmSpec, VmRole)> = h
@@ -288,7 +293,7 @@ impl Agent {
             .iter()
             .filter_map(|n| Some((h.spec(n).ok()?, h.role(n).ok()?)))
             .collect();
-        let mut body = heartbeat_body(&facts, &vms, &BTreeMap::new());
+        let mut body = heartbeat_body(&facts, &vms, dirty_bytes_per_s);
         body.facts.link_bytes_per_s = host_link_bytes_per_s(self.inner.config.peers.values());
         body
     }
@@ -306,7 +311,12 @@ pub fn host_link_bytes_per_s<'a>(
 
 /// Sends a heartbeat every `interval` until the agent is gone. Holds the agent weakly so that
 /// the task does not keep it alive.
+/// Also starts the guests' dirty-rate sampler ([`super::dirty_rate`]), whose last
+/// measurements every heartbeat carries.
 pub(super) async fn run(agent: Weak<Inner>, mut sender: HeartbeatSender, interval: Duration) {
+    let rates = super::dirty_rate::DirtyRates::default();
+    let sampler = tokio::spawn(super::dirty_rate::sample(agent.clone(), rates.clone()));
+    let _stop_sampler = AbortOnDrop(sampler);
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -314,8 +324,19 @@ pub(super) async fn run(agent: Weak<Inner>, mut sender: HeartbeatSender, interva
         let Some(inner) = agent.upgrade() else {
             return;
         };
-        let body = Agent { inner }.heartbeat().await;
+        let body = Agent { inner }
+            .heartbeat_with(&super::dirty_rate::snapshot(&rates))
+            .await;
         sender.tick(&body).await;
+    }
+}
+
+/// Stops a task when the heartbeat loop ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

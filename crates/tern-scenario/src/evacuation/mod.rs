@@ -229,6 +229,9 @@ pub struct VmVerdict {
     pub control_mismatches: u64,
     /// Heartbeat sequence without gaps or repeats across the move.
     pub heartbeat_continuous: bool,
+    /// Where the sequence broke, if it did (side, previous and next sequence number).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heartbeat_anomalies: Vec<tern_guest::SequenceAnomaly>,
     /// Guest blackout (ms): the host-time gap between the source's last and the
     /// destination's first heartbeat.
     pub blackout_ms: Option<f64>,
@@ -351,6 +354,7 @@ mod tests {
             corrupt_pages: 0,
             control_mismatches: 0,
             heartbeat_continuous: true,
+            heartbeat_anomalies: Vec::new(),
             blackout_ms: Some(120.0),
             verify_passes_after: 2,
             attempts: 1,

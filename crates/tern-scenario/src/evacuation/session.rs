@@ -318,6 +318,7 @@ impl EvacuationSession {
             corrupt_pages: 0,
             control_mismatches: 0,
             heartbeat_continuous: false,
+            heartbeat_anomalies: Vec::new(),
             blackout_ms: None,
             verify_passes_after: 0,
             attempts: record.map_or(0, |r| r.attempts),
@@ -337,6 +338,7 @@ impl EvacuationSession {
                 v.corrupt_pages = i.corrupt_pages;
                 v.control_mismatches = i.control_mismatches;
                 v.heartbeat_continuous = i.heartbeat_continuous;
+                v.heartbeat_anomalies = i.sequence_anomalies.clone();
                 v.blackout_ms = i.blackout_ms;
                 v.verify_passes_after = i.verify_passes_after;
             }
@@ -345,6 +347,7 @@ impl EvacuationSession {
                 v.corrupt_pages = h.corrupt_pages;
                 v.control_mismatches = h.control_mismatches;
                 v.heartbeat_continuous = h.sequence_anomalies.is_empty() && h.heartbeats > 0;
+                v.heartbeat_anomalies = h.sequence_anomalies.clone();
             }
         }
         Ok(v)
