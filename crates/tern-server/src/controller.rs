@@ -411,6 +411,73 @@ impl Controller {
         Ok(())
     }
 
+    /// An operator's abort (`POST /v1/migrations/{id}/abort`). A migration not started yet
+    /// is aborted here (the guest never left); a running one is aborted by its source agent,
+    /// which refuses after the switch to post-copy (the destination then holds the only
+    /// current state; the refusal is answered as 409 with the agent's reason), and the runner
+    /// records the end when the agent reports it. A planned step of an unfinished evacuation
+    /// is refused: the evacuation would only plan it again (cancel the evacuation instead);
+    /// a running step may be aborted, and the evacuation retries it as it must finish.
+    pub async fn abort_migration(&self, id: &str) -> Result<MigrationView, ControllerError> {
+        let _work = self.work.lock().await;
+        let mut m = self.migration(id).await?.migration;
+        if m.state.is_terminal() {
+            return Err(ControllerError::Conflict(format!(
+                "migration {id} is {}: there is nothing to abort",
+                m.state.as_str()
+            )));
+        }
+        let evacuation = match &m.evacuation_id {
+            Some(e) => self
+                .store
+                .evacuation(e)
+                .await?
+                .filter(|e| !e.state.is_terminal()),
+            None => None,
+        };
+        match (m.state, m.agent_migration_id.clone()) {
+            (MigrationState::Planned, _) => {
+                if let Some(e) = evacuation {
+                    return Err(ControllerError::Conflict(format!(
+                        "migration {id} is a step of evacuation {} that has not started: the \
+                         evacuation would plan it again; cancel the evacuation instead \
+                         (POST /v1/evacuations/{}/cancel)",
+                        e.id, e.id
+                    )));
+                }
+                let now = now_ms();
+                m.state = MigrationState::Aborted;
+                m.ended_ms = Some(now);
+                m.updated_ms = now;
+                m.error = Some("aborted by an operator before it started".into());
+                self.store.put_migration(&m).await?;
+                self.metrics.aborts.inc();
+                self.note(&m, "state", "aborted by an operator before it started")
+                    .await?;
+            }
+            (MigrationState::Running | MigrationState::Unknown, Some(agent_id)) => {
+                self.agents.abort(&m.source, &agent_id).await.map_err(|e| {
+                    ControllerError::Conflict(format!("migration {id} could not be aborted: {e}"))
+                })?;
+                let detail = if evacuation.is_some() {
+                    "abort requested by an operator; the evacuation will retry it (cancel the \
+                     evacuation to stop it)"
+                } else {
+                    "abort requested by an operator"
+                };
+                self.note(&m, "operator", detail).await?;
+            }
+            _ => {
+                return Err(ControllerError::Conflict(format!(
+                    "migration {id} is {} and its source agent has not answered yet: try \
+                     again in a moment",
+                    m.state.as_str()
+                )));
+            }
+        }
+        self.migration(id).await
+    }
+
     /// Shows `unknown` for unfinished migrations whose source is unreachable.
     async fn overlay(
         &self,

@@ -329,6 +329,7 @@ async fn openapi_describes_the_routes_and_unknown_routes_are_json_404() {
         "/v1/hosts/{name}/evacuate",
         "/v1/migrations",
         "/v1/migrations/{id}",
+        "/v1/migrations/{id}/abort",
         "/v1/evacuations/{id}/cancel",
         "/v1/events",
     ] {
@@ -351,4 +352,60 @@ async fn openapi_describes_the_routes_and_unknown_routes_are_json_404() {
     let (s, v) = h.get("/v2/hosts").await;
     assert_eq!(s, 404);
     assert!(v["error"].as_str().unwrap().contains("/openapi.json"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_aborts_a_running_migration_and_bad_aborts_are_named() {
+    let h = Harness::start(3, 30).await;
+    h.heartbeat("h1", 4096, &[("a", 256)]).await;
+    h.heartbeat("h2", 4096, &[]).await;
+    h.agent.state.hold.store(true, Ordering::SeqCst);
+    let (s, v) = h
+        .post("/v1/migrations", json!({"vm": "a", "to": "h2"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["migration"]["id"].as_str().unwrap().to_string();
+    wait_for("running", T, || async {
+        let (_, v) = h.get(&format!("/v1/migrations/{id}")).await;
+        (v["migration"]["state"] == "running").then_some(())
+    })
+    .await;
+
+    let (s, v) = h
+        .post(&format!("/v1/migrations/{id}/abort"), json!({}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["events"]
+            .to_string()
+            .contains("abort requested by an operator")
+    );
+    let done = wait_for("aborted", T, || async {
+        let (_, v) = h.get(&format!("/v1/migrations/{id}")).await;
+        (v["migration"]["state"] == "aborted").then_some(v)
+    })
+    .await;
+    assert!(done["events"].to_string().contains("guest on h1"), "{done}");
+    let starts = h.agent.starts();
+    assert_eq!(starts.len(), 1);
+    assert_eq!(starts[0].state, "aborted", "the source agent was asked");
+
+    // Nothing left to abort; unknown ids are named.
+    let (s, v) = h
+        .post(&format!("/v1/migrations/{id}/abort"), json!({}))
+        .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("nothing to abort"));
+    let (s, v) = h.post("/v1/migrations/mig-nope/abort", json!({})).await;
+    assert_eq!(s, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("\"mig-nope\""));
+    // Audited like every mutating call.
+    let audit = h.controller().store.audit_log(100).await.unwrap();
+    let path = format!("/v1/migrations/{id}/abort");
+    assert!(
+        audit
+            .iter()
+            .any(|(_, a)| a.path == path && a.method == "POST" && a.status == 200),
+        "{audit:?}"
+    );
 }

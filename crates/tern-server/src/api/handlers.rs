@@ -179,6 +179,17 @@ pub(super) async fn show_migration(
     Ok(Json(st.ctl.migration(&id).await?))
 }
 
+/// Aborts a migration: one not started yet here, a running one through its source agent
+/// (refused after the switch to post-copy).
+#[utoipa::path(post, path = "/v1/migrations/{id}/abort", params(("id" = String, Path, description = "migration id")),
+    responses((status = 200, body = MigrationView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn abort_migration(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<MigrationView> {
+    Ok(Json(st.ctl.abort_migration(&id).await?))
+}
+
 /// Every evacuation, newest first.
 #[utoipa::path(get, path = "/v1/evacuations", responses((status = 200, body = Vec<EvacuationRecord>)))]
 pub(super) async fn list_evacuations(

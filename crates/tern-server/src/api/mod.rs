@@ -205,6 +205,7 @@ impl Modify for BearerAuth {
         handlers::list_migrations,
         handlers::create_migration,
         handlers::show_migration,
+        handlers::abort_migration,
         handlers::list_evacuations,
         handlers::show_evacuation,
         handlers::pause_evacuation,
@@ -236,6 +237,7 @@ pub fn router(state: AppState) -> Router {
             get(handlers::list_migrations).post(handlers::create_migration),
         )
         .route("/v1/migrations/{id}", get(handlers::show_migration))
+        .route("/v1/migrations/{id}/abort", post(handlers::abort_migration))
         .route("/v1/evacuations", get(handlers::list_evacuations))
         .route("/v1/evacuations/{id}", get(handlers::show_evacuation))
         .route(
