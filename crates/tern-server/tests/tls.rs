@@ -410,3 +410,40 @@ async fn without_tls_only_a_loopback_address_is_allowed() {
         "nothing is created before the refusal"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_heartbeat_over_mutual_tls_as_their_own_host_only() {
+    use tern_agent::daemon::heartbeat::{Heartbeat, HeartbeatError, HeartbeatSender, LinkState};
+    let h = TlsHarness::start().await;
+    let body = |host: &str| -> Heartbeat {
+        let mut v = heartbeat_body(host, 4096, "10.0.2", &[("web", 512)]);
+        v["facts"]["outbound_migrations"] = json!(0);
+        v["facts"]["inbound_migrations"] = json!(0);
+        serde_json::from_value(v).expect("the controller's heartbeat JSON is the agent's")
+    };
+    let mut h1 = HeartbeatSender::over_mtls(&h.server.url(), &h.files("host", "h1")).unwrap();
+    assert_eq!(h1.tick(&body("h1")).await, LinkState::Up);
+    let ada = h.client("user", "ada");
+    let (s, host) = h.ok(&ada, "GET", "/v1/hosts/h1", None).await;
+    assert_eq!(s, 200, "{host}");
+    assert_eq!(host["state"], "up");
+    let (_, vms) = h.ok(&ada, "GET", "/v1/vms?host=h1", None).await;
+    assert_eq!(vms[0]["name"], "web");
+
+    // h2's certificate cannot speak for h1.
+    let h2 = HeartbeatSender::over_mtls(&h.server.url(), &h.files("host", "h2")).unwrap();
+    match h2.send(&body("h1")).await {
+        Err(HeartbeatError::Refused { status, body, .. }) => {
+            assert_eq!(status, 403, "{body}");
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    // An https:// controller without the agent's [tls] files is refused before any call.
+    let config = tern_agent::ControllerConfig {
+        url: h.server.url(),
+        token_file: None,
+        interval_s: 5,
+    };
+    let e = HeartbeatSender::from_config(&config, None).unwrap_err();
+    assert!(e.to_string().contains("[tls]"), "{e}");
+}

@@ -138,6 +138,14 @@ pub enum HeartbeatError {
     /// The HTTP client could not be built.
     #[error("cannot build the heartbeat's HTTP client: {0}")]
     Client(reqwest::Error),
+    /// The mutual-TLS client for an `https://` controller could not be built.
+    #[error("cannot reach controller {url} over mutual TLS: {message}")]
+    Tls {
+        /// The controller URL.
+        url: String,
+        /// What is missing or wrong.
+        message: String,
+    },
     /// The controller did not answer (refused, timed out, connection broken).
     #[error("controller {url} did not answer: {source}")]
     Unreachable {
@@ -198,7 +206,8 @@ pub enum LinkState {
 pub struct HeartbeatSender {
     client: reqwest::Client,
     url: String,
-    token: String,
+    /// The bearer token (loopback http); `None` over mutual TLS.
+    token: Option<String>,
     state: LinkState,
     last_error: Option<String>,
 }
@@ -213,15 +222,58 @@ impl HeartbeatSender {
         Ok(Self {
             client,
             url: format!("{}{HEARTBEAT_PATH}", base_url.trim_end_matches('/')),
-            token,
+            token: Some(token),
             state: LinkState::Unknown,
             last_error: None,
         })
     }
 
-    /// A sender from the agent's `[controller]` section (reads the token file).
-    pub fn from_config(config: &ControllerConfig) -> Result<Self, HeartbeatError> {
-        Self::new(&config.url, read_token(&config.token_file)?)
+    /// A sender from the agent's `[controller]` section: over `https://` with the host's
+    /// certificate (`tls`, the agent's `[tls]` files), else over loopback `http://` with the
+    /// token file's bearer token.
+    pub fn from_config(
+        config: &ControllerConfig,
+        tls: Option<&tern_pki::TlsFiles>,
+    ) -> Result<Self, HeartbeatError> {
+        if config.url.starts_with("https://") {
+            let files = tls.ok_or_else(|| HeartbeatError::Tls {
+                url: config.url.clone(),
+                message: "no [tls] section: the host certificate authenticates the heartbeat"
+                    .into(),
+            })?;
+            return Self::over_mtls(&config.url, files);
+        }
+        let path = config
+            .token_file
+            .as_deref()
+            .ok_or_else(|| HeartbeatError::Token {
+                path: PathBuf::new(),
+                message: "no token_file given for an http:// controller".into(),
+            })?;
+        Self::new(&config.url, read_token(path)?)
+    }
+
+    /// A sender to an `https://` controller authenticated by this host's certificate (no
+    /// token: the controller takes the host name from the certificate and accepts a
+    /// heartbeat for that host only).
+    pub fn over_mtls(base_url: &str, files: &tern_pki::TlsFiles) -> Result<Self, HeartbeatError> {
+        let tls_err = |message: String| HeartbeatError::Tls {
+            url: base_url.to_string(),
+            message,
+        };
+        let client = tern_pki::reqwest_client_builder(files)
+            .map_err(|e| tls_err(e.to_string()))?
+            .timeout(HEARTBEAT_TIMEOUT)
+            .no_proxy()
+            .build()
+            .map_err(|e| tls_err(e.to_string()))?;
+        Ok(Self {
+            client,
+            url: format!("{}{HEARTBEAT_PATH}", base_url.trim_end_matches('/')),
+            token: None,
+            state: LinkState::Unknown,
+            last_error: None,
+        })
     }
 
     /// The outcome of the last heartbeat.
@@ -231,10 +283,11 @@ impl HeartbeatSender {
 
     /// Posts one heartbeat.
     pub async fn send(&self, body: &Heartbeat) -> Result<(), HeartbeatError> {
-        let resp = self
-            .client
-            .post(&self.url)
-            .bearer_auth(&self.token)
+        let mut req = self.client.post(&self.url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req
             .json(body)
             .send()
             .await
