@@ -57,6 +57,7 @@ impl TlsHarness {
                 key: None,
                 ca: None,
                 deny_list: None,
+                agent_client_user: None,
             }),
         };
         let server = RunningServer::start(config).await.unwrap();
@@ -446,4 +447,89 @@ async fn agents_heartbeat_over_mutual_tls_as_their_own_host_only() {
     };
     let e = HeartbeatSender::from_config(&config, None).unwrap_err();
     assert!(e.to_string().contains("[tls]"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_calls_https_agents_with_its_operator_certificate() {
+    use tern_agent::daemon::heartbeat::{Heartbeat, HeartbeatSender, LinkState};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki")).unwrap();
+    for h in ["controller", "h1", "h2"] {
+        pki.issue_host(h, &[LOCALHOST], Validity::days(1)).unwrap();
+    }
+    pki.issue_user("controller", Role::Operator, Validity::days(1))
+        .unwrap();
+    pki.issue_user("otto", Role::Operator, Validity::days(1))
+        .unwrap();
+    let files = |kind: &str, name: &str| TlsFiles::in_pki_dir(&dir.path().join("pki"), kind, name);
+    let agent = FakeAgent::start_mtls(&files("host", "h1")).await;
+    let agents: BTreeMap<String, String> = ["h1", "h2"]
+        .iter()
+        .map(|h| (h.to_string(), agent.url.clone()))
+        .collect();
+    let section = |user: Option<&str>| TlsSection {
+        pki_dir: Some(dir.path().join("pki")),
+        name: None,
+        cert: None,
+        key: None,
+        ca: None,
+        deny_list: None,
+        agent_client_user: user.map(str::to_string),
+    };
+    let config = |user: Option<&str>| ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database: dir.path().join("state/controller.db").display().to_string(),
+        token_file: dir.path().join("state/controller.token"),
+        heartbeat_timeout_s: 30,
+        runner_tick_ms: 50,
+        agents: agents.clone(),
+        tls: Some(section(user)),
+    };
+    // https:// agents without a client certificate: refused at start, naming the fix.
+    let e = RunningServer::start(config(None))
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("agent_client_user"), "{e}");
+
+    let server = RunningServer::start(config(Some("controller")))
+        .await
+        .unwrap();
+    let body = |host: &str| -> Heartbeat {
+        let mut v = heartbeat_body(
+            host,
+            4096,
+            "10.0.2",
+            if host == "h1" { &[("web", 512)] } else { &[] },
+        );
+        v["facts"]["outbound_migrations"] = json!(0);
+        v["facts"]["inbound_migrations"] = json!(0);
+        serde_json::from_value(v).unwrap()
+    };
+    for h in ["h1", "h2"] {
+        let mut s = HeartbeatSender::over_mtls(&server.url(), &files("host", h)).unwrap();
+        assert_eq!(s.tick(&body(h)).await, LinkState::Up);
+    }
+    let otto = client_of(&files("user", "otto"));
+    let resp = otto
+        .post(format!("{}/v1/migrations", server.url()))
+        .json(&json!({"vm": "web", "to": "h2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "{}",
+        resp.text().await.unwrap()
+    );
+    let t = std::time::Instant::now();
+    while agent.starts().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the agent was never called"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(agent.starts()[0].vm, "web", "started over mutual TLS");
 }
