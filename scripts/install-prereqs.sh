@@ -14,8 +14,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 # Packages the lab, the guest image builder and the guest workload need; PostgreSQL for the
-# controller store tests (a throwaway server, scripts/pg-test-server.sh) and the HA demo.
-BASE_PKGS=(busybox-static iproute2 cpio gzip gcc libc6-dev make xz-utils postgresql)
+# controller store tests (a throwaway server, scripts/pg-test-server.sh) and the HA demo;
+# chromium and its WebDriver for the web view's browser test (tern-server/tests/web.rs).
+BASE_PKGS=(busybox-static iproute2 cpio gzip gcc libc6-dev make xz-utils postgresql chromium chromium-driver)
 
 qemu_major() {
   command -v qemu-system-x86_64 >/dev/null 2>&1 || { echo 0; return; }

@@ -80,6 +80,10 @@ pub struct IncomingReply {
     pub uri: String,
     /// The reserved port.
     pub port: u16,
+    /// Whether the destination QEMU expects a TLS stream (its host's `migration_tls`). The
+    /// source refuses to start when its own mode differs: the handshake would fail anyway.
+    #[serde(default)]
+    pub stream_encrypted: bool,
 }
 
 /// The body of `POST /v1/incoming/{vm}/start` and `/recover`: nothing. The destination agent

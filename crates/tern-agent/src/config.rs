@@ -83,6 +83,33 @@ pub struct AgentConfig {
     /// can reach an unauthenticated agent controls its QEMUs, which run as root.
     #[serde(default)]
     pub tls: Option<AgentTlsConfig>,
+    /// Whether migration streams into and out of this host are encrypted (QEMU
+    /// `tls-creds-x509` with this host's certificate). Default: `required` when `[tls]` is
+    /// configured, `off` in a loopback lab without `[tls]` (see
+    /// [`AgentConfig::migration_tls_mode`]).
+    #[serde(default)]
+    pub migration_tls: Option<MigrationTlsMode>,
+}
+
+/// Whether a host's migration streams are encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationTlsMode {
+    /// Every stream in and out is TLS, authenticated by host certificates of the
+    /// installation's CA; the destination accepts only the source host the migration names.
+    Required,
+    /// Plain TCP: guest memory crosses the network readable by anyone on the path. Only for
+    /// labs and measurements.
+    Off,
+}
+
+impl std::fmt::Display for MigrationTlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Required => "required",
+            Self::Off => "off",
+        })
+    }
 }
 
 /// Where and how often the agent sends its heartbeat (`POST /v1/agents/heartbeat`).
@@ -372,6 +399,17 @@ impl HostMigrationConfig {
 }
 
 impl AgentConfig {
+    /// The effective migration TLS mode: as configured, else `required` with `[tls]` and
+    /// `off` without (a loopback lab: [`AgentConfig::from_toml`] refuses anything else
+    /// without `[tls]`).
+    pub fn migration_tls_mode(&self) -> MigrationTlsMode {
+        self.migration_tls.unwrap_or(if self.tls.is_some() {
+            MigrationTlsMode::Required
+        } else {
+            MigrationTlsMode::Off
+        })
+    }
+
     /// Parses a configuration, reporting the line and column of a syntax or type error.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, AgentError> {
         let cfg: AgentConfig = toml::from_str(text).map_err(|e| {
@@ -404,6 +442,15 @@ impl AgentConfig {
                 )));
             }
             None => {}
+        }
+        if cfg.migration_tls == Some(MigrationTlsMode::Required) && cfg.tls.is_none() {
+            return Err(AgentError::Config(format!(
+                "{origin}: migration_tls = \"required\" but there is no [tls] section: QEMU \
+                 needs this host's certificate to encrypt migration streams; add [tls] \
+                 (pki_dir = \"/etc/tern/pki\", made by `tern pki init` and `tern pki issue host \
+                 {}`) or set migration_tls = \"off\" for a lab",
+                cfg.host
+            )));
         }
         for (host, peer) in &cfg.peers {
             let url = peer.url();
@@ -653,5 +700,40 @@ bandwidth_mib_per_s = 100
                 .to_string()
                 .contains("memory_mib = 0")
         );
+    }
+
+    #[test]
+    fn migration_tls_is_required_with_tls_off_in_a_lab_and_required_needs_certificates() {
+        let lab = AgentConfig::from_toml(GOOD, "t").unwrap();
+        assert_eq!(lab.migration_tls_mode(), MigrationTlsMode::Off);
+        let with_tls = GOOD.replace(
+            "[migration]",
+            "[tls]\npki_dir = \"/etc/tern/pki\"\n\n[migration]",
+        );
+        let c = AgentConfig::from_toml(&with_tls, "t").unwrap();
+        assert_eq!(c.migration_tls_mode(), MigrationTlsMode::Required);
+        let off = with_tls.replace(
+            "memory_mib = 2048",
+            "memory_mib = 2048\nmigration_tls = \"off\"",
+        );
+        let c = AgentConfig::from_toml(&off, "t").unwrap();
+        assert_eq!(c.migration_tls_mode(), MigrationTlsMode::Off);
+        let required_without_certs = GOOD.replace(
+            "memory_mib = 2048",
+            "memory_mib = 2048\nmigration_tls = \"required\"",
+        );
+        let e = AgentConfig::from_toml(&required_without_certs, "agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("migration_tls = \"required\"") && e.contains("[tls]"),
+            "{e}"
+        );
+        let bad = GOOD.replace(
+            "memory_mib = 2048",
+            "memory_mib = 2048\nmigration_tls = \"maybe\"",
+        );
+        let e = AgentConfig::from_toml(&bad, "t").unwrap_err().to_string();
+        assert!(e.contains("maybe") || e.contains("required"), "{e}");
     }
 }

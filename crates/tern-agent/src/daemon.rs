@@ -80,6 +80,8 @@ struct Inner {
     options: AgentOptions,
     host: HostRuntime,
     store: Store,
+    /// Every mutating API request, with who made it.
+    audit: crate::audit::StoreAudit,
     catalog: SlaCatalog,
     active: Mutex<BTreeMap<String, ActiveMigration>>,
     /// The host QEMU binary's migration capabilities and commands, probed once.
@@ -132,6 +134,39 @@ fn note(at_ms: u64, text: impl Into<String>) -> MigrationEvent {
     }
 }
 
+/// Writes QEMU's migration TLS credentials (`<runtime_dir>/qemu-tls`, 0700, files 0600) from
+/// the host certificate in `[tls]` when the host's `migration_tls` is `required`; refuses to
+/// start, naming the file, when they cannot be read: a host that must encrypt its streams
+/// never falls back to plain text.
+fn migration_tls_creds(config: &AgentConfig) -> Result<Option<std::path::PathBuf>, AgentError> {
+    if config.migration_tls_mode() == crate::config::MigrationTlsMode::Off {
+        tracing::warn!(
+            host = %config.host,
+            "migration_tls = off: migration streams of this host are NOT encrypted (lab only)"
+        );
+        return Ok(None);
+    }
+    let Some(tls) = &config.tls else {
+        return Err(AgentError::Config(format!(
+            "migration_tls = \"required\" on host {} but there is no [tls] section with the \
+             host's certificate; add one or set migration_tls = \"off\" for a lab",
+            config.host
+        )));
+    };
+    let files = tls.files(&config.host)?;
+    let dir = config.runtime_dir.join("qemu-tls");
+    tern_pki::write_qemu_creds(&files, &dir).map_err(|e| {
+        AgentError::Config(format!(
+            "migration_tls = \"required\" on host {} but QEMU's TLS credentials cannot be \
+             made from [tls] ({e}); issue the host certificate (`tern pki issue host {}`) or \
+             set migration_tls = \"off\" for a lab",
+            config.host, config.host
+        ))
+    })?;
+    tracing::info!(host = %config.host, dir = %dir.display(), "migration streams are encrypted (TLS)");
+    Ok(Some(dir))
+}
+
 impl Agent {
     /// A client of the peer agent at `url`: with this host's certificate for an `https://`
     /// peer (see [`AgentClient::for_peer`]).
@@ -180,6 +215,7 @@ impl Agent {
         let db = config.runtime_dir.join("agent.db");
         files::private_file(&db)?;
         let store = Store::open(&db)?;
+        let audit = crate::audit::StoreAudit::open(store.clone())?;
         let host = HostRuntime::new(
             HostIdentity {
                 name: config.host.clone(),
@@ -191,12 +227,17 @@ impl Agent {
             qemu,
             config.runtime_dir.join("vms"),
         );
+        let host = match migration_tls_creds(&config)? {
+            Some(dir) => host.with_migration_tls(dir),
+            None => host,
+        };
         let agent = Agent {
             inner: Arc::new(Inner {
                 config,
                 options,
                 host,
                 store,
+                audit,
                 catalog: SlaCatalog::builtin(),
                 active: Mutex::new(BTreeMap::new()),
                 capabilities: AsyncMutex::new(None),
@@ -224,6 +265,11 @@ impl Agent {
     /// The host's VMs.
     pub fn host(&self) -> &HostRuntime {
         &self.inner.host
+    }
+
+    /// The audit log of the agent's API.
+    pub fn audit(&self) -> &crate::audit::StoreAudit {
+        &self.inner.audit
     }
 
     /// The agent's database.
@@ -421,6 +467,18 @@ impl Agent {
                 return Err(client_err(e));
             }
         };
+        if incoming.stream_encrypted != h.migration_tls() {
+            let _ = dest.delete_incoming(&req.vm).await;
+            h.end_migration(&req.vm);
+            let mode = |on: bool| if on { "required" } else { "off" };
+            return Err(AgentError::Conflict(format!(
+                "host {me} has migration_tls = {} but host {} has migration_tls = {}: a stream \
+                 is encrypted at both ends or at neither; set the same mode on both hosts",
+                mode(h.migration_tls()),
+                req.to_host,
+                mode(incoming.stream_encrypted)
+            )));
+        }
         let record = MigrationRecord {
             id: id.clone(),
             vm: req.vm.clone(),
@@ -437,6 +495,7 @@ impl Agent {
             report: None,
             link_bytes_per_s: order.link_bytes_per_s,
             stream_uri: Some(incoming.uri.clone()),
+            stream_encrypted: h.migration_tls(),
         };
         if let Err(e) = self.inner.store.insert_migration(record.clone()).await {
             let _ = dest.delete_incoming(&req.vm).await;
@@ -459,6 +518,7 @@ impl Agent {
             )
             .await;
         let mut setup = MigrationSetup::new(id.clone(), incoming.uri.clone(), input);
+        setup.tls = h.source_stream_tls(&req.to_host);
         setup.recovery_window =
             Duration::from_secs(self.inner.config.migration.postcopy_recovery_window_s);
         let runner = MigrationRunner::new(
@@ -833,6 +893,7 @@ impl Agent {
             .await;
         }
         let mut setup = MigrationSetup::new(rec.id.clone(), uri, input);
+        setup.tls = self.inner.host.source_stream_tls(&rec.destination);
         setup.recovery_window =
             Duration::from_secs(self.inner.config.migration.postcopy_recovery_window_s);
         let runner = MigrationRunner::new(

@@ -114,6 +114,8 @@ pub struct HostRuntime {
     migrating: Arc<Mutex<BTreeMap<String, u16>>>,
     runtime_root: PathBuf,
     vms: Arc<Mutex<BTreeMap<String, ManagedVm>>>,
+    /// QEMU's TLS credentials directory when this host's migration streams are encrypted.
+    migration_tls: Option<PathBuf>,
 }
 
 /// How long a fresh QEMU may take to answer on QMP.
@@ -134,7 +136,33 @@ impl HostRuntime {
             migrating: Arc::new(Mutex::new(BTreeMap::new())),
             runtime_root,
             vms: Arc::new(Mutex::new(BTreeMap::new())),
+            migration_tls: None,
         }
+    }
+
+    /// Encrypts this host's migration streams with the QEMU credentials in `creds_dir`
+    /// (`tern_pki::write_qemu_creds`): every QEMU started from now on gets the client
+    /// credentials (it may migrate out), every incoming one also the server credentials,
+    /// `tls-creds` and a `tls-authz` that accepts only the migration's source host.
+    pub fn with_migration_tls(mut self, creds_dir: PathBuf) -> Self {
+        self.migration_tls = Some(creds_dir);
+        self
+    }
+
+    /// Whether migration streams into and out of this host are encrypted.
+    pub fn migration_tls(&self) -> bool {
+        self.migration_tls.is_some()
+    }
+
+    /// The source half of an encrypted stream from this host to `destination` (its host
+    /// name, which its certificate carries), or `None` when this host's streams are plain.
+    pub fn source_stream_tls(&self, destination: &str) -> Option<tern_engine::SourceStreamTls> {
+        self.migration_tls
+            .as_ref()
+            .map(|_| tern_engine::SourceStreamTls {
+                creds_id: tern_qemu::tls::TLS_CREDS_OUT_ID.to_string(),
+                destination_host: destination.to_string(),
+            })
     }
 
     /// This host's identity.
@@ -263,15 +291,47 @@ impl HostRuntime {
         self.start(spec, VmRole::Running).await
     }
 
-    /// Starts a paused QEMU that will receive `spec`'s guest by migration. The caller sets
-    /// capabilities over the returned QMP client and then calls `migrate-incoming`.
-    pub async fn prepare_incoming(&self, spec: VmSpec) -> Result<QmpClient, AgentError> {
+    /// Starts a paused QEMU that will receive `spec`'s guest by migration from host
+    /// `source_host`. The caller sets capabilities over the returned QMP client and then
+    /// calls `migrate-incoming`.
+    ///
+    /// With migration TLS the destination's TLS parameters are set here, from this host's
+    /// configuration, never by the caller: `tls-creds` (server credentials, peer verified
+    /// against the CA) and `tls-authz` (only `CN=<source_host>` may send).
+    pub async fn prepare_incoming(
+        &self,
+        spec: VmSpec,
+        source_host: &str,
+    ) -> Result<QmpClient, AgentError> {
         let name = spec.name.clone();
-        self.start(spec, VmRole::Incoming).await?;
-        self.qmp(&name)
+        self.start_with(spec, VmRole::Incoming, Some(source_host))
+            .await?;
+        let qmp = self.qmp(&name)?;
+        if self.migration_tls.is_some() {
+            let p = tern_qemu::MigrationTls::destination_parameters();
+            let params = tern_qmp::MigrationParameters {
+                tls_creds: Some(p.tls_creds),
+                tls_authz: p.tls_authz,
+                ..Default::default()
+            };
+            if let Err(e) = qmp.migrate_set_parameters(&params).await {
+                let _ = self.kill_vm(&name).await;
+                return Err(e.into());
+            }
+        }
+        Ok(qmp)
     }
 
     async fn start(&self, spec: VmSpec, role: VmRole) -> Result<VmInfo, AgentError> {
+        self.start_with(spec, role, None).await
+    }
+
+    async fn start_with(
+        &self,
+        spec: VmSpec,
+        role: VmRole,
+        source_host: Option<&str>,
+    ) -> Result<VmInfo, AgentError> {
         self.check_admission(&spec)?;
         let runtime_dir = self.runtime_root.join(&spec.name);
         // A leftover directory from an earlier run only holds stale sockets and logs.
@@ -285,10 +345,19 @@ impl HostRuntime {
             runtime_dir,
             netns: self.identity.netns.clone(),
         };
+        let tls = self
+            .migration_tls
+            .as_ref()
+            .map(|dir| tern_qemu::MigrationTls {
+                creds_dir: dir.clone(),
+                accept_from: source_host.map(str::to_string),
+            });
         let qemu = self.qemu.clone();
-        let process = tokio::task::spawn_blocking(move || VmProcess::spawn(&qemu, &launch))
-            .await
-            .map_err(|e| AgentError::Internal(format!("QEMU start task failed: {e}")))??;
+        let process = tokio::task::spawn_blocking(move || {
+            VmProcess::spawn_with_tls(&qemu, &launch, tls.as_ref())
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("QEMU start task failed: {e}")))??;
         let (qmp, _events) =
             QmpClient::connect_with_retry(process.qmp_socket(), QMP_CONNECT_TIMEOUT).await?;
         let info = VmInfo {

@@ -192,6 +192,7 @@ fn api() -> OpenApiRouter<Agent> {
         .routes(utoipa_axum::routes!(force_complete))
         .routes(utoipa_axum::routes!(abort))
         .routes(utoipa_axum::routes!(bandwidth))
+        .routes(utoipa_axum::routes!(audit_log))
 }
 
 /// The OpenAPI 3.1 document of the API, generated from the handlers' descriptions and the
@@ -246,6 +247,8 @@ pub const ROUTE_ROLES: &[(&str, &str, Role)] = &[
     ("POST", "/v1/incoming/{vm}/recover", Role::Host),
     ("POST", "/v1/incoming/{vm}/pause", Role::Host),
     ("POST", "/v1/incoming/{vm}/promote", Role::Host),
+    // Who did what on this host: names of people and their refused attempts, for admins.
+    ("GET", "/v1/audit", Role::Admin),
 ];
 
 /// The role `method path_template` needs, from [`ROUTE_ROLES`].
@@ -309,6 +312,9 @@ async fn require_route_role(
 /// [`tern_pki::serve_mtls_until`], or [`Identity::lab_without_tls`] in plain lab mode).
 pub fn router(agent: Agent) -> Router {
     let (routes, _) = api().split_for_parts();
+    // Outermost, so that requests refused by the role check or the body limit are recorded
+    // too; the identity is already in the request (mTLS, or the lab layer outside this one).
+    let audit = tern_pki::AuditLayer::new(std::sync::Arc::new(agent.audit().clone()));
     routes
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .route_layer(axum::middleware::from_fn(require_route_role))
@@ -316,6 +322,7 @@ pub fn router(agent: Agent) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(agent)
+        .layer(audit)
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {
@@ -473,7 +480,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 26, "operations: 25 routes and /openapi.json");
+        assert_eq!(n, 27, "operations: 26 routes and /openapi.json");
         let schemas = &doc["components"]["schemas"];
         let start = &schemas["StartMigrationRequest"];
         assert!(start["properties"]["to_host"].is_object(), "{start}");
@@ -505,7 +512,7 @@ mod tests {
                     role == Role::Host,
                     "{path}"
                 );
-                if m == Method::GET && !path.starts_with("/v1/incoming") {
+                if m == Method::GET && !path.starts_with("/v1/incoming") && path != "/v1/audit" {
                     assert_eq!(role, Role::Viewer, "{path}");
                 }
             }

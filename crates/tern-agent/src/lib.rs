@@ -17,6 +17,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod audit;
 pub mod bounds;
 pub mod config;
 pub mod daemon;

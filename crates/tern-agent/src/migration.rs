@@ -58,6 +58,13 @@ pub struct MigrationOutcome {
     pub source_serial_log: PathBuf,
     /// The destination's serial log (exists only if the destination was started).
     pub destination_serial_log: Option<PathBuf>,
+    /// CPU time the source QEMU spent outside its vCPUs during the migration (ms): the
+    /// migration's cost on the source (stream, TLS, dirty tracking). `None` if unreadable.
+    #[serde(default)]
+    pub source_migration_cpu_ms: Option<u64>,
+    /// The same for the destination QEMU, from `migrate-incoming` to the end.
+    #[serde(default)]
+    pub destination_migration_cpu_ms: Option<u64>,
 }
 
 /// The facts of one in-process host, for [`admission::admit`].
@@ -81,6 +88,17 @@ pub fn check_order(
     catalog: &SlaCatalog,
 ) -> Result<PlanInput, AgentError> {
     let spec = source.spec(&order.vm)?;
+    if source.migration_tls() != destination.migration_tls() {
+        let mode = |h: &HostRuntime| if h.migration_tls() { "required" } else { "off" };
+        return Err(AgentError::Conflict(format!(
+            "host {} has migration_tls = {} but host {} has migration_tls = {}: a stream is \
+             encrypted at both ends or at neither; set the same mode on both hosts",
+            source.identity().name,
+            mode(source),
+            destination.identity().name,
+            mode(destination)
+        )));
+    }
     let migrating = source.is_migrating(&order.vm).then_some("in progress");
     let vm = admission::SourceVm {
         spec: &spec,
@@ -152,7 +170,10 @@ pub async fn migrate_with(
         destination.end_migration(&order.vm);
     };
     let source_log = source.show(&order.vm).await.map(|i| i.serial_log)?;
-    let dest_qmp = match destination.prepare_incoming(spec.clone()).await {
+    let dest_qmp = match destination
+        .prepare_incoming(spec.clone(), &source.identity().name)
+        .await
+    {
         Ok(q) => q,
         Err(e) => {
             release();
@@ -176,6 +197,7 @@ pub async fn migrate_with(
             source.settings().postcopy_recovery_window_s,
         ),
         postcopy_stall_timeout: tern_engine::DEFAULT_POSTCOPY_STALL_TIMEOUT,
+        tls: source.source_stream_tls(&destination.identity().name),
     };
     let mut runner = MigrationRunner::new(source_qmp, Box::new(dest_qmp), policy, setup);
     if let Some(sink) = event_sink {
@@ -184,7 +206,14 @@ pub async fn migrate_with(
     if let Some(tx) = progress {
         let _ = tx.send(runner.progress());
     }
+    let cpu_of = |h: &HostRuntime| h.pid(&order.vm).ok().and_then(tern_qemu::qemu_cpu);
+    let (source_cpu_before, destination_cpu_before) = (cpu_of(source), cpu_of(destination));
     let mut report = runner.run(control).await;
+    let cpu_used = |before: Option<tern_qemu::QemuCpu>, h: &HostRuntime| {
+        Some(cpu_of(h)?.non_vcpu_ms_since(&before?))
+    };
+    let source_migration_cpu_ms = cpu_used(source_cpu_before, source);
+    let destination_migration_cpu_ms = cpu_used(destination_cpu_before, destination);
     if report.state == MigrationState::Lost {
         // Say which QEMU died and how: the engine only saw its QMP connection drop.
         let exits: Vec<String> = [(source, "source"), (destination, "destination")]
@@ -248,5 +277,7 @@ pub async fn migrate_with(
         source_running,
         source_serial_log: source_log,
         destination_serial_log: dest_log,
+        source_migration_cpu_ms,
+        destination_migration_cpu_ms,
     })
 }

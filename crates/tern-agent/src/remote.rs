@@ -223,6 +223,10 @@ impl AgentClient {
     pub async fn delete_incoming(&self, vm: &str) -> Result<serde_json::Value, ClientError> {
         self.delete(&format!("/v1/incoming/{vm}")).await
     }
+    /// `GET /v1/audit?limit=N`: the newest `limit` audit records, oldest first (admins).
+    pub async fn audit(&self, limit: u32) -> Result<Vec<crate::audit::AuditEntry>, ClientError> {
+        self.get(&format!("/v1/audit?limit={limit}")).await
+    }
     /// `POST /v1/migrations`.
     pub async fn start_migration(
         &self,

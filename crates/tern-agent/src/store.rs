@@ -83,6 +83,10 @@ pub struct MigrationRecord {
     /// restart needs it. `None` for migrations recorded by older agents.
     #[serde(default)]
     pub stream_uri: Option<String>,
+    /// Whether the stream is TLS (both hosts' `migration_tls = "required"`), decided before
+    /// it starts.
+    #[serde(default)]
+    pub stream_encrypted: bool,
 }
 
 /// An event with the wall-clock time it was recorded.
@@ -137,7 +141,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     error TEXT,
     report TEXT,
     link_bytes_per_s INTEGER,
-    stream_uri TEXT
+    stream_uri TEXT,
+    stream_encrypted INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -178,10 +183,26 @@ impl Store {
             conn.execute_batch("ALTER TABLE migrations ADD COLUMN stream_uri TEXT")
                 .map_err(|e| db_err("adding migrations.stream_uri", e))?;
         }
+        if conn
+            .prepare("SELECT stream_encrypted FROM migrations LIMIT 0")
+            .is_err()
+        {
+            conn.execute_batch(
+                "ALTER TABLE migrations ADD COLUMN stream_encrypted INTEGER NOT NULL DEFAULT 0",
+            )
+            .map_err(|e| db_err("adding migrations.stream_encrypted", e))?;
+        }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
         })
+    }
+
+    /// Runs `f` on the connection on the calling thread: for short writes that must happen
+    /// before a response leaves (the audit record of a request).
+    pub(crate) fn run_blocking<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&c)
     }
 
     /// Where the database lives.
@@ -189,7 +210,7 @@ impl Store {
         &self.path
     }
 
-    async fn run<T: Send + 'static>(
+    pub(crate) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, AgentError> + Send + 'static,
     ) -> Result<T, AgentError> {
@@ -277,8 +298,8 @@ impl Store {
             c.execute(
                 "INSERT INTO migrations (id, vm, source, destination, destination_url, context, \
                  policy, state, created_ms, updated_ms, finished_ms, error, report, \
-                 link_bytes_per_s, stream_uri) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL, NULL, ?11, ?12)",
+                 link_bytes_per_s, stream_uri, stream_encrypted) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, NULL, NULL, ?11, ?12, ?13)",
                 params![
                     m.id,
                     m.vm,
@@ -291,7 +312,8 @@ impl Store {
                     m.created_ms as i64,
                     m.updated_ms as i64,
                     m.link_bytes_per_s.map(|v| v as i64),
-                    m.stream_uri
+                    m.stream_uri,
+                    m.stream_encrypted
                 ],
             )
             .map_err(|e| db_err("insert migration", e))?;
@@ -417,8 +439,8 @@ fn select_migrations(
 ) -> Result<Vec<MigrationRecord>, AgentError> {
     let sql = format!(
         "SELECT id, vm, source, destination, destination_url, context, policy, state, \
-         created_ms, updated_ms, finished_ms, error, report, link_bytes_per_s, stream_uri \
-         FROM migrations {} \
+         created_ms, updated_ms, finished_ms, error, report, link_bytes_per_s, stream_uri, \
+         stream_encrypted FROM migrations {} \
          ORDER BY created_ms DESC, id DESC",
         match (id.is_some(), unfinished) {
             (true, _) => "WHERE id = ?1",
@@ -445,6 +467,7 @@ fn select_migrations(
         Option<String>,
         Option<i64>,
         Option<String>,
+        bool,
     );
     let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
         Ok((
@@ -463,6 +486,7 @@ fn select_migrations(
             r.get(12)?,
             r.get(13)?,
             r.get(14)?,
+            r.get(15)?,
         ))
     };
     let rows: Vec<Row> = match id {
@@ -499,6 +523,7 @@ fn select_migrations(
                 },
                 link_bytes_per_s: r.13.map(|v| v as u64),
                 stream_uri: r.14,
+                stream_encrypted: r.15,
             })
         })
         .collect()
@@ -526,6 +551,7 @@ mod tests {
             report: None,
             link_bytes_per_s: Some(25_000_000),
             stream_uri: Some("tcp:198.18.0.2:49152".into()),
+            stream_encrypted: true,
         }
     }
 

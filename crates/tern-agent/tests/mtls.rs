@@ -297,3 +297,120 @@ async fn a_peer_agent_is_called_with_the_host_certificate() {
     .to_string();
     assert!(e.contains("t2") && e.contains("[tls]"), "{e}");
 }
+
+/// Issue 10, item 5: every mutating request is in the agent's audit log with the name and
+/// role of the certificate that made it, refused ones included; reads are not recorded; the
+/// log itself is for admins. A refused call changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_requests_are_audited_with_the_callers_name_and_refusals_change_nothing() {
+    let a = TlsAgent::start().await;
+    let viewer = a.user("vera", Role::Viewer);
+    let operator = a.user("olga", Role::Operator);
+    let admin = a.user("ada", Role::Admin);
+    let body = json!({"vm": "web", "to_host": "t2"});
+    let r = viewer
+        .post(a.url("/v1/migrations"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The operator may migrate; this host has no VM `web`, so the agent refuses it (404).
+    let r = operator
+        .post(a.url("/v1/migrations"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "{}", r.text().await.unwrap());
+    let r = operator
+        .post(a.url("/v1/migrations/web-1/abort"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // A read is not an action.
+    let r = viewer.get(a.url("/v1/vms")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Only admins read the log.
+    let r = viewer.get(a.url("/v1/audit")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(a.migrations().await.is_empty(), "refusals changed nothing");
+
+    let r = admin.get(a.url("/v1/audit?limit=50")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let log: Vec<Value> = r.json().await.unwrap();
+    let entries: Vec<(String, String, String, String, u64)> = log
+        .iter()
+        .map(|e| {
+            (
+                e["identity"].as_str().unwrap_or("").to_string(),
+                e["role"].as_str().unwrap_or("").to_string(),
+                format!(
+                    "{} {}",
+                    e["method"].as_str().unwrap_or(""),
+                    e["path"].as_str().unwrap_or("")
+                ),
+                e["outcome"].as_str().unwrap_or("").to_string(),
+                e["status"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let expect = |who: &str, role: &str, req: &str, outcome: &str, status: u64| {
+        assert!(
+            entries.contains(&(who.into(), role.into(), req.into(), outcome.into(), status)),
+            "{who} {req} {status} missing from the audit log: {log:#?}"
+        );
+    };
+    expect("vera", "viewer", "POST /v1/migrations", "refused", 403);
+    expect("olga", "operator", "POST /v1/migrations", "refused", 404);
+    expect(
+        "olga",
+        "operator",
+        "POST /v1/migrations/web-1/abort",
+        "refused",
+        404,
+    );
+    assert!(
+        log.iter().all(|e| e["method"] != "GET"),
+        "reads are not audited: {log:#?}"
+    );
+    let abort = log
+        .iter()
+        .find(|e| e["path"] == "/v1/migrations/web-1/abort")
+        .unwrap();
+    assert_eq!(abort["target"], "migration web-1");
+    assert!(abort["serial"].as_str().is_some_and(|s| !s.is_empty()));
+}
+
+/// `migration_tls = "required"` (the default with `[tls]`) needs the host certificate for
+/// QEMU: an agent whose certificate was never issued refuses to start, and says how to fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_migration_tls_without_a_host_certificate_refuses_to_start() {
+    if let Err(e) = tern_qemu::QemuBinary::locate() {
+        panic!("this test needs QEMU (an agent refuses to start without it): {e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki")).unwrap();
+    let cfg = AgentConfig::from_toml(
+        &format!(
+            "host = \"t9\"\nlisten = \"127.0.0.1:0\"\nmigration_address = \"127.0.0.1\"\n\
+             memory_mib = 512\nruntime_dir = \"{}\"\n[tls]\npki_dir = \"{}\"\n",
+            dir.path().join("rt").display(),
+            pki.dir().display()
+        ),
+        "test",
+    )
+    .unwrap();
+    let e = match Agent::start(cfg, AgentOptions::default()).await {
+        Ok(_) => panic!("an agent without its host certificate must not start"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("migration_tls = \"required\"")
+            && e.contains("tern pki issue host t9")
+            && e.contains("migration_tls = \"off\""),
+        "{e}"
+    );
+}

@@ -71,6 +71,10 @@ struct RunArgs {
     /// Lab name prefix (change it to run two benchmarks at once).
     #[arg(long, default_value = "bench")]
     lab_prefix: String,
+    /// Encrypt every migration stream (QEMU TLS, lab certificates): run once with and once
+    /// without to measure what TLS costs.
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +189,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 repeat: a.repeat,
                 lab_prefix: a.lab_prefix.clone(),
                 verbose: true,
+                migration_tls: a.tls,
             };
             let result = run_set(&env, &set, &opts).await;
             let stem = a

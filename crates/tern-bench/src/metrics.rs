@@ -120,6 +120,13 @@ pub struct RunMetrics {
     /// Post-copy recoveries the engine performed.
     #[serde(default)]
     pub recoveries: u32,
+    /// CPU seconds the source QEMU spent outside its vCPUs during the run (the migration's
+    /// own cost: stream, TLS, dirty tracking).
+    #[serde(default)]
+    pub source_cpu_s: Option<f64>,
+    /// The same on the destination.
+    #[serde(default)]
+    pub destination_cpu_s: Option<f64>,
 }
 
 impl RunMetrics {
@@ -348,6 +355,8 @@ pub fn compute(
         bytes_sent,
         faults: s.faults_injected.clone(),
         recoveries: s.recoveries,
+        source_cpu_s: s.source_migration_cpu_s,
+        destination_cpu_s: s.destination_migration_cpu_s,
         postcopy_s: postcopy_at.map(|at| total_ms.saturating_sub(at) as f64 / 1000.0),
         wps_before,
         wps_postcopy,

@@ -384,6 +384,7 @@ pub fn markdown(r: &BenchResult, plot_dir: Option<&str>) -> String {
         "- started {} · wall time **{:.0} s** ({:.1} min) for {} runs in {} scenarios\n\
          - accelerator **{}** ({}) · QEMU **{}** · kernel {} · {} CPUs · {}\n\
          - load average at start `{}`, at end `{}` (other work shares these cores)\n\
+         - migration streams {}\n\
          - tree {}\n",
         r.started_utc,
         r.wall_s,
@@ -398,6 +399,11 @@ pub fn markdown(r: &BenchResult, plot_dir: Option<&str>) -> String {
         m.hostname,
         m.loadavg_at_start,
         m.loadavg_at_end,
+        if r.migration_tls {
+            "**TLS** (QEMU tls-creds-x509, lab certificates)"
+        } else {
+            "plain TCP"
+        },
         r.git.as_deref().unwrap_or("unknown")
     );
     if let Some(at) = &r.interrupted_at {
@@ -522,6 +528,8 @@ mod tests {
                 error: None,
                 faults: Vec::new(),
                 recoveries: 0,
+                source_cpu_s: None,
+                destination_cpu_s: None,
             },
             series: Vec::new(),
         }
@@ -588,6 +596,7 @@ mod tests {
             scenarios: vec![s, os],
             overhead,
             interrupted_at: None,
+            migration_tls: false,
         }
     }
 

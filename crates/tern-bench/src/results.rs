@@ -372,6 +372,9 @@ pub struct BenchResult {
     /// The scenario during which the run was interrupted (Ctrl-C), if it was.
     #[serde(default)]
     pub interrupted_at: Option<String>,
+    /// Whether every migration stream was TLS (`tern bench run --tls`).
+    #[serde(default)]
+    pub migration_tls: bool,
 }
 
 #[cfg(test)]

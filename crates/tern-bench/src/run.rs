@@ -24,6 +24,8 @@ pub struct RunOptions {
     pub lab_prefix: String,
     /// Print one line per run to stderr.
     pub verbose: bool,
+    /// Encrypt every migration stream (QEMU TLS with lab certificates), to measure its cost.
+    pub migration_tls: bool,
 }
 
 impl Default for RunOptions {
@@ -32,6 +34,7 @@ impl Default for RunOptions {
             repeat: None,
             lab_prefix: "bench".into(),
             verbose: true,
+            migration_tls: false,
         }
     }
 }
@@ -94,7 +97,7 @@ fn git_describe() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn session_spec(s: &Scenario, lab: &str) -> SessionSpec {
+fn session_spec(s: &Scenario, lab: &str, migration_tls: bool) -> SessionSpec {
     SessionSpec {
         lab_name: lab.to_string(),
         link_rate: Some(s.link),
@@ -104,6 +107,7 @@ fn session_spec(s: &Scenario, lab: &str) -> SessionSpec {
         sla_class: "standard".into(),
         host_memory_mib: 4096,
         settle: Duration::from_secs(s.settle_s),
+        migration_tls,
     }
 }
 
@@ -138,6 +142,8 @@ fn error_run(arm: &crate::set::Arm, repeat: u32, e: &str) -> RunRecord {
             error: Some(e.to_string()),
             faults: Vec::new(),
             recoveries: 0,
+            source_cpu_s: None,
+            destination_cpu_s: None,
         },
         series: Vec::new(),
     }
@@ -149,6 +155,7 @@ pub async fn run_scenario(
     s: &Scenario,
     lab: &str,
     verbose: bool,
+    migration_tls: bool,
 ) -> ScenarioResult {
     let started = Instant::now();
     let mut result = ScenarioResult {
@@ -159,7 +166,7 @@ pub async fn run_scenario(
         wall_s: 0.0,
         error: None,
     };
-    let spec = session_spec(s, lab);
+    let spec = session_spec(s, lab, migration_tls);
     let mut session: Option<ScenarioSession> = None;
     let link = s.link.bytes_per_sec();
     let ram = s.memory_mib * 1024 * 1024;
@@ -313,7 +320,7 @@ pub async fn run_set(env: &LabEnvironment, set: &ScenarioSet, opts: &RunOptions)
         // Ctrl-C or SIGTERM: dropping the scenario's future drops its session, which kills
         // the QEMUs and takes the lab down; the runs so far are still reported.
         tokio::select! {
-            r = run_scenario(env, &s, &lab, opts.verbose) => scenarios.push(r),
+            r = run_scenario(env, &s, &lab, opts.verbose, opts.migration_tls) => scenarios.push(r),
             _ = interrupted() => {
                 eprintln!("interrupted: stopping after {} scenario(s); the lab is taken down", scenarios.len());
                 interrupted_at = Some(s.name.clone());
@@ -334,6 +341,7 @@ pub async fn run_set(env: &LabEnvironment, set: &ScenarioSet, opts: &RunOptions)
         scenarios,
         overhead,
         interrupted_at,
+        migration_tls: opts.migration_tls,
     }
 }
 

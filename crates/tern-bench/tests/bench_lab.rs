@@ -37,6 +37,7 @@ fn run_on_lab(set_toml: &str, prefix: &str) -> BenchResult {
         repeat: None,
         lab_prefix: prefix.into(),
         verbose: true,
+        migration_tls: false,
     };
     rt.block_on(tern_bench::run_set(&env, &set, &opts))
 }

@@ -134,8 +134,17 @@ impl AgentsClient {
         }
         let lab_agents = LabAgents::load(lab)
             .map_err(|e| ClusterError::Unreachable(format!("{e} (or pass --agent URL)")))?;
+        // A TLS lab: the CLI is the lab's admin user (certificate made by `tern lab up
+        // --agents --tls`); the agents' CA is the lab's.
+        let files = lab_agents.pki_dir.as_ref().map(|dir| {
+            let mut f = tern_pki::TlsFiles::in_pki_dir(dir, "user", "lab-admin");
+            f.deny_list = None;
+            f
+        });
         for (host, a) in lab_agents.agents {
-            agents.insert(host, AgentClient::new(&a.url));
+            let client = AgentClient::for_peer(&a.url, files.as_ref())
+                .map_err(|e| ClusterError::BadInput(e.to_string()))?;
+            agents.insert(host, client);
         }
         Ok(Self {
             agents,
@@ -145,6 +154,11 @@ impl AgentsClient {
 
     fn hosts_list(&self) -> String {
         self.agents.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    /// Every agent, by host name.
+    pub fn agents(&self) -> impl Iterator<Item = (&String, &AgentClient)> {
+        self.agents.iter()
     }
 
     /// The agent of `host`.

@@ -103,6 +103,7 @@ pub async fn run(
         lab: spec.lab_name.clone(),
     };
     let settings = LabAgentSettings {
+        tls: false,
         port_base: free_port_base()?,
         memory_mib: spec.host_memory_mib,
         deny_post_copy_hosts: if spec.destination_permits_post_copy {
@@ -310,6 +311,7 @@ async fn migrate_through_agents(
         error: rec.error.clone(),
         recoveries: 0,
         plan: None,
+        stream_encrypted: false,
     });
     let on_source = source.show_vm(&vm.name).await.ok();
     let on_destination = destination.show_vm(&vm.name).await.ok();
@@ -333,6 +335,8 @@ async fn migrate_through_agents(
         source_serial_log: created.serial_log.clone(),
         destination_serial_log: destination_serial_log.clone(),
         report,
+        source_migration_cpu_ms: None,
+        destination_migration_cpu_ms: None,
     };
     let mut summary = tern_scenario::summary_from(
         env,

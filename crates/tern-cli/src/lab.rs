@@ -32,6 +32,11 @@ pub struct AgentOpts {
     /// Memory each host's agent offers to guests, in MiB.
     #[arg(long, default_value_t = 4096)]
     agent_memory_mib: u64,
+    /// Serve the agents with mutual TLS and encrypt migration streams, with lab certificates
+    /// made for this lab (a CA, one host certificate per host, an admin `lab-admin` the CLI
+    /// uses). Without it the agents speak plain HTTP on loopback with no authentication.
+    #[arg(long)]
+    tls: bool,
 }
 
 impl AgentOpts {
@@ -40,6 +45,7 @@ impl AgentOpts {
             port_base: self.agent_port_base,
             memory_mib: self.agent_memory_mib,
             deny_post_copy_hosts: Vec::new(),
+            tls: self.tls,
         }
     }
 }

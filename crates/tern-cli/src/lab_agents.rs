@@ -27,6 +27,9 @@ pub struct LabAgentSettings {
     pub memory_mib: u64,
     /// Hosts whose agent is configured with `permit_post_copy = false`.
     pub deny_post_copy_hosts: Vec<String>,
+    /// Mutual TLS between the agents and with the CLI, and encrypted migration streams,
+    /// with certificates made for the lab (`<lab agents dir>/tls`).
+    pub tls: bool,
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -49,6 +52,14 @@ pub fn ensure_agents(lab: &Lab, settings: LabAgentSettings) -> Result<LabAgents,
     let dir = lab_agents_dir(lab.name());
     std::fs::create_dir_all(&dir)
         .map_err(|e| Failure::environment(anyhow::anyhow!("creating {}: {e}", dir.display())))?;
+    if settings.tls && agents.pki_dir.is_none() {
+        agents.pki_dir = Some(lab_pki(lab, &dir)?);
+    }
+    let scheme = if agents.pki_dir.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     for h in lab.hosts() {
         if let Some(a) = agents.agents.get(h.name())
             && pid_alive(a.pid)
@@ -68,14 +79,14 @@ pub fn ensure_agents(lab: &Lab, settings: LabAgentSettings) -> Result<LabAgents,
                     ))
                 })?;
                 let config = dir.join(format!("{}.toml", h.name()));
-                let text = agent_toml(lab, h, port, &settings, &dir)?;
+                let text = agent_toml(lab, h, port, &settings, &dir, agents.pki_dir.as_deref())?;
                 std::fs::write(&config, text).map_err(|e| {
                     Failure::environment(anyhow::anyhow!("writing {}: {e}", config.display()))
                 })?;
                 (
                     config,
                     dir.join(format!("{}.log", h.name())),
-                    format!("http://127.0.0.1:{port}"),
+                    format!("{scheme}://127.0.0.1:{port}"),
                 )
             }
         };
@@ -117,6 +128,7 @@ fn agent_toml(
     port: u16,
     settings: &LabAgentSettings,
     dir: &Path,
+    pki_dir: Option<&Path>,
 ) -> Result<String, Failure> {
     let cache = tern_guest::default_cache_dir();
     let mut text = format!(
@@ -141,13 +153,21 @@ fn agent_toml(
     if settings.deny_post_copy_hosts.iter().any(|d| d == h.name()) {
         text.push_str("\n[migration]\npermit_post_copy = false\n");
     }
+    if let Some(pki) = pki_dir {
+        // migration_tls defaults to required with [tls]: streams are encrypted too.
+        text.push_str(&format!(
+            "\n[tls]\npki_dir = {:?}\n",
+            pki.display().to_string()
+        ));
+    }
+    let scheme = if pki_dir.is_some() { "https" } else { "http" };
     text.push_str("\n[peers]\n");
     for peer in lab.hosts().iter().filter(|p| p.name() != h.name()) {
         let idx = host_index(peer.name()).ok_or_else(|| {
             Failure::failed(anyhow::anyhow!("unexpected lab host name {}", peer.name()))
         })?;
         let url = format!(
-            "http://127.0.0.1:{}",
+            "{scheme}://127.0.0.1:{}",
             settings.port_base.saturating_add(idx)
         );
         let rate = match (h.link_rate(), peer.link_rate()) {
@@ -167,6 +187,30 @@ fn agent_toml(
     tern_agent::AgentConfig::from_toml(&text, "generated lab agent configuration")
         .map_err(|e| Failure::failed(anyhow::anyhow!("{e}")))?;
     Ok(text)
+}
+
+/// Makes the lab's CA in `dir/tls` (0700): a host certificate per lab host, valid for its
+/// name, its lab address and 127.0.0.1 (where its agent listens), and the `lab-admin` user
+/// the CLI connects with. Returns the PKI directory.
+fn lab_pki(lab: &Lab, dir: &Path) -> Result<std::path::PathBuf, Failure> {
+    let hosts: Vec<(&str, Vec<std::net::IpAddr>)> = lab
+        .hosts()
+        .iter()
+        .map(|h| {
+            (
+                h.name(),
+                vec![h.address().into(), std::net::Ipv4Addr::LOCALHOST.into()],
+            )
+        })
+        .collect();
+    let tls_dir = dir.join("tls");
+    let pki = tern_pki::provision_lab(&tls_dir, &hosts).map_err(|e| {
+        Failure::environment(anyhow::anyhow!(
+            "making lab certificates in {}: {e}",
+            tls_dir.display()
+        ))
+    })?;
+    Ok(pki.dir)
 }
 
 /// Whether 127.0.0.1:`port` can be bound, retrying for `patience`. An agent just killed can
@@ -213,7 +257,10 @@ fn spawn_agent(exe: &Path, config: &Path, log: &Path) -> Result<u32, Failure> {
 
 fn wait_healthy(url: &str, pid: u32, log: &Path) -> Result<(), Failure> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = url.trim_start_matches("http://").to_string();
+    let addr = url
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .to_string();
     loop {
         if std::net::TcpStream::connect_timeout(
             &addr
@@ -263,8 +310,20 @@ pub fn stop_agents(lab: &str) -> Vec<u32> {
     stopped
 }
 
-/// Prints the agents of a lab.
+/// Prints the agents of a lab, and whether they authenticate anyone.
 pub fn print_agents(agents: &LabAgents) {
+    match &agents.pki_dir {
+        Some(dir) => println!(
+            "agents serve mutual TLS with lab certificates ({}; the CLI uses user lab-admin); \
+             migration streams are encrypted",
+            dir.display()
+        ),
+        None => println!(
+            "agents serve PLAIN HTTP on loopback without authentication (lab mode; every \
+             request acts as admin) and migration streams are not encrypted; use --tls for \
+             mutual TLS"
+        ),
+    }
     for (host, a) in &agents.agents {
         println!(
             "agent {host:<4} {} (pid {}, log {})",

@@ -6,6 +6,7 @@
 //! 3 the environment is not ready (QEMU missing or too old, not root).
 
 mod agent;
+mod audit;
 mod client;
 mod demo;
 mod demo_agents;
@@ -67,6 +68,8 @@ enum Command {
     Pki(pki::PkiArgs),
     /// Run the cluster controller (HTTP API over every agent; evacuations).
     Server(server_cmd::ServerArgs),
+    /// Who did what: the agents' audit logs (every mutating request with its identity).
+    Audit(audit::AuditArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -162,6 +165,7 @@ fn main() {
             Command::Migration(c) => migrate::run(c).await,
             Command::Pki(a) => pki::run(a),
             Command::Server(a) => server_cmd::run(a).await,
+            Command::Audit(a) => audit::run(a).await,
         }
     });
     if let Err(f) = result {

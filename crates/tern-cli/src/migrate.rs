@@ -390,6 +390,14 @@ fn print_view(v: &MigrationView) {
     println!("from → to    {} → {}", m.source, m.destination);
     println!("state        {}", m.state);
     println!("context      {} (policy {})", m.context, m.policy);
+    println!(
+        "stream       {}",
+        if m.stream_encrypted {
+            "encrypted (TLS, host certificates)"
+        } else {
+            "NOT encrypted (migration_tls = off)"
+        }
+    );
     println!("duration     {:.1} s", duration_s(m));
     if let Some(e) = &m.error {
         println!("error        {e}");

@@ -39,16 +39,21 @@ pub async fn run(a: ServerArgs) -> Result<(), Failure> {
     if server.tls {
         eprintln!(
             "tern server listening on {} (pid {}); mutual TLS, clients need a certificate of the \
-             installation CA",
+             installation CA; web view at {}/ (the browser presents a user certificate)",
             server.url(),
-            std::process::id()
+            std::process::id(),
+            server.url()
         );
     } else {
         eprintln!(
-            "tern server listening on {} (pid {}) in LAB MODE: no TLS, loopback only; token in {}",
+            "tern server listening on {} (pid {}) in LAB MODE: no TLS, loopback only; token in {} \
+             (admin; {}.operator and {}.viewer beside it); web view: {}/ui/login?token=TOKEN",
             server.url(),
             std::process::id(),
-            token_file.display()
+            token_file.display(),
+            token_file.display(),
+            token_file.display(),
+            server.url()
         );
     }
     server

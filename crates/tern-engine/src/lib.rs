@@ -17,7 +17,7 @@ pub use features::{
 pub use runner::{
     AdoptedMigration, DEFAULT_POLL_INTERVAL, DEFAULT_POSTCOPY_STALL_TIMEOUT,
     DEFAULT_RECOVERY_WINDOW, MigrationProgress, MigrationReport, MigrationRunner, MigrationSetup,
-    OperatorCommand, OperatorRequest, TakenAction, probe_dirty_rate,
+    OperatorCommand, OperatorRequest, SourceStreamTls, TakenAction, probe_dirty_rate,
 };
 pub use state::{MigrationEvent, MigrationEventKind, MigrationState};
 

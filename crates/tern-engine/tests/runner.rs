@@ -326,6 +326,31 @@ async fn a_silent_blackhole_in_postcopy_is_paused_after_the_stall_timeout_then_r
     assert_no_cancel_after_switch(&pair);
 }
 
+/// QEMU's destination pause lands asynchronously, and a second `migrate-pause` while the
+/// first is landing crashes QEMU 10.0's destination (the fake does the same): the runner
+/// waits for the first to land instead of pausing again, and the migration recovers.
+#[tokio::test(start_paused = true)]
+async fn a_destination_pause_that_lands_late_is_not_sent_twice() {
+    let pair = FakePair::new(256 * MIB, LINK, LINK / 2);
+    pair.model().dest_pause_lag_calls = 3;
+    pair.at(When::AfterSwitch(1_000), Fault::CutLink { noticed: false })
+        .at(When::AfterSwitch(8_000), Fault::RestoreLink);
+    let r = run(&pair, switch_at(2), setup(PostCopyPermission::Allowed)).await;
+    assert_eq!(r.state, MigrationState::Completed, "{:#?}", r.events);
+    assert!(
+        pair.model().dest_qemu_alive,
+        "the destination QEMU was crashed"
+    );
+    assert_eq!(r.recoveries, 1);
+    let pauses = pair
+        .calls()
+        .iter()
+        .filter(|c| *c == "dst:migrate-pause")
+        .count();
+    assert_eq!(pauses, 1, "{:?}", pair.calls());
+    assert_no_cancel_after_switch(&pair);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_outage_longer_than_the_recovery_window_strands_with_both_qemus_kept() {
     let pair = FakePair::new(256 * MIB, LINK, LINK / 2);

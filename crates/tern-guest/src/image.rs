@@ -87,10 +87,20 @@ impl GuestImage {
     ///   emulated MMIO read — the workload's speed would change in the middle of a test;
     /// - `init_on_alloc=0`: Debian turns page zeroing on allocation on by default; the
     ///   workload writes every page itself, so zeroing only doubles the emulated work of
-    ///   touching the working set at start.
+    ///   touching the working set at start;
+    /// - `nowatchdog rcupdate.rcu_cpu_stall_suppress=1`: a post-copy link cut freezes the
+    ///   vCPU for as long as the cut lasts (30 s in the fault matrix), after which the soft
+    ///   lockup detector (`watchdog: BUG: soft lockup - CPU#0 stuck for 29s!`, printed at
+    ///   `KERN_EMERG`, so `quiet` does not hide it) and the RCU stall detector (`KERN_ERR`,
+    ///   after 21 s on Debian's kernel) write to the console. Kernel console writes bypass the
+    ///   tty, so such a line can land in the middle of a heartbeat line the workload is
+    ///   writing, the heartbeat no longer parses, and the verifier reports a sequence gap
+    ///   that the migration did not cause (seen once in CI on the 30 s cut). A stall is what
+    ///   tern measures (`max_dest_gap_ms`); the guest need not report it as well.
     pub fn cmdline(&self, params: &WorkloadParams) -> String {
         format!(
-            "console=ttyS0 quiet mitigations=off panic=-1 tsc=reliable init_on_alloc=0 {}",
+            "console=ttyS0 quiet mitigations=off panic=-1 tsc=reliable init_on_alloc=0 \
+             nowatchdog rcupdate.rcu_cpu_stall_suppress=1 {}",
             params.kernel_args()
         )
     }
@@ -886,6 +896,11 @@ mod tests {
         };
         let c = img.cmdline(&WorkloadParams::default());
         assert!(c.starts_with("console=ttyS0 "));
+        // A post-copy stall must not make the kernel write into the heartbeat stream.
+        assert!(
+            c.contains(" nowatchdog rcupdate.rcu_cpu_stall_suppress=1 "),
+            "{c}"
+        );
         assert!(c.ends_with("tern_ws_mib=64 tern_rate=max tern_pattern=seq tern_verify=1"));
     }
 

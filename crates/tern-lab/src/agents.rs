@@ -35,6 +35,11 @@ pub struct LabAgents {
     pub lab: String,
     /// Agents by host name.
     pub agents: BTreeMap<String, LabAgent>,
+    /// The lab's `tern pki` directory when the agents serve mutual TLS (`tern lab up
+    /// --agents --tls`): clients use its `lab-admin` user certificate. `None`: plain HTTP on
+    /// loopback, no authentication.
+    #[serde(default)]
+    pub pki_dir: Option<PathBuf>,
 }
 
 /// The discovery file of lab `lab`.

@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod binary;
+mod cpu;
 pub mod devices;
 pub mod disk;
 pub mod net;
@@ -16,6 +17,7 @@ pub mod tls;
 
 pub use accel::{AcceleratorVerdict, probe_accelerator};
 pub use binary::{MIN_QEMU, QemuBinary, QemuVersion};
+pub use cpu::{QemuCpu, qemu_cpu};
 pub use devices::{BootSource, VmDevices};
 pub use disk::{CacheMode, DiskFormat, DiskSpec};
 pub use net::{MacAddress, NicSpec};

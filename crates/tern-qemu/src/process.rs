@@ -14,6 +14,7 @@ use crate::QemuError;
 use crate::binary::QemuBinary;
 use crate::serial::SerialRecorder;
 use crate::spec::{LaunchMode, VmSockets, VmSpec};
+use crate::tls::MigrationTls;
 
 /// How long QEMU may take to create its QMP socket before the start counts as failed.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,6 +53,17 @@ impl VmProcess {
     /// If QEMU exits during start-up, the error carries the end of its stderr (QEMU explains
     /// bad arguments there).
     pub fn spawn(binary: &QemuBinary, launch: &VmLaunch) -> Result<Self, QemuError> {
+        Self::spawn_with_tls(binary, launch, None)
+    }
+
+    /// [`VmProcess::spawn`] with the migration TLS objects of [`MigrationTls`] (the client
+    /// credentials always; in [`LaunchMode::Incoming`] also the server credentials and the
+    /// `authz-simple` object pinning the one source host).
+    pub fn spawn_with_tls(
+        binary: &QemuBinary,
+        launch: &VmLaunch,
+        tls: Option<&MigrationTls>,
+    ) -> Result<Self, QemuError> {
         launch.spec.validate()?;
         // 0700: sockets, console log and QEMU's stderr are the guest's business only.
         std::fs::DirBuilder::new()
@@ -79,7 +91,7 @@ impl VmProcess {
                 context: format!("creating {}", stderr_log.display()),
                 source: e,
             })?;
-        let args = launch.spec.to_args(&sockets, launch.mode);
+        let args = launch.spec.to_args_with_tls(&sockets, launch.mode, tls)?;
         let mut cmd = match &launch.netns {
             Some(ns) => {
                 // `ip netns exec` enters the namespace and execs QEMU in place, so the PID we

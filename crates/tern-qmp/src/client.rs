@@ -63,6 +63,8 @@ struct Inner {
     greeting: QmpGreeting,
     next_id: AtomicU64,
     tasks: Vec<AbortHandle>,
+    /// Out-of-band execution was negotiated (QEMU offered `oob` in its greeting).
+    oob: bool,
 }
 
 impl Drop for Inner {
@@ -334,6 +336,14 @@ impl QmpClient {
             let _ = write_half.shutdown().await;
         });
 
+        // Out-of-band execution is enabled whenever QEMU offers it: `migrate-recover` and
+        // `migrate-pause` are `allow-oob` (qapi/migration.json) precisely so that a post-copy
+        // can be recovered while the main loop is blocked on a page that will only arrive
+        // once it is — under TCG a vCPU faulting inside interrupt delivery holds the big lock
+        // (docs/devel/qapi-code-gen.rst, "Out-of-band command execution"). Enabling it
+        // changes nothing else: in-band commands still run one at a time, replies matched
+        // by id.
+        let oob = greeting.capabilities.iter().any(|c| c == "oob");
         let client = QmpClient {
             inner: Arc::new(Inner {
                 shared,
@@ -341,9 +351,15 @@ impl QmpClient {
                 greeting,
                 next_id: AtomicU64::new(1),
                 tasks: vec![reader_task.abort_handle(), writer_task.abort_handle()],
+                oob,
             }),
         };
-        client.execute_raw("qmp_capabilities", Value::Null).await?;
+        let enable = if oob {
+            serde_json::json!({ "enable": ["oob"] })
+        } else {
+            Value::Null
+        };
+        client.execute_raw("qmp_capabilities", enable).await?;
         Ok((client, events_rx))
     }
 
@@ -377,10 +393,32 @@ impl QmpClient {
     /// There is no built-in timeout: wrap in `tokio::time::timeout` if needed; that is safe
     /// (a dropped call never corrupts the stream, and its late reply is discarded).
     pub async fn execute_raw(&self, command: &str, arguments: Value) -> Result<Value> {
+        self.send_command("execute", command, arguments).await
+    }
+
+    /// Whether out-of-band execution was negotiated.
+    pub fn oob_enabled(&self) -> bool {
+        self.inner.oob
+    }
+
+    /// Like [`execute_raw`](Self::execute_raw), but out of band (`exec-oob`) when the
+    /// connection negotiated it: QEMU runs the command in the monitor's I/O thread, without
+    /// the big lock, even while the main loop is blocked. Only commands QEMU marks
+    /// `allow-oob` may be sent this way. Without `oob` it is an ordinary command.
+    pub async fn execute_oob_raw(&self, command: &str, arguments: Value) -> Result<Value> {
+        let verb = if self.inner.oob {
+            "exec-oob"
+        } else {
+            "execute"
+        };
+        self.send_command(verb, command, arguments).await
+    }
+
+    async fn send_command(&self, verb: &str, command: &str, arguments: Value) -> Result<Value> {
         let shared = &*self.inner.shared;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut message = serde_json::Map::new();
-        message.insert("execute".into(), Value::String(command.to_owned()));
+        message.insert(verb.into(), Value::String(command.to_owned()));
         if !arguments.is_null() {
             message.insert("arguments".into(), arguments);
         }
@@ -439,5 +477,15 @@ impl QmpClient {
             source,
         })?;
         self.execute_raw(command, arguments).await.map(|_| ())
+    }
+
+    /// [`execute_unit`](Self::execute_unit) out of band (see
+    /// [`execute_oob_raw`](Self::execute_oob_raw)).
+    pub async fn execute_unit_oob<A: Serialize>(&self, command: &str, arguments: A) -> Result<()> {
+        let arguments = serde_json::to_value(arguments).map_err(|source| QmpError::Encode {
+            command: command.to_owned(),
+            source,
+        })?;
+        self.execute_oob_raw(command, arguments).await.map(|_| ())
     }
 }

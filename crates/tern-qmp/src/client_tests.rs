@@ -46,10 +46,24 @@ impl FakeQemu {
         assert!(n > 0, "client closed the connection");
         let v: Value = serde_json::from_str(&line).unwrap();
         (
-            v["execute"].as_str().unwrap().to_owned(),
+            v.get("execute")
+                .or_else(|| v.get("exec-oob"))
+                .and_then(Value::as_str)
+                .expect("a command")
+                .to_owned(),
             v.get("arguments").cloned().unwrap_or(Value::Null),
             v["id"].clone(),
         )
+    }
+
+    /// Reads the next line as JSON, whatever it is.
+    async fn recv_raw(&mut self) -> Value {
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(5), self.reader.read_line(&mut line))
+            .await
+            .expect("client sent nothing within 5 s")
+            .unwrap();
+        serde_json::from_str(&line).unwrap()
     }
 
     async fn expect(&mut self, command: &str) -> (Value, Value) {
@@ -74,7 +88,7 @@ async fn connected() -> (QmpClient, QmpEvents, FakeQemu) {
         let mut fake = FakeQemu::new(server_side);
         fake.send_line(GREETING).await;
         let (args, id) = fake.expect("qmp_capabilities").await;
-        assert_eq!(args, Value::Null, "no optional capabilities are enabled");
+        assert_eq!(args, json!({"enable": ["oob"]}), "oob, offered, is enabled");
         fake.reply(&id, json!({})).await;
         fake
     });
@@ -572,4 +586,57 @@ async fn garbage_line_is_skipped_without_closing_the_connection() {
     );
     assert_eq!(status.status, RunState::Running);
     assert!(!client.is_closed());
+}
+
+#[tokio::test]
+async fn recovery_commands_go_out_of_band_when_negotiated() {
+    let (client, _events, mut fake) = connected().await;
+    assert!(client.oob_enabled());
+    let (result, _fake) = with_server!(
+        fake,
+        {
+            for name in ["migrate-pause", "migrate-recover", "query-migrate"] {
+                let v = fake.recv_raw().await;
+                let verb = if name == "query-migrate" {
+                    "execute"
+                } else {
+                    "exec-oob"
+                };
+                assert_eq!(v[verb], name, "{v}");
+                let ret = if name == "query-migrate" {
+                    json!({"status": "postcopy-recover"})
+                } else {
+                    json!({})
+                };
+                fake.reply(&v["id"], ret).await;
+            }
+        },
+        async {
+            client.migrate_pause().await?;
+            client.migrate_recover("tcp:0:2").await?;
+            client.query_migrate().await
+        }
+        .await
+    );
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn without_oob_offered_everything_is_in_band() {
+    let (client_side, server_side) = UnixStream::pair().unwrap();
+    let server = tokio::spawn(async move {
+        let mut fake = FakeQemu::new(server_side);
+        fake.send_line(&GREETING.replace(r#""oob""#, "")).await;
+        let (args, id) = fake.expect("qmp_capabilities").await;
+        assert_eq!(args, Value::Null);
+        fake.reply(&id, json!({})).await;
+        let v = fake.recv_raw().await;
+        assert_eq!(v["execute"], "migrate-recover", "{v}");
+        fake.reply(&v["id"], json!({})).await;
+        fake
+    });
+    let (client, _events) = QmpClient::from_stream(client_side).await.unwrap();
+    assert!(!client.oob_enabled());
+    client.migrate_recover("tcp:0:2").await.unwrap();
+    server.await.unwrap();
 }

@@ -147,13 +147,23 @@ impl QmpClient {
 
     /// `migrate-pause`: force a post-copy into `postcopy-paused` (e.g. to move it to another
     /// network path).
+    ///
+    /// Sent out of band when negotiated (`allow-oob` in qapi/migration.json): it must work
+    /// while a faulting vCPU holds the big lock.
     pub async fn migrate_pause(&self) -> Result<()> {
-        self.execute_unit("migrate-pause", ()).await
+        self.execute_unit_oob("migrate-pause", ()).await
     }
 
     /// `migrate-recover` on the destination: listen on a new URI for a paused post-copy.
+    ///
+    /// Sent out of band when negotiated: run in the monitor's I/O thread, QEMU also accepts
+    /// the recovery connection there (`socket_start_incoming_migration_internal` listens on
+    /// `g_main_context_get_thread_default()`, migration/socket.c), so recovery works while
+    /// the destination's main loop waits for the big lock held by a vCPU stuck on a missing
+    /// page — the deadlock seen under TCG when a link is cut at that moment.
     pub async fn migrate_recover(&self, uri: &str) -> Result<()> {
-        self.execute_unit("migrate-recover", UriArgs { uri }).await
+        self.execute_unit_oob("migrate-recover", UriArgs { uri })
+            .await
     }
 
     /// `cont`: start or resume the vCPUs.

@@ -82,7 +82,7 @@ impl From<VersionInfoWire> for QemuVersion {
 pub struct QmpGreeting {
     /// QEMU's version.
     pub version: QemuVersion,
-    /// Protocol capabilities offered (e.g. `oob`); tern does not enable any.
+    /// Protocol capabilities offered (e.g. `oob`, which tern enables when offered).
     pub capabilities: Vec<String>,
 }
 

@@ -141,6 +141,20 @@ async fn real_qemu_migration_subset() {
         );
     }
 
+    // Out-of-band execution is negotiated with a real QEMU, and the recovery commands go
+    // out of band: QEMU answers `migrate-pause` outside post-copy with its own refusal.
+    assert!(
+        qmp.oob_enabled(),
+        "QEMU offered {:?}",
+        qmp.greeting().capabilities
+    );
+    match qmp.migrate_pause().await {
+        Err(QmpError::Command { desc, .. }) => {
+            assert!(desc.contains("postcopy-active"), "{desc}")
+        }
+        other => panic!("migrate-pause outside post-copy: {other:?}"),
+    }
+
     // Capabilities are detected, not assumed.
     let supported = qmp.supported_capabilities().await.unwrap();
     for cap in [

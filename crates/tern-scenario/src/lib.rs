@@ -153,6 +153,9 @@ pub struct ScenarioSpec {
     /// Post-copy recovery window of the source host (default 600 s).
     #[serde(default)]
     pub recovery_window: Option<Duration>,
+    /// Encrypt the migration stream with lab certificates (`tern demo --tls`).
+    #[serde(default)]
+    pub migration_tls: bool,
 }
 
 impl Default for ScenarioSpec {
@@ -179,6 +182,7 @@ impl Default for ScenarioSpec {
             probe_seconds: 0,
             faults: Vec::new(),
             recovery_window: None,
+            migration_tls: false,
         }
     }
 }
@@ -341,6 +345,15 @@ pub struct MigrationSummary {
     pub error: Option<String>,
     /// The engine's event log.
     pub events: Vec<tern_engine::MigrationEvent>,
+    /// Whether the migration stream was TLS (`tern demo --tls`).
+    #[serde(default)]
+    pub stream_encrypted: bool,
+    /// CPU seconds the source QEMU spent outside its vCPUs during the migration.
+    #[serde(default)]
+    pub source_migration_cpu_s: Option<f64>,
+    /// CPU seconds the destination QEMU spent outside its vCPUs during the migration.
+    #[serde(default)]
+    pub destination_migration_cpu_s: Option<f64>,
 }
 
 impl MigrationSummary {
@@ -425,6 +438,7 @@ pub async fn run_scenario(
             ))
         })
         .collect::<Result<_, _>>()?;
+    let hosts = with_lab_migration_tls(hosts, &runtime.path().join("tls"), spec.migration_tls)?;
     let result = run_on_hosts(env, spec, lab, &hosts[0], &hosts[1], progress.clone()).await;
     for h in &hosts {
         h.stop_all().await;
@@ -435,6 +449,35 @@ pub async fn run_scenario(
     let (mut summary, src_log, dst_log) = result?;
     judge(&mut summary, &src_log, dst_log.as_deref())?;
     Ok(summary)
+}
+
+/// With `on`, makes a lab CA in `dir` with a host certificate per host (the name its
+/// migration TLS peers verify, and its migration address) and gives each host its QEMU
+/// credentials: every stream between them is then TLS with `tls-authz` pinning the source.
+pub fn with_lab_migration_tls(
+    hosts: Vec<HostRuntime>,
+    dir: &Path,
+    on: bool,
+) -> Result<Vec<HostRuntime>, ScenarioError> {
+    if !on {
+        return Ok(hosts);
+    }
+    let names: Vec<(&str, Vec<std::net::IpAddr>)> = hosts
+        .iter()
+        .map(|h| {
+            (
+                h.identity().name.as_str(),
+                vec![h.identity().migration_address],
+            )
+        })
+        .collect();
+    let pki = tern_pki::provision_lab(dir, &names)
+        .map_err(|e| ScenarioError::Io(format!("lab certificates in {}: {e}", dir.display())))?;
+    Ok(hosts
+        .iter()
+        .zip(pki.hosts)
+        .map(|(h, t)| h.clone().with_migration_tls(t.qemu_creds_dir))
+        .collect())
 }
 
 /// With `TERN_KEEP_LOGS=DIR`, copies `runtime` (QEMU's stderr, the serial logs of both hosts,
@@ -705,6 +748,9 @@ pub struct SessionSpec {
     pub host_memory_mib: u64,
     /// How long to let the guest run after each hop before judging it (and before the next).
     pub settle: Duration,
+    /// Encrypt every hop's migration stream with lab certificates.
+    #[serde(default)]
+    pub migration_tls: bool,
 }
 
 impl Default for SessionSpec {
@@ -719,6 +765,7 @@ impl Default for SessionSpec {
             sla_class: s.sla_class,
             host_memory_mib: s.host_memory_mib,
             settle: Duration::from_secs(2),
+            migration_tls: false,
         }
     }
 }
@@ -842,7 +889,15 @@ impl ScenarioSession {
                 runtime.path().join(name),
             ))
         };
-        let hosts = [make("h1")?, make("h2")?];
+        let hosts = with_lab_migration_tls(
+            vec![make("h1")?, make("h2")?],
+            &runtime.path().join("tls"),
+            spec.migration_tls,
+        )?;
+        let [h1, h2]: [HostRuntime; 2] = hosts
+            .try_into()
+            .map_err(|_| ScenarioError::Io("a session has two hosts".into()))?;
+        let hosts = [h1, h2];
         let session = Self {
             env: env.clone(),
             spec: spec.clone(),
@@ -1129,6 +1184,11 @@ pub fn summary_from(
         recovery_s: None,
         error: report.error.clone(),
         events: report.events.clone(),
+        stream_encrypted: report.stream_encrypted,
+        source_migration_cpu_s: outcome.source_migration_cpu_ms.map(|ms| ms as f64 / 1000.0),
+        destination_migration_cpu_s: outcome
+            .destination_migration_cpu_ms
+            .map(|ms| ms as f64 / 1000.0),
     }
 }
 

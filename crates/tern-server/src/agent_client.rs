@@ -1,9 +1,10 @@
 //! The one place the controller talks to host agents.
 //!
 //! Agents are found from configuration (`[agents]` in `server.toml`), never from what a
-//! request or a heartbeat says. Only three agent routes are used: `POST /v1/migrations`
+//! request or a heartbeat says. Only these agent routes are used: `POST /v1/migrations`
 //! (start on the source agent), `GET /v1/migrations` and `GET /v1/migrations/{id}` (watch and
-//! reconcile), `POST /v1/migrations/{id}/abort`. The wire types here are deliberately minimal
+//! reconcile), `POST /v1/migrations/{id}/abort`, `.../force-complete` and `.../bandwidth` (an
+//! operator's commands). The wire types here are deliberately minimal
 //! (only the fields the controller reads or sends), so the agent's request types can change
 //! (its `to_agent_url` disappears in favour of configured peers) without touching the runner:
 //! adapting to a new agent API means editing this file only.
@@ -74,6 +75,28 @@ pub struct AgentMigration {
     /// Error text.
     #[serde(default)]
     pub error: Option<String>,
+    /// Live progress while it runs (the agent's `progress`), for the web view's chart.
+    #[serde(default)]
+    pub progress: Option<crate::progress::ProgressFigures>,
+    /// The agent's event log of the migration (decisions among them).
+    #[serde(default)]
+    pub events: Vec<AgentEvent>,
+}
+
+/// One entry of an agent migration's event log, as far as the controller reads it (the
+/// policy's decisions: `event` = `decision`, with `action` and `reason`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AgentEvent {
+    /// Position in the agent's log (1-based).
+    pub seq: u64,
+    /// What kind (`state`, `decision`, `pass`, `operator`, …).
+    pub event: String,
+    /// A decision's action (`switch-to-postcopy`, `set-downtime-limit`, …).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// A decision's (or state change's) reason.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// The agent operations the controller needs.
@@ -92,6 +115,28 @@ pub trait AgentApi: Send + Sync {
     async fn migrations(&self, host: &str) -> Result<Vec<AgentMigration>, AgentCallError>;
     /// Aborts a migration (refused by the agent after the switch to post-copy).
     async fn abort(&self, host: &str, id: &str) -> Result<(), AgentCallError>;
+    /// Asks the agent to finish a migration now (its policy's force-complete: post-copy where
+    /// permitted, else a short pause of the guest). Clients that cannot say refuse it.
+    async fn force_complete(&self, host: &str, _id: &str) -> Result<(), AgentCallError> {
+        Err(AgentCallError::Refused {
+            host: host.to_string(),
+            status: 501,
+            message: "this agent client cannot force completion".into(),
+        })
+    }
+    /// Caps a migration's bandwidth (bytes/s). Clients that cannot say refuse it.
+    async fn set_bandwidth(
+        &self,
+        host: &str,
+        _id: &str,
+        _bytes_per_s: u64,
+    ) -> Result<(), AgentCallError> {
+        Err(AgentCallError::Refused {
+            host: host.to_string(),
+            status: 501,
+            message: "this agent client cannot change bandwidth".into(),
+        })
+    }
 }
 
 /// Agents over HTTP, by host name.
@@ -218,6 +263,26 @@ impl AgentApi for HttpAgents {
     async fn abort(&self, host: &str, id: &str) -> Result<(), AgentCallError> {
         let url = self.url(host, &format!("/v1/migrations/{id}/abort"))?;
         self.send::<serde_json::Value>(host, self.http.post(url))
+            .await
+            .map(|_| ())
+    }
+
+    async fn force_complete(&self, host: &str, id: &str) -> Result<(), AgentCallError> {
+        let url = self.url(host, &format!("/v1/migrations/{id}/force-complete"))?;
+        self.send::<serde_json::Value>(host, self.http.post(url))
+            .await
+            .map(|_| ())
+    }
+
+    async fn set_bandwidth(
+        &self,
+        host: &str,
+        id: &str,
+        bytes_per_s: u64,
+    ) -> Result<(), AgentCallError> {
+        let url = self.url(host, &format!("/v1/migrations/{id}/bandwidth"))?;
+        let body = serde_json::json!({ "bytes_per_s": bytes_per_s });
+        self.send::<serde_json::Value>(host, self.http.post(url).json(&body))
             .await
             .map(|_| ())
     }

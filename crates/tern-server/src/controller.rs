@@ -88,6 +88,9 @@ pub struct MigrationView {
     pub migration: MigrationRecord,
     /// Its events, oldest first.
     pub events: Vec<MigrationEvent>,
+    /// The source agent's last progress report, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::progress::ProgressFigures>,
 }
 
 /// Largest page of `GET /v1/hosts`.
@@ -110,6 +113,10 @@ pub struct Controller {
     /// calls that create or steer work hold it while they write, so a cancel cannot race a
     /// start of the same step. (Several controllers are serialised by the lease, issue 12.)
     pub work: Arc<tokio::sync::Mutex<()>>,
+    /// Live progress of running migrations (memory only), for the web view.
+    pub progress: crate::progress::ProgressLog,
+    /// Which agent decisions are already in the migrations' histories.
+    pub forwarded: crate::agent_reports::ForwardedDecisions,
 }
 
 /// Encodes a page token for the host after which the next page starts.
@@ -190,6 +197,18 @@ impl Controller {
         }
         let now = now_ms();
         let before = self.store.host(&hb.host).await?;
+        // Which guests the host runs: a change (a VM arrived or left) is an event too, so
+        // watchers (the web view's host list) see a VM change host as soon as it is reported.
+        let mut vms_before: Vec<String> = self
+            .store
+            .vms(Some(&hb.host))
+            .await?
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        vms_before.sort();
+        let mut vms_now: Vec<String> = hb.vms.iter().map(|v| v.name.clone()).collect();
+        vms_now.sort();
         self.store.record_heartbeat(&hb, now).await?;
         let after = self
             .store
@@ -206,6 +225,13 @@ impl Controller {
                     None => "registered".to_string(),
                     Some(s) => format!("heartbeat again (was {})", s.as_str()),
                 },
+            );
+        } else if vms_before != vms_now {
+            self.events.publish(
+                "host",
+                &hb.host,
+                after.state.as_str(),
+                format!("guests now: {}", vms_now.join(", ")),
             );
         }
         Ok(after)
@@ -411,73 +437,6 @@ impl Controller {
         Ok(())
     }
 
-    /// An operator's abort (`POST /v1/migrations/{id}/abort`). A migration not started yet
-    /// is aborted here (the guest never left); a running one is aborted by its source agent,
-    /// which refuses after the switch to post-copy (the destination then holds the only
-    /// current state; the refusal is answered as 409 with the agent's reason), and the runner
-    /// records the end when the agent reports it. A planned step of an unfinished evacuation
-    /// is refused: the evacuation would only plan it again (cancel the evacuation instead);
-    /// a running step may be aborted, and the evacuation retries it as it must finish.
-    pub async fn abort_migration(&self, id: &str) -> Result<MigrationView, ControllerError> {
-        let _work = self.work.lock().await;
-        let mut m = self.migration(id).await?.migration;
-        if m.state.is_terminal() {
-            return Err(ControllerError::Conflict(format!(
-                "migration {id} is {}: there is nothing to abort",
-                m.state.as_str()
-            )));
-        }
-        let evacuation = match &m.evacuation_id {
-            Some(e) => self
-                .store
-                .evacuation(e)
-                .await?
-                .filter(|e| !e.state.is_terminal()),
-            None => None,
-        };
-        match (m.state, m.agent_migration_id.clone()) {
-            (MigrationState::Planned, _) => {
-                if let Some(e) = evacuation {
-                    return Err(ControllerError::Conflict(format!(
-                        "migration {id} is a step of evacuation {} that has not started: the \
-                         evacuation would plan it again; cancel the evacuation instead \
-                         (POST /v1/evacuations/{}/cancel)",
-                        e.id, e.id
-                    )));
-                }
-                let now = now_ms();
-                m.state = MigrationState::Aborted;
-                m.ended_ms = Some(now);
-                m.updated_ms = now;
-                m.error = Some("aborted by an operator before it started".into());
-                self.store.put_migration(&m).await?;
-                self.metrics.aborts.inc();
-                self.note(&m, "state", "aborted by an operator before it started")
-                    .await?;
-            }
-            (MigrationState::Running | MigrationState::Unknown, Some(agent_id)) => {
-                self.agents.abort(&m.source, &agent_id).await.map_err(|e| {
-                    ControllerError::Conflict(format!("migration {id} could not be aborted: {e}"))
-                })?;
-                let detail = if evacuation.is_some() {
-                    "abort requested by an operator; the evacuation will retry it (cancel the \
-                     evacuation to stop it)"
-                } else {
-                    "abort requested by an operator"
-                };
-                self.note(&m, "operator", detail).await?;
-            }
-            _ => {
-                return Err(ControllerError::Conflict(format!(
-                    "migration {id} is {} and its source agent has not answered yet: try \
-                     again in a moment",
-                    m.state.as_str()
-                )));
-            }
-        }
-        self.migration(id).await
-    }
-
     /// Shows `unknown` for unfinished migrations whose source is unreachable.
     async fn overlay(
         &self,
@@ -513,7 +472,12 @@ impl Controller {
         })?;
         let events = self.store.events(id).await?;
         let migration = self.overlay(vec![m]).await?.remove(0);
-        Ok(MigrationView { migration, events })
+        let progress = self.progress.last(id);
+        Ok(MigrationView {
+            migration,
+            events,
+            progress,
+        })
     }
 }
 

@@ -13,9 +13,13 @@
 //!   attempt twice);
 //! - [`agent_client`]: the one module that talks to agents;
 //! - [`api`]: axum routes, auth, audit, OpenAPI; [`metrics`], [`events`]: Prometheus and
-//!   server-sent events; [`config`], [`server`]: `server.toml` and start-up.
+//!   server-sent events; [`config`], [`server`]: `server.toml` and start-up;
+//! - [`operator`]: an operator's abort / force-complete / bandwidth on one migration;
+//! - [`web`]: the live web view at `/` (server-rendered HTML, one small script, issue 15);
+//!   [`progress`]: running migrations' progress reports, in memory, for its charts.
 
 pub mod agent_client;
+pub mod agent_reports;
 pub mod api;
 pub mod config;
 pub mod controller;
@@ -23,11 +27,14 @@ pub mod evacuation;
 pub mod events;
 pub mod metrics;
 pub mod model;
+pub mod operator;
 pub mod placement;
 pub mod planner;
+pub mod progress;
 pub mod runner;
 pub mod server;
 pub mod store;
+pub mod web;
 
 pub use config::ServerConfig;
 pub use controller::{Controller, ControllerError};

@@ -198,6 +198,11 @@ impl Runner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(m.id.clone(), am.state.clone());
+        // Progress and the policy's decisions (a last decision may come with the end).
+        self.ctl.record_agent_report(&m, &am).await?;
+        if !matches!(outcome_of(&am.state), AgentOutcome::Running { .. }) {
+            self.ctl.progress.forget(&m.id);
+        }
         match outcome_of(&am.state) {
             AgentOutcome::Running {
                 switched,

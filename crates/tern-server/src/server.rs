@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::agent_client::{AgentApi, HttpAgents};
-use crate::api::{ApiAuth, AppState, router};
+use crate::api::{ApiAuth, AppState, LabTokens, router};
 use crate::config::ServerConfig;
 use crate::controller::Controller;
 use crate::events::EventBus;
@@ -92,12 +92,29 @@ pub fn load_or_create_token(path: &Path) -> Result<String, ServerError> {
     }
 }
 
+/// The lab mode's tokens: the admin one at `path`, the viewer and operator ones beside it
+/// (`path.viewer`, `path.operator`), each created at first start like it.
+pub fn load_or_create_lab_tokens(path: &Path) -> Result<LabTokens, ServerError> {
+    let beside = |role: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{role}"));
+        std::path::PathBuf::from(p)
+    };
+    Ok(LabTokens {
+        admin: load_or_create_token(path)?,
+        viewer: load_or_create_token(&beside("viewer"))?,
+        operator: load_or_create_token(&beside("operator"))?,
+    })
+}
+
 /// A running controller: the API on a bound address and the runner.
 pub struct RunningServer {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// The bearer token in the loopback lab mode; `None` with mutual TLS.
+    /// The (admin) bearer token in the loopback lab mode; `None` with mutual TLS.
     pub token: Option<String>,
+    /// Every lab-mode token (admin, operator, viewer); `None` with mutual TLS.
+    pub lab_tokens: Option<LabTokens>,
     /// Whether the API is served with mutual TLS (`https://`).
     pub tls: bool,
     /// The controller.
@@ -149,10 +166,11 @@ impl RunningServer {
         } else {
             SqlStore::open_sqlite(Path::new(&config.database)).await?
         };
-        let token = match tls {
+        let lab_tokens = match tls {
             Some(_) => None,
-            None => Some(load_or_create_token(&config.token_file)?),
+            None => Some(load_or_create_lab_tokens(&config.token_file)?),
         };
+        let token = lab_tokens.as_ref().map(|t| t.admin.clone());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Listen {
@@ -173,10 +191,12 @@ impl RunningServer {
             metrics: Arc::new(Metrics::new()),
             events: EventBus::new(),
             work: Arc::default(),
+            progress: Default::default(),
+            forwarded: Default::default(),
         };
         let app = router(AppState {
             ctl: controller.clone(),
-            auth: match &token {
+            auth: match &lab_tokens {
                 Some(t) => ApiAuth::Token(Arc::new(t.clone())),
                 None => ApiAuth::Mtls,
             },
@@ -205,13 +225,15 @@ impl RunningServer {
             tracing::info!("tern server listening on https://{addr} (mutual TLS, roles)");
         } else {
             tracing::warn!(
-                "tern server in LAB MODE on http://{addr}: no TLS, one bearer token for everyone \
-                 (admin), loopback only; configure [tls] in server.toml for real hosts"
+                "tern server in LAB MODE on http://{addr}: no TLS, bearer tokens per role (the \
+                 token_file: admin; .operator and .viewer beside it), loopback only; web view: \
+                 http://{addr}/ui/login?token=TOKEN; configure [tls] in server.toml for real hosts"
             );
         }
         Ok(Self {
             addr,
             token,
+            lab_tokens,
             tls: with_tls,
             controller,
             server,

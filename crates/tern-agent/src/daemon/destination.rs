@@ -11,13 +11,31 @@ use crate::host::{VmInfo, VmRole};
 impl Agent {
     /// Starts an incoming QEMU for a migration (`POST /v1/incoming`). The spec is checked as
     /// a new VM's is (images inside this host's image directories, known SLA class).
+    /// `source_host` is the name on the caller's host certificate (`None` for a caller
+    /// without one, a plain-HTTP lab): with migration TLS the destination QEMU accepts a
+    /// stream only from that host.
     pub async fn prepare_incoming(
         &self,
         req: IncomingRequest,
+        source_host: Option<&str>,
     ) -> Result<IncomingReply, AgentError> {
         let spec = self.checked_spec(req.spec)?;
         let name = spec.name.clone();
         let h = &self.inner.host;
+        let tls = h.migration_tls();
+        let source_host = match source_host {
+            Some(s) => s.to_string(),
+            None if tls => {
+                return Err(AgentError::Invalid(format!(
+                    "host {} requires encrypted migration streams and accepts an incoming \
+                     migration only from a host certificate of the installation's CA, which \
+                     names the source",
+                    self.inner.config.host
+                )));
+            }
+            // Plain streams: the name only labels the log.
+            None => "unauthenticated".to_string(),
+        };
         if h.has_vm(&name) {
             return Err(AgentError::Conflict(format!(
                 "host {} already has a VM named {name:?}",
@@ -25,7 +43,7 @@ impl Agent {
             )));
         }
         let port = h.begin_inbound(&name)?;
-        if let Err(e) = h.prepare_incoming(spec).await {
+        if let Err(e) = h.prepare_incoming(spec, &source_host).await {
             h.end_migration(&name);
             return Err(e);
         }
@@ -34,10 +52,11 @@ impl Agent {
             h.end_migration(&name);
             return Err(e);
         }
-        tracing::info!(vm = %name, port, migration = ?req.migration_id, "incoming QEMU ready");
+        tracing::info!(vm = %name, port, migration = ?req.migration_id, tls, from = %source_host, "incoming QEMU ready");
         Ok(IncomingReply {
             uri: self.incoming_uri(&name)?,
             port,
+            stream_encrypted: tls,
         })
     }
 

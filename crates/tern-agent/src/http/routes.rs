@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tern_engine::{DestinationEndpoint, OperatorCommand};
 use tern_qmp::{MigrationCapabilityStatus, MigrationParameters};
 
-use super::{ApiErrors, ApiResult, body, no_body};
+use super::{ApiError, ApiErrors, ApiResult, body, no_body};
 use crate::AgentError;
 use crate::api::{
     BandwidthRequest, Health, IncomingRequest, NoBody, OperatorReply, StartMigrationRequest,
@@ -70,9 +70,13 @@ pub(super) async fn stop_vm(State(a): State<Agent>, Path(name): Path<String>) ->
     responses((status = 200, description = "success", body = crate::api::IncomingReply), ApiErrors))]
 pub(super) async fn prepare_incoming(
     State(a): State<Agent>,
+    axum::Extension(caller): axum::Extension<tern_pki::Identity>,
     req: Result<Json<IncomingRequest>, JsonRejection>,
 ) -> ApiResult<crate::api::IncomingReply> {
-    Ok(Json(a.prepare_incoming(body(req)?).await?))
+    // The source host is the one whose certificate made this call, never a name in the body:
+    // the destination QEMU's tls-authz accepts a stream only from it.
+    let source_host = (caller.kind == tern_pki::CertKind::Host).then_some(caller.name.as_str());
+    Ok(Json(a.prepare_incoming(body(req)?, source_host).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/incoming/{vm}", summary = "Destination side: remove an incoming QEMU (failed migration); refused for a VM that runs here",
@@ -279,8 +283,36 @@ pub(super) async fn list_migrations(
 pub(super) async fn start_migration(
     State(a): State<Agent>,
     req: Result<Json<StartMigrationRequest>, JsonRejection>,
-) -> ApiResult<crate::store::MigrationRecord> {
-    Ok(Json(a.start_migration(body(req)?).await?))
+) -> Result<
+    (
+        axum::Extension<tern_pki::AuditTarget>,
+        Json<crate::store::MigrationRecord>,
+    ),
+    ApiError,
+> {
+    let record = a.start_migration(body(req)?).await?;
+    // Names the new migration in the audit record (and so in its own events).
+    let target = tern_pki::AuditTarget(format!("migration {}", record.id));
+    Ok((axum::Extension(target), Json(record)))
+}
+
+/// How many records `GET /v1/audit` returns.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuditQuery {
+    /// The newest N records (default 100, at most 10000).
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/audit", summary = "The audit log: every mutating request with the identity that made it and how it ended (admins)",
+    params(AuditQuery),
+    responses((status = 200, description = "oldest first", body = Vec<crate::audit::AuditEntry>), ApiErrors))]
+pub(super) async fn audit_log(
+    State(a): State<Agent>,
+    q: Result<axum::extract::Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Vec<crate::audit::AuditEntry>> {
+    let q = q.map_err(|e| AgentError::Invalid(format!("invalid query: {e}; use ?limit=N")))?;
+    Ok(Json(a.audit().list(q.limit.unwrap_or(100)).await?))
 }
 
 #[utoipa::path(post, path = "/v1/migrations/plan", summary = "The policy's plan and pre-flight estimate for a migration request (nothing is started)",

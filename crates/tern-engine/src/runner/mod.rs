@@ -62,6 +62,21 @@ pub struct MigrationSetup {
     /// In post-copy, no byte sent for this long while pages remain means the channel is dead
     /// even if QEMU has not noticed (TCP can take minutes): tern forces `migrate-pause`.
     pub postcopy_stall_timeout: Duration,
+    /// Encrypt the stream (source side; the destination QEMU's TLS is set by the host that
+    /// started it, from its own configuration). `None` sends plain text.
+    pub tls: Option<SourceStreamTls>,
+}
+
+/// The source half of an encrypted migration stream: QEMU's `tls-creds` and `tls-hostname`
+/// parameters (qapi/migration.json). The same parameters serve the post-copy return path,
+/// preempt channel, multifd channels and recovery channels: QEMU opens them all with the
+/// migration's TLS settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStreamTls {
+    /// Id of the source QEMU's `tls-creds-x509` object with `endpoint=client`.
+    pub creds_id: String,
+    /// The name the destination's certificate must carry (its host name).
+    pub destination_host: String,
 }
 
 impl MigrationSetup {
@@ -85,6 +100,7 @@ impl MigrationSetup {
             probe_seconds: 0,
             recovery_window: DEFAULT_RECOVERY_WINDOW,
             postcopy_stall_timeout: DEFAULT_POSTCOPY_STALL_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -195,6 +211,10 @@ pub struct MigrationReport {
     pub recoveries: u32,
     /// The plan the policy made.
     pub plan: Option<MigrationPlan>,
+    /// Whether the stream was TLS (QEMU `tls-creds` on both ends). A TLS stream cannot fall
+    /// back to plain text: a handshake failure fails the migration before the switch.
+    #[serde(default)]
+    pub stream_encrypted: bool,
 }
 
 /// Drives one migration from prepare to a terminal state.
@@ -227,6 +247,12 @@ pub struct MigrationRunner {
     /// Set when an adopted pre-copy was cancelled: it ends `failed` with this reason (the
     /// migration did not end as anyone asked), not `aborted`.
     adoption_cancel: Option<String>,
+    /// When (elapsed ms) `migrate-pause` was last sent to the destination: a second one must
+    /// not follow while the first is still taking effect (see `postcopy::pause_destination`).
+    destination_paused_at_ms: Option<u64>,
+    /// The destination did not answer its last in-band query in post-copy (agent away, or
+    /// its main loop blocked): recovery goes straight to the out-of-band `migrate-recover`.
+    destination_silent: bool,
 }
 
 impl MigrationRunner {
@@ -260,6 +286,8 @@ impl MigrationRunner {
             recoveries_before: 0,
             abort_requested: false,
             adoption_cancel: None,
+            destination_paused_at_ms: None,
+            destination_silent: false,
         }
     }
 
@@ -405,6 +433,7 @@ impl MigrationRunner {
             error: self.error.clone(),
             recoveries: self.recoveries(),
             plan: self.plan.clone(),
+            stream_encrypted: self.setup.tls.is_some(),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! source; docs/devel/migration/postcopy.rst, "Postcopy recovery").
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use tern_policy::{
     IterationSample, PostcopyAction, PostcopyDecision, PostcopyObservation, PostcopyStatus,
@@ -16,7 +17,26 @@ use tern_policy::{
 use tern_qmp::MigrationStatus;
 
 use super::MigrationRunner;
+use crate::EngineError;
 use crate::state::{MigrationEventKind, MigrationState};
+
+/// How long the destination may take to leave `postcopy-active` after `migrate-pause`, and
+/// the least time between two pauses sent to it.
+///
+/// Why: QEMU's destination pause is asynchronous and racy. `qmp_migrate_pause`
+/// (migration/migration.c, QEMU 10.0) calls `qemu_file_shutdown(mis->from_src_file)` with
+/// no lock and no NULL check, while the listen thread it wakes runs
+/// `postcopy_pause_incoming` (migration/savevm.c), which closes that file and sets it NULL
+/// before the state becomes `postcopy-paused`; the source side of the same function checks
+/// `ms->to_dst_file` under `qemu_file_lock`, the destination side does not. A second pause
+/// sent in that window (we used to re-pause whenever a recovery attempt still saw
+/// `postcopy-active`) crashed the destination QEMU with SIGSEGV in about one lab run in
+/// ten — and with it the only running copy of the guest. So: one pause, then wait for it
+/// to land; pause again only if the destination is still active long after.
+const DESTINATION_PAUSE_SETTLE: Duration = Duration::from_secs(10);
+
+/// Poll interval while waiting for the destination's pause to land.
+const DESTINATION_PAUSE_POLL: Duration = Duration::from_millis(100);
 
 /// QEMU's status as the supervisor sees it.
 fn postcopy_status(status: &MigrationStatus) -> PostcopyStatus {
@@ -93,6 +113,7 @@ impl MigrationRunner {
         let PostcopyDecision { action, reason } = d;
         match action {
             PostcopyAction::Recovered { .. } => {
+                self.destination_silent = false;
                 self.transition(MigrationState::Postcopy, reason);
                 return None;
             }
@@ -124,9 +145,7 @@ impl MigrationRunner {
                 if let Err(e) = self.source.migrate_pause().await {
                     self.note(format!("migrate-pause on the source: {e}"));
                 }
-                if let Err(e) = self.destination.migrate_pause().await {
-                    self.note(format!("migrate-pause on the destination: {e}"));
-                }
+                self.pause_destination().await;
                 None
             }
             PostcopyAction::PauseStuckAttempt { .. } => {
@@ -147,11 +166,22 @@ impl MigrationRunner {
             at_ms: runner.elapsed_ms(),
             reason,
         };
-        match self.destination.migration_info().await {
+        let info = if self.destination_silent {
+            // It did not answer the last in-band query; another would only queue behind the
+            // blocked main loop (QEMU stops reading the monitor, out-of-band commands
+            // included, once 8 in-band commands wait: QMP_REQ_QUEUE_LEN_MAX, monitor/qmp.c).
+            Err(EngineError::PeerUnreachable(
+                "it did not answer the previous query".into(),
+            ))
+        } else {
+            self.destination.migration_info().await
+        };
+        self.destination_silent = matches!(&info, Err(e) if e.is_peer_unreachable());
+        match info {
             Ok(i) if i.status_or_none() == MigrationStatus::PostcopyActive => {
-                let _ = self.destination.migrate_pause().await;
+                let what = self.pause_destination().await;
                 let why = format!(
-                    "recovery attempt {n}: the destination was still postcopy-active; paused it"
+                    "recovery attempt {n}: the destination was still postcopy-active; {what}"
                 );
                 self.note(why.clone());
                 return Some(failed(self, why));
@@ -159,10 +189,15 @@ impl MigrationRunner {
             Ok(_) => {}
             Err(e) if e.is_peer_unreachable() => {
                 // Nothing is known about the destination QEMU; it may well be running the
-                // guest. Keep trying within the window.
-                let why = format!("recovery attempt {n}: the destination does not answer: {e}");
-                self.note(why.clone());
-                return Some(failed(self, why));
+                // guest, with its main loop blocked: under TCG a vCPU that faults on a page
+                // still on the source while delivering an interrupt holds the big lock, and
+                // that page only comes back through a recovered channel. `migrate-recover`
+                // goes out of band and works then (QEMU refuses it unless post-copy is
+                // paused, so trying is safe). Keep trying within the window.
+                self.note(format!(
+                    "recovery attempt {n}: the destination does not answer in band ({e}); \
+                     trying migrate-recover out of band"
+                ));
             }
             Err(e) => {
                 self.error = Some(format!("destination gone during post-copy: {e}"));
@@ -179,9 +214,12 @@ impl MigrationRunner {
             }
         }
         if let Err(e) = self.destination.migrate_recover(&self.setup.uri).await {
-            self.note(format!(
-                "recovery attempt {n}: migrate-recover on the destination: {e}"
-            ));
+            let why = format!("recovery attempt {n}: migrate-recover on the destination: {e}");
+            self.note(why.clone());
+            if self.destination_silent {
+                // Nothing listens for the source: resuming it would only fail.
+                return Some(failed(self, why));
+            }
         }
         match self.source.migrate_resume(&self.setup.uri).await {
             Ok(()) => {
@@ -199,6 +237,54 @@ impl MigrationRunner {
                 self.note(why.clone());
                 Some(failed(self, why))
             }
+        }
+    }
+
+    /// Sends `migrate-pause` to the destination unless one sent less than
+    /// [`DESTINATION_PAUSE_SETTLE`] ago may still be taking effect, then waits (bounded) for
+    /// the destination to leave `postcopy-active`. Returns what it did, for the event log.
+    async fn pause_destination(&mut self) -> String {
+        if let Some(at) = self.destination_paused_at_ms {
+            let since = self.elapsed_ms().saturating_sub(at);
+            if since < DESTINATION_PAUSE_SETTLE.as_millis() as u64 {
+                return format!(
+                    "not pausing it again: the pause sent {since} ms ago may still be taking \
+                     effect (a second migrate-pause in that window crashes QEMU's destination)"
+                );
+            }
+        }
+        if let Err(e) = self.destination.migrate_pause().await {
+            let what = format!("migrate-pause on the destination: {e}");
+            self.note(what.clone());
+            return what;
+        }
+        self.destination_paused_at_ms = Some(self.elapsed_ms());
+        if self.destination_silent {
+            return "paused it out of band (it does not answer in band)".into();
+        }
+        let sent = tokio::time::Instant::now();
+        loop {
+            match self.destination.migration_info().await {
+                Ok(i) if i.status_or_none() == MigrationStatus::PostcopyActive => {}
+                Ok(i) => {
+                    return format!(
+                        "paused it (destination {} after {} ms)",
+                        i.status_or_none().as_str(),
+                        sent.elapsed().as_millis()
+                    );
+                }
+                Err(e) => {
+                    self.destination_silent = e.is_peer_unreachable();
+                    return format!("paused it; the destination then did not answer: {e}");
+                }
+            }
+            if sent.elapsed() >= DESTINATION_PAUSE_SETTLE {
+                return format!(
+                    "paused it, but it still reports postcopy-active after {} s",
+                    DESTINATION_PAUSE_SETTLE.as_secs()
+                );
+            }
+            tokio::time::sleep(DESTINATION_PAUSE_POLL).await;
         }
     }
 }

@@ -116,7 +116,26 @@ impl MigrationRunner {
             };
             self.destination.set_parameters(&dst_params).await?;
         }
+        // TLS is set explicitly, on as well as off: a source QEMU that arrived here by an
+        // encrypted migration still carries its destination-side TLS parameters.
+        match &self.setup.tls {
+            Some(tls) => {
+                src_params.tls_creds = Some(tls.creds_id.clone());
+                src_params.tls_hostname = Some(tls.destination_host.clone());
+            }
+            None => {
+                src_params.tls_creds = Some(String::new());
+                src_params.tls_hostname = Some(String::new());
+            }
+        }
         self.source.set_parameters(&src_params).await?;
+        self.note(match &self.setup.tls {
+            Some(tls) => format!(
+                "stream encrypted (TLS, destination certificate must name {})",
+                tls.destination_host
+            ),
+            None => "stream not encrypted (migration TLS is off)".to_string(),
+        });
         self.plan = Some(plan);
 
         self.destination.migrate_incoming(&self.setup.uri).await?;

@@ -78,6 +78,11 @@ pub struct Model {
     /// Every command, in order, prefixed `src:` or `dst:`.
     pub calls: Vec<String>,
     pub postcopy_capability: bool,
+    /// Destination calls a `migrate-pause` takes to land (QEMU's listen thread pauses
+    /// asynchronously); 0: at once.
+    pub dest_pause_lag_calls: u32,
+    /// A destination pause is under way: calls left before `postcopy-paused`.
+    dest_pausing: Option<u32>,
     events: broadcast::Sender<QmpEvent>,
 }
 
@@ -109,6 +114,8 @@ impl Model {
             faults: Vec::new(),
             calls: Vec::new(),
             postcopy_capability: false,
+            dest_pause_lag_calls: 0,
+            dest_pausing: None,
             events: broadcast::channel(16).0,
         }
     }
@@ -514,6 +521,15 @@ impl FakeDestination {
         let mut m = self.0.model();
         m.advance();
         m.calls.push(format!("dst:{name}"));
+        m.dest_pausing = match m.dest_pausing {
+            Some(0) => {
+                if m.dest_status == MigrationStatus::PostcopyActive {
+                    m.dest_status = MigrationStatus::PostcopyPaused;
+                }
+                None
+            }
+            left => left.map(|n| n - 1),
+        };
         if !m.dest_agent_up {
             return Err(EngineError::PeerUnreachable(
                 "agent http://dest is unreachable: connection refused".into(),
@@ -576,10 +592,23 @@ impl DestinationEndpoint for FakeDestination {
         m.dest_status = MigrationStatus::PostcopyRecover;
         Ok(())
     }
+    /// As QEMU 10.0 does: the destination's `qmp_migrate_pause` shuts down
+    /// `mis->from_src_file` without a lock or a NULL check, while the listen thread's
+    /// `postcopy_pause_incoming` (started by the first pause) closes it and sets it NULL —
+    /// a second pause in that window crashes the destination QEMU (SIGSEGV, seen in the lab).
     async fn migrate_pause(&self) -> Result<(), EngineError> {
         let mut m = self.call("migrate-pause")?;
+        if m.dest_pausing.is_some() {
+            m.dest_qemu_alive = false;
+            return Err(EngineError::Remote(
+                "the incoming QEMU of vm exited: signal 11 (SIGSEGV)".into(),
+            ));
+        }
         if m.dest_status == MigrationStatus::PostcopyActive {
-            m.dest_status = MigrationStatus::PostcopyPaused;
+            match m.dest_pause_lag_calls {
+                0 => m.dest_status = MigrationStatus::PostcopyPaused,
+                n => m.dest_pausing = Some(n),
+            }
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ use crate::evacuation::{EvacuateRequest, EvacuateResponse, EvacuationView};
 use crate::model::{
     EvacuationRecord, EvacuationState, Heartbeat, HostPatch, HostRecord, MigrationRecord, VmRecord,
 };
+use crate::operator::{BandwidthRequest, OperatorAction};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
@@ -179,15 +180,54 @@ pub(super) async fn show_migration(
     Ok(Json(st.ctl.migration(&id).await?))
 }
 
-/// Aborts a migration: one not started yet here, a running one through its source agent
-/// (refused after the switch to post-copy).
+/// Aborts a migration: one not started yet ends `aborted`; a running one is aborted on its
+/// source agent (refused after the switch to post-copy: it then finishes). A step of a
+/// running evacuation is retried, as the evacuation must finish: pause or cancel it to stop.
 #[utoipa::path(post, path = "/v1/migrations/{id}/abort", params(("id" = String, Path, description = "migration id")),
-    responses((status = 200, body = MigrationView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = MigrationView), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
 pub(super) async fn abort_migration(
     State(st): State<AppState>,
+    who: tern_pki::Identity,
     Path(id): Path<String>,
 ) -> ApiResult<MigrationView> {
-    Ok(Json(st.ctl.abort_migration(&id).await?))
+    Ok(Json(st.ctl.abort_migration(&id, &who.name).await?))
+}
+
+/// Asks the source agent to finish a running migration now (post-copy where permitted, else
+/// a short pause of the guest, as its policy decides).
+#[utoipa::path(post, path = "/v1/migrations/{id}/force-complete", params(("id" = String, Path, description = "migration id")),
+    responses((status = 200, body = MigrationView), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+pub(super) async fn force_complete_migration(
+    State(st): State<AppState>,
+    who: tern_pki::Identity,
+    Path(id): Path<String>,
+) -> ApiResult<MigrationView> {
+    Ok(Json(
+        st.ctl
+            .operate(&id, &who.name, OperatorAction::ForceComplete)
+            .await?,
+    ))
+}
+
+/// Caps a running migration's bandwidth.
+#[utoipa::path(post, path = "/v1/migrations/{id}/bandwidth", params(("id" = String, Path, description = "migration id")),
+    request_body = BandwidthRequest,
+    responses((status = 200, body = MigrationView), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn bandwidth_migration(
+    State(st): State<AppState>,
+    who: tern_pki::Identity,
+    Path(id): Path<String>,
+    r: Result<Json<BandwidthRequest>, JsonRejection>,
+) -> ApiResult<MigrationView> {
+    let b = body(r)?;
+    Ok(Json(
+        st.ctl
+            .operate(&id, &who.name, OperatorAction::Bandwidth(b.bytes_per_s))
+            .await?,
+    ))
 }
 
 /// Every evacuation, newest first.

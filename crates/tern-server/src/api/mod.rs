@@ -106,26 +106,94 @@ pub struct AppState {
 pub enum ApiAuth {
     /// Mutual TLS: the [`Identity`] comes from the client certificate (`serve_mtls`).
     Mtls,
-    /// Loopback lab mode: the bearer token; its holder is the admin `token`.
-    Token(Arc<String>),
+    /// Loopback lab mode: bearer tokens, one per role ([`LabTokens`]).
+    Token(Arc<LabTokens>),
+}
+
+/// The bearer tokens of the loopback lab mode: the admin token of `token_file`, and one
+/// viewer and one operator token beside it, so a lab (and the web view's browser test) can
+/// show what each role may do without certificates.
+#[derive(Debug, Clone)]
+pub struct LabTokens {
+    /// The admin token (`token_file`).
+    pub admin: String,
+    /// The viewer token (`token_file` + `.viewer`).
+    pub viewer: String,
+    /// The operator token (`token_file` + `.operator`).
+    pub operator: String,
+}
+
+impl LabTokens {
+    /// One token for all three roles (unit tests).
+    pub fn single(token: &str) -> Self {
+        Self {
+            admin: token.into(),
+            viewer: token.into(),
+            operator: token.into(),
+        }
+    }
+
+    /// The identity of `given`'s holder (compared in constant time), or `None`.
+    pub fn identify(&self, given: &str) -> Option<Identity> {
+        [
+            (&self.admin, Role::Admin),
+            (&self.operator, Role::Operator),
+            (&self.viewer, Role::Viewer),
+        ]
+        .into_iter()
+        .find(|(t, _)| token_matches(given, t))
+        .map(|(_, role)| lab_identity(role))
+    }
 }
 
 /// The identity of the bearer-token holder in the loopback lab mode: an admin named `token`,
 /// so audit records and 403 messages say plainly that no certificate was involved.
 pub fn token_identity() -> Identity {
+    lab_identity(Role::Admin)
+}
+
+/// The identity of a lab token of `role`: `token` (admin), `token-operator`, `token-viewer`.
+pub fn lab_identity(role: Role) -> Identity {
+    let name = match role {
+        Role::Admin | Role::Host => "token".to_string(),
+        other => format!("token-{other}"),
+    };
     Identity {
-        name: "token".to_string(),
+        name,
         kind: CertKind::User,
-        role: Role::Admin,
+        role,
         serial: "none".to_string(),
         not_after_unix: i64::MAX,
     }
 }
 
+/// The cookie the web view's login (`/ui/login?token=`) sets in the loopback lab mode.
+pub const TOKEN_COOKIE: &str = "tern_token";
+
+/// The token of a request: `Authorization: Bearer`, else the web view's cookie.
+fn request_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    bearer.or_else(|| {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == TOKEN_COOKIE)
+            .map(|(_, v)| v.trim())
+    })
+}
+
 /// The role a request needs: the one authorization table of the API.
 ///
 /// Reads (`GET`, `HEAD`: every list and view, `/v1/events`, `/metrics`, `/openapi.json`) need
-/// `viewer`; starting, aborting and evacuating (`POST /v1/migrations`, `.../abort`,
+/// `viewer`; starting, steering and evacuating (`POST /v1/migrations`, `.../abort`,
+/// `.../force-complete`, `.../bandwidth`,
 /// `POST /v1/hosts/{name}/evacuate`, evacuation pause/resume/cancel) need `operator`; agent
 /// heartbeats need a host certificate; everything else that changes state (host settings
 /// `PATCH /v1/hosts/{name}`, and any route added later) needs `admin`, so a new route is
@@ -139,7 +207,13 @@ pub fn required_role(method: &Method, path: &str) -> Role {
         match parts.as_slice() {
             ["", "v1", "agents", "heartbeat"] => return Role::Host,
             ["", "v1", "migrations"]
-            | ["", "v1", "migrations", _, "abort"]
+            | [
+                "",
+                "v1",
+                "migrations",
+                _,
+                "abort" | "force-complete" | "bandwidth",
+            ]
             | ["", "v1", "hosts", _, "evacuate"]
             | ["", "v1", "evacuations", _, "pause" | "resume" | "cancel"] => return Role::Operator,
             _ => {}
@@ -150,10 +224,11 @@ pub fn required_role(method: &Method, path: &str) -> Role {
 
 /// Whether `who` may make a request needing `needed`. Host certificates may only use host
 /// routes (their heartbeat), not even read; users follow viewer < operator < admin. In token
-/// mode the token holder may also heartbeat (it stands for every lab agent).
+/// mode the admin token holder may also heartbeat (it stands for every lab agent).
 fn permit(auth: &ApiAuth, who: &Identity, needed: Role) -> Result<(), AuthzError> {
     match (auth, who.kind, needed) {
-        (ApiAuth::Token(_), _, Role::Host) | (_, CertKind::Host, Role::Host) => Ok(()),
+        (ApiAuth::Token(_), _, Role::Host) if who.role == Role::Admin => Ok(()),
+        (_, CertKind::Host, Role::Host) => Ok(()),
         (_, CertKind::Host, _) => Err(AuthzError::Forbidden {
             identity: who.clone(),
             needed,
@@ -206,6 +281,8 @@ impl Modify for BearerAuth {
         handlers::create_migration,
         handlers::show_migration,
         handlers::abort_migration,
+        handlers::force_complete_migration,
+        handlers::bandwidth_migration,
         handlers::list_evacuations,
         handlers::show_evacuation,
         handlers::pause_evacuation,
@@ -238,6 +315,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/migrations/{id}", get(handlers::show_migration))
         .route("/v1/migrations/{id}/abort", post(handlers::abort_migration))
+        .route(
+            "/v1/migrations/{id}/force-complete",
+            post(handlers::force_complete_migration),
+        )
+        .route(
+            "/v1/migrations/{id}/bandwidth",
+            post(handlers::bandwidth_migration),
+        )
         .route("/v1/evacuations", get(handlers::list_evacuations))
         .route("/v1/evacuations/{id}", get(handlers::show_evacuation))
         .route(
@@ -253,6 +338,7 @@ pub fn router(state: AppState) -> Router {
             post(handlers::cancel_evacuation),
         )
         .route("/v1/events", get(handlers::events))
+        .merge(crate::web::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -312,19 +398,16 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
             .get::<Identity>()
             .cloned()
             .ok_or_else(|| AuthzError::Unauthenticated.into_response()),
-        ApiAuth::Token(token) => {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
-            match given {
-                Some(t) if token_matches(t, token) => Ok(token_identity()),
-                other => Err(token_refused(other.is_some())),
-            }
-        }
+        ApiAuth::Token(tokens) => match request_token(req.headers()) {
+            Some(t) => tokens.identify(t).ok_or_else(|| token_refused(true)),
+            None => Err(token_refused(false)),
+        },
     };
+    // The web view's login carries a token in its query: never log or audit it.
+    if crate::web::is_login(req.uri().path()) {
+        return crate::web::login(&st, req.uri()).await;
+    }
+    let identity = identity.map_err(|resp| crate::web::unauthenticated(req.uri().path(), resp));
     let (actor, resp) = match identity {
         Ok(who) => {
             let actor = format!(
@@ -389,6 +472,13 @@ mod tests {
             (Method::POST, "/v1/agents/heartbeat", Role::Host),
             (Method::POST, "/v1/migrations", Role::Operator),
             (Method::POST, "/v1/migrations/7/abort", Role::Operator),
+            (
+                Method::POST,
+                "/v1/migrations/7/force-complete",
+                Role::Operator,
+            ),
+            (Method::POST, "/v1/migrations/7/bandwidth", Role::Operator),
+            (Method::POST, "/v1/migrations/7/delete", Role::Admin),
             (Method::POST, "/v1/hosts/h1/evacuate", Role::Operator),
             (Method::POST, "/v1/evacuations/e1/pause", Role::Operator),
             (Method::POST, "/v1/evacuations/e1/resume", Role::Operator),
@@ -418,7 +508,8 @@ mod tests {
         assert!(permit(&ApiAuth::Mtls, &host, Role::Operator).is_err());
         assert!(permit(&ApiAuth::Mtls, &admin, Role::Host).is_err());
         assert!(permit(&ApiAuth::Mtls, &admin, Role::Admin).is_ok());
-        let token = ApiAuth::Token(Arc::new("t".repeat(32)));
+        let token = ApiAuth::Token(Arc::new(LabTokens::single(&"t".repeat(32))));
         assert!(permit(&token, &token_identity(), Role::Host).is_ok());
+        assert!(permit(&token, &lab_identity(Role::Operator), Role::Host).is_err());
     }
 }

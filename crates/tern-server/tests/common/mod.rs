@@ -39,6 +39,9 @@ pub struct FakeAgentState {
     pub fail_next: AtomicU32,
     /// Refuse every start (the agent answers 503).
     pub refuse: AtomicBool,
+    /// Operator commands received: (agent migration id, command), e.g. `force-complete`,
+    /// `bandwidth 50000000`.
+    pub commands: Mutex<Vec<(String, String)>>,
 }
 
 /// A fake agent server; stopped when dropped.
@@ -92,8 +95,26 @@ async fn start_migration(
 }
 
 fn view(m: &FakeMigration) -> Value {
+    // Progress as a real agent reports it while it runs: remaining bytes shrink each poll.
+    let total: u64 = 512 << 20;
+    let progress = (m.state == "precopy").then(|| {
+        let remaining = total >> m.polls.min(20);
+        json!({"qemu_status": "active", "remaining_bytes": remaining,
+            "transferred_bytes": total - remaining, "total_bytes": total,
+            "dirty_bytes_per_s": 2_000_000u64, "throughput_bytes_per_s": 100_000_000u64,
+            "pass": m.polls, "elapsed_ms": now_ms() - m.created_ms, "eta_ms": 1500u64})
+    });
+    // The policy's decisions as a real agent logs them: one per poll, with its reason (the
+    // whole log on every read, as the agent's GET does).
+    let events: Vec<Value> = (1..=m.polls.min(5))
+        .map(|i| {
+            json!({"seq": i, "wall_ms": m.created_ms + u64::from(i) * 50,
+            "at_ms": u64::from(i) * 50, "event": "decision", "action": "continue",
+            "reason": format!("pass {i}: remaining {} MiB shrinking", 512u64 >> i)})
+        })
+        .collect();
     json!({"id": m.id, "vm": m.vm, "source": "x", "destination": m.destination,
-        "state": m.state, "created_ms": m.created_ms,
+        "state": m.state, "created_ms": m.created_ms, "progress": progress, "events": events,
         "error": if m.state == "failed" { Some("network down") } else { None }})
 }
 
@@ -144,11 +165,51 @@ async fn abort(
     }
 }
 
+/// `force-complete` finishes a running migration (as a switch to post-copy would);
+/// `bandwidth` is recorded.
+async fn command(
+    State(st): State<Arc<FakeAgentState>>,
+    Path((id, cmd)): Path<(String, String)>,
+    body: Option<Json<Value>>,
+) -> (StatusCode, Json<Value>) {
+    let mut ms = st.migrations.lock().unwrap();
+    let Some(m) = ms.iter_mut().find(|m| m.id == id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no such migration"})),
+        );
+    };
+    if m.state != "precopy" {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": format!("the migration already ended ({})", m.state)})),
+        );
+    }
+    let recorded = match cmd.as_str() {
+        "force-complete" => {
+            m.state = "completed".into();
+            cmd.clone()
+        }
+        "bandwidth" => format!(
+            "bandwidth {}",
+            body.map(|Json(b)| b["bytes_per_s"].clone())
+                .unwrap_or_default()
+        ),
+        _ => return (StatusCode::NOT_FOUND, Json(json!({"error": "no route"}))),
+    };
+    st.commands.lock().unwrap().push((id, recorded));
+    (
+        StatusCode::OK,
+        Json(json!({"command": {"command": cmd}, "result": "done"})),
+    )
+}
+
 fn fake_router(state: Arc<FakeAgentState>) -> Router {
     Router::new()
         .route("/v1/migrations", post(start_migration).get(list_migrations))
         .route("/v1/migrations/{id}", get(show_migration))
         .route("/v1/migrations/{id}/abort", post(abort))
+        .route("/v1/migrations/{id}/{command}", post(command))
         .with_state(state)
 }
 
