@@ -116,13 +116,16 @@ impl std::fmt::Display for MigrationTlsMode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerConfig {
-    /// The controller's base URL. Only `http://` on a loopback address for now: the bearer
-    /// token travels in clear, so it must not leave the machine (the controller refuses a
-    /// non-loopback address without TLS for the same reason). `https://` comes with mTLS.
+    /// The controller's base URL: `https://` (mutual TLS with this agent's host certificate
+    /// from its `[tls]` section; the controller accepts a host certificate's heartbeat for
+    /// that host only), or `http://` on a loopback address with the bearer token (the lab
+    /// mode: the token travels in clear, so it must not leave the machine).
     pub url: String,
-    /// File holding the controller's bearer token (the controller's `token_file`), read once
-    /// at start; refused when others may read it, as the controller refuses its own.
-    pub token_file: PathBuf,
+    /// `http://` only: file holding the controller's bearer token (the controller's
+    /// `token_file`), read once at start; refused when others may read it, as the controller
+    /// refuses its own. Not used over `https://`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// Seconds between heartbeats (1..=60). The controller marks a host unreachable when
     /// its heartbeat is older than its timeout, so keep this well below that.
     #[serde(default = "default_heartbeat_interval_s")]
@@ -140,7 +143,7 @@ fn default_heartbeat_interval_s() -> u64 {
 }
 
 impl ControllerConfig {
-    fn validate(&self, origin: &str) -> Result<(), AgentError> {
+    fn validate(&self, origin: &str, has_tls: bool) -> Result<(), AgentError> {
         if !HEARTBEAT_INTERVAL_S.contains(&self.interval_s) {
             return Err(AgentError::Config(format!(
                 "{origin}: [controller] interval_s = {} is out of range: give {}..={} seconds",
@@ -155,10 +158,29 @@ impl ControllerConfig {
                 self.url
             ))
         })?;
-        if url.scheme() != "http" {
+        match url.scheme() {
+            "https" if has_tls => return Ok(()),
+            "https" => {
+                return Err(AgentError::Config(format!(
+                    "{origin}: [controller] url = {:?} is https:// but this agent has no [tls] \
+                     section: add one (its host certificate authenticates the heartbeat) or use \
+                     http://127.0.0.1:PORT with token_file for a lab controller",
+                    self.url
+                )));
+            }
+            "http" => {}
+            _ => {
+                return Err(AgentError::Config(format!(
+                    "{origin}: [controller] url = {:?}: give https://HOST:PORT (mutual TLS) or \
+                     http:// on a loopback address (lab mode with token_file)",
+                    self.url
+                )));
+            }
+        }
+        if self.token_file.is_none() {
             return Err(AgentError::Config(format!(
-                "{origin}: [controller] url = {:?}: only http:// on a loopback address is \
-                 supported (https:// with mutual TLS is not implemented in the agent yet)",
+                "{origin}: [controller] url = {:?} is http:// and needs token_file (the \
+                 controller's token, mode 0600)",
                 self.url
             )));
         }
@@ -403,7 +425,7 @@ impl AgentConfig {
         })?;
         cfg.migration.validate()?;
         if let Some(c) = &cfg.controller {
-            c.validate(origin)?;
+            c.validate(origin, cfg.tls.is_some())?;
         }
         match &cfg.tls {
             Some(tls) => {
@@ -552,7 +574,10 @@ bandwidth_mib_per_s = 100
         let ctl = c.controller.expect("the sample shows [controller]");
         assert_eq!(ctl.url, "http://127.0.0.1:7700");
         assert_eq!(ctl.interval_s, 5);
-        assert_eq!(ctl.token_file, PathBuf::from("/etc/tern/controller.token"));
+        assert_eq!(
+            ctl.token_file,
+            Some(PathBuf::from("/etc/tern/controller.token"))
+        );
     }
 
     fn with_controller(table: &str) -> Result<AgentConfig, AgentError> {
@@ -576,7 +601,8 @@ bandwidth_mib_per_s = 100
     #[test]
     fn controller_urls_other_than_loopback_http_are_refused() {
         for (url, says) in [
-            ("https://127.0.0.1:7700", "only http://"),
+            ("https://127.0.0.1:7700", "has no [tls] section"),
+            ("ftp://127.0.0.1:7700", "give https://"),
             ("http://192.0.2.1:7700", "not on loopback"),
             ("http://controller.example:7700", "not on loopback"),
             ("127.0.0.1:7700", "is not a URL"),

@@ -50,6 +50,7 @@ use crate::{AgentError, api::MigrationView, bounds, edge, files};
 
 mod admit;
 mod destination;
+mod dirty_rate;
 pub mod heartbeat;
 mod reconcile;
 
@@ -195,8 +196,16 @@ impl Agent {
         // before anything is opened.
         let heartbeat = match &config.controller {
             Some(c) => Some((
-                heartbeat::HeartbeatSender::from_config(c)
-                    .map_err(|e| AgentError::Config(e.to_string()))?,
+                heartbeat::HeartbeatSender::from_config(
+                    c,
+                    config
+                        .tls
+                        .as_ref()
+                        .map(|t| t.files(&config.host))
+                        .transpose()?
+                        .as_ref(),
+                )
+                .map_err(|e| AgentError::Config(e.to_string()))?,
                 Duration::from_secs(c.interval_s),
             )),
             None => None,

@@ -82,6 +82,14 @@ pub struct DemoArgs {
     /// Lab name used for the demo's hosts.
     #[arg(long, default_value = "demo")]
     lab_name: String,
+    /// Evacuate a host instead: 3 lab hosts, an agent process per host, a controller process,
+    /// guests of different kinds on h1 (idle, converging, faster than the link, post-copy
+    /// forbidden) emptied to --deadline (default 180 s) through the controller's API.
+    #[arg(long)]
+    evacuate: bool,
+    /// With --evacuate: how many guests to boot on h1 (2–5).
+    #[arg(long, default_value_t = 5, requires = "evacuate")]
+    vms: usize,
     /// Encrypt the migration stream (QEMU TLS with lab certificates made for this run: a CA,
     /// one host certificate per lab host, the destination accepting only the source host).
     #[arg(long)]
@@ -110,6 +118,17 @@ fn secs(v: Option<f64>, flag: &str) -> Result<Option<Duration>, Failure> {
 
 /// Runs the demo.
 pub async fn run(a: DemoArgs) -> Result<(), Failure> {
+    if a.evacuate {
+        return crate::demo_evacuate::run(crate::demo_evacuate::EvacuateDemoArgs {
+            lab_name: a.lab_name,
+            link_rate: a.link_rate,
+            deadline_s: a.deadline.unwrap_or(180),
+            vms: a.vms,
+            settle: a.settle,
+            output: a.out.output,
+        })
+        .await;
+    }
     require_root("tern demo")?;
     if !tern_policy::POLICY_NAMES.contains(&a.policy.as_str()) {
         return Err(Failure::input(anyhow::anyhow!(

@@ -10,6 +10,7 @@ mod audit;
 mod client;
 mod demo;
 mod demo_agents;
+mod demo_evacuate;
 mod guest;
 mod host;
 mod lab;
@@ -117,13 +118,18 @@ fn main() {
         1 => "info",
         _ => "debug",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let env_filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr);
+    // Logs read by a machine (a daemon under systemd, a file, a pipe) are one JSON object per
+    // line; a person at a terminal gets the readable form.
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

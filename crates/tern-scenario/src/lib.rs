@@ -10,6 +10,7 @@
 
 mod agent_hop;
 pub mod agents;
+pub mod evacuation;
 pub mod faults;
 mod in_process;
 mod session;

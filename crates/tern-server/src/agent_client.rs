@@ -152,7 +152,39 @@ struct ErrorBody {
 }
 
 impl HttpAgents {
-    /// Agents at the configured URLs.
+    /// Agents at the configured URLs, `https://` ones over mutual TLS with `client` (the
+    /// controller's operator user certificate). An `https://` agent without client files is
+    /// refused here, naming the host, rather than failing at every call.
+    pub fn with_tls(
+        urls: BTreeMap<String, String>,
+        client: Option<&tern_pki::TlsFiles>,
+    ) -> Result<Self, String> {
+        let https: Vec<&String> = urls
+            .iter()
+            .filter(|(_, u)| u.starts_with("https://"))
+            .map(|(h, _)| h)
+            .collect();
+        if https.is_empty() {
+            return Ok(Self::new(urls));
+        }
+        let files = client.ok_or_else(|| {
+            format!(
+                "agents {https:?} are https:// but [tls] has no agent_client_user: issue one \
+                 (tern pki issue user controller --role operator) and name it there"
+            )
+        })?;
+        let http = tern_pki::reqwest_client_builder(files)
+            .map_err(|e| format!("agent client certificate: {e}"))?
+            .https_only(false)
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| format!("agent TLS client: {e}"))?;
+        Ok(Self { urls, http })
+    }
+
+    /// Agents at the configured URLs (plain HTTP: loopback lab agents).
     pub fn new(urls: BTreeMap<String, String>) -> Self {
         let http = reqwest::Client::builder()
             .no_proxy()

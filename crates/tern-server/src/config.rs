@@ -74,9 +74,31 @@ pub struct TlsSection {
     /// The deny list of revoked serials (default: `pki_dir`/revoked.txt; none with explicit
     /// paths unless given).
     pub deny_list: Option<PathBuf>,
+    /// With `pki_dir`: the user certificate (`issued/user/NAME`, role operator) the controller
+    /// presents to `https://` agents, whose API gives starting and aborting migrations to
+    /// operators (`tern pki issue user controller --role operator`). Without it `https://`
+    /// agents are refused at start.
+    #[serde(default)]
+    pub agent_client_user: Option<String>,
 }
 
 impl TlsSection {
+    /// The client files for calling `https://` agents (`agent_client_user` in `pki_dir`).
+    pub fn agent_client_files(&self) -> Result<Option<tern_pki::TlsFiles>, String> {
+        match (&self.agent_client_user, &self.pki_dir) {
+            (None, _) => Ok(None),
+            (Some(user), Some(dir)) => {
+                let mut f = tern_pki::TlsFiles::in_pki_dir(dir, "user", user);
+                f.deny_list = self.deny_list.clone().or(f.deny_list);
+                Ok(Some(f))
+            }
+            (Some(user), None) => Err(format!(
+                "[tls] agent_client_user = {user:?} needs pki_dir (the user certificate is \
+                 issued/user/{user} in it)"
+            )),
+        }
+    }
+
     /// The files to serve with, or why the section is incomplete.
     pub fn files(&self) -> Result<tern_pki::TlsFiles, String> {
         match (&self.pki_dir, &self.cert, &self.key, &self.ca) {

@@ -128,7 +128,14 @@ pub struct RunningServer {
 impl RunningServer {
     /// Opens the configured store and starts serving (agents reached over HTTP).
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
-        let agents = Arc::new(HttpAgents::new(config.agents.clone()));
+        let client = match &config.tls {
+            Some(t) => t.agent_client_files().map_err(ServerError::Tls)?,
+            None => None,
+        };
+        let agents = Arc::new(
+            HttpAgents::with_tls(config.agents.clone(), client.as_ref())
+                .map_err(ServerError::Tls)?,
+        );
         Self::start_with_agents(config, agents).await
     }
 

@@ -329,6 +329,7 @@ async fn openapi_describes_the_routes_and_unknown_routes_are_json_404() {
         "/v1/hosts/{name}/evacuate",
         "/v1/migrations",
         "/v1/migrations/{id}",
+        "/v1/migrations/{id}/abort",
         "/v1/evacuations/{id}/cancel",
         "/v1/events",
     ] {

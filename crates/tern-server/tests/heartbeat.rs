@@ -101,10 +101,10 @@ async fn a_controller_on_loopback_receives_the_agents_heartbeats() {
     let h = Harness::start(2, 30).await;
     let config = ControllerConfig {
         url: h.url.clone(),
-        token_file: h.config.token_file.clone(),
+        token_file: Some(h.config.token_file.clone()),
         interval_s: 5,
     };
-    let mut sender = HeartbeatSender::from_config(&config).unwrap();
+    let mut sender = HeartbeatSender::from_config(&config, None).unwrap();
     assert_eq!(sender.tick(&agent_body("h1")).await, LinkState::Up);
 
     let (status, host) = h.get("/v1/hosts/h1").await;

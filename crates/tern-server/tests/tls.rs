@@ -57,6 +57,7 @@ impl TlsHarness {
                 key: None,
                 ca: None,
                 deny_list: None,
+                agent_client_user: None,
             }),
         };
         let server = RunningServer::start(config).await.unwrap();
@@ -409,4 +410,126 @@ async fn without_tls_only_a_loopback_address_is_allowed() {
         !dir.path().join("controller.db").exists(),
         "nothing is created before the refusal"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_heartbeat_over_mutual_tls_as_their_own_host_only() {
+    use tern_agent::daemon::heartbeat::{Heartbeat, HeartbeatError, HeartbeatSender, LinkState};
+    let h = TlsHarness::start().await;
+    let body = |host: &str| -> Heartbeat {
+        let mut v = heartbeat_body(host, 4096, "10.0.2", &[("web", 512)]);
+        v["facts"]["outbound_migrations"] = json!(0);
+        v["facts"]["inbound_migrations"] = json!(0);
+        serde_json::from_value(v).expect("the controller's heartbeat JSON is the agent's")
+    };
+    let mut h1 = HeartbeatSender::over_mtls(&h.server.url(), &h.files("host", "h1")).unwrap();
+    assert_eq!(h1.tick(&body("h1")).await, LinkState::Up);
+    let ada = h.client("user", "ada");
+    let (s, host) = h.ok(&ada, "GET", "/v1/hosts/h1", None).await;
+    assert_eq!(s, 200, "{host}");
+    assert_eq!(host["state"], "up");
+    let (_, vms) = h.ok(&ada, "GET", "/v1/vms?host=h1", None).await;
+    assert_eq!(vms[0]["name"], "web");
+
+    // h2's certificate cannot speak for h1.
+    let h2 = HeartbeatSender::over_mtls(&h.server.url(), &h.files("host", "h2")).unwrap();
+    match h2.send(&body("h1")).await {
+        Err(HeartbeatError::Refused { status, body, .. }) => {
+            assert_eq!(status, 403, "{body}");
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    // An https:// controller without the agent's [tls] files is refused before any call.
+    let config = tern_agent::ControllerConfig {
+        url: h.server.url(),
+        token_file: None,
+        interval_s: 5,
+    };
+    let e = HeartbeatSender::from_config(&config, None).unwrap_err();
+    assert!(e.to_string().contains("[tls]"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_calls_https_agents_with_its_operator_certificate() {
+    use tern_agent::daemon::heartbeat::{Heartbeat, HeartbeatSender, LinkState};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki")).unwrap();
+    for h in ["controller", "h1", "h2"] {
+        pki.issue_host(h, &[LOCALHOST], Validity::days(1)).unwrap();
+    }
+    pki.issue_user("controller", Role::Operator, Validity::days(1))
+        .unwrap();
+    pki.issue_user("otto", Role::Operator, Validity::days(1))
+        .unwrap();
+    let files = |kind: &str, name: &str| TlsFiles::in_pki_dir(&dir.path().join("pki"), kind, name);
+    let agent = FakeAgent::start_mtls(&files("host", "h1")).await;
+    let agents: BTreeMap<String, String> = ["h1", "h2"]
+        .iter()
+        .map(|h| (h.to_string(), agent.url.clone()))
+        .collect();
+    let section = |user: Option<&str>| TlsSection {
+        pki_dir: Some(dir.path().join("pki")),
+        name: None,
+        cert: None,
+        key: None,
+        ca: None,
+        deny_list: None,
+        agent_client_user: user.map(str::to_string),
+    };
+    let config = |user: Option<&str>| ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database: dir.path().join("state/controller.db").display().to_string(),
+        token_file: dir.path().join("state/controller.token"),
+        heartbeat_timeout_s: 30,
+        runner_tick_ms: 50,
+        agents: agents.clone(),
+        tls: Some(section(user)),
+    };
+    // https:// agents without a client certificate: refused at start, naming the fix.
+    let e = RunningServer::start(config(None))
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("agent_client_user"), "{e}");
+
+    let server = RunningServer::start(config(Some("controller")))
+        .await
+        .unwrap();
+    let body = |host: &str| -> Heartbeat {
+        let mut v = heartbeat_body(
+            host,
+            4096,
+            "10.0.2",
+            if host == "h1" { &[("web", 512)] } else { &[] },
+        );
+        v["facts"]["outbound_migrations"] = json!(0);
+        v["facts"]["inbound_migrations"] = json!(0);
+        serde_json::from_value(v).unwrap()
+    };
+    for h in ["h1", "h2"] {
+        let mut s = HeartbeatSender::over_mtls(&server.url(), &files("host", h)).unwrap();
+        assert_eq!(s.tick(&body(h)).await, LinkState::Up);
+    }
+    let otto = client_of(&files("user", "otto"));
+    let resp = otto
+        .post(format!("{}/v1/migrations", server.url()))
+        .json(&json!({"vm": "web", "to": "h2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "{}",
+        resp.text().await.unwrap()
+    );
+    let t = std::time::Instant::now();
+    while agent.starts().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the agent was never called"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(agent.starts()[0].vm, "web", "started over mutual TLS");
 }

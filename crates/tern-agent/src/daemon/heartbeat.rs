@@ -138,6 +138,14 @@ pub enum HeartbeatError {
     /// The HTTP client could not be built.
     #[error("cannot build the heartbeat's HTTP client: {0}")]
     Client(reqwest::Error),
+    /// The mutual-TLS client for an `https://` controller could not be built.
+    #[error("cannot reach controller {url} over mutual TLS: {message}")]
+    Tls {
+        /// The controller URL.
+        url: String,
+        /// What is missing or wrong.
+        message: String,
+    },
     /// The controller did not answer (refused, timed out, connection broken).
     #[error("controller {url} did not answer: {source}")]
     Unreachable {
@@ -198,7 +206,8 @@ pub enum LinkState {
 pub struct HeartbeatSender {
     client: reqwest::Client,
     url: String,
-    token: String,
+    /// The bearer token (loopback http); `None` over mutual TLS.
+    token: Option<String>,
     state: LinkState,
     last_error: Option<String>,
 }
@@ -213,15 +222,58 @@ impl HeartbeatSender {
         Ok(Self {
             client,
             url: format!("{}{HEARTBEAT_PATH}", base_url.trim_end_matches('/')),
-            token,
+            token: Some(token),
             state: LinkState::Unknown,
             last_error: None,
         })
     }
 
-    /// A sender from the agent's `[controller]` section (reads the token file).
-    pub fn from_config(config: &ControllerConfig) -> Result<Self, HeartbeatError> {
-        Self::new(&config.url, read_token(&config.token_file)?)
+    /// A sender from the agent's `[controller]` section: over `https://` with the host's
+    /// certificate (`tls`, the agent's `[tls]` files), else over loopback `http://` with the
+    /// token file's bearer token.
+    pub fn from_config(
+        config: &ControllerConfig,
+        tls: Option<&tern_pki::TlsFiles>,
+    ) -> Result<Self, HeartbeatError> {
+        if config.url.starts_with("https://") {
+            let files = tls.ok_or_else(|| HeartbeatError::Tls {
+                url: config.url.clone(),
+                message: "no [tls] section: the host certificate authenticates the heartbeat"
+                    .into(),
+            })?;
+            return Self::over_mtls(&config.url, files);
+        }
+        let path = config
+            .token_file
+            .as_deref()
+            .ok_or_else(|| HeartbeatError::Token {
+                path: PathBuf::new(),
+                message: "no token_file given for an http:// controller".into(),
+            })?;
+        Self::new(&config.url, read_token(path)?)
+    }
+
+    /// A sender to an `https://` controller authenticated by this host's certificate (no
+    /// token: the controller takes the host name from the certificate and accepts a
+    /// heartbeat for that host only).
+    pub fn over_mtls(base_url: &str, files: &tern_pki::TlsFiles) -> Result<Self, HeartbeatError> {
+        let tls_err = |message: String| HeartbeatError::Tls {
+            url: base_url.to_string(),
+            message,
+        };
+        let client = tern_pki::reqwest_client_builder(files)
+            .map_err(|e| tls_err(e.to_string()))?
+            .timeout(HEARTBEAT_TIMEOUT)
+            .no_proxy()
+            .build()
+            .map_err(|e| tls_err(e.to_string()))?;
+        Ok(Self {
+            client,
+            url: format!("{}{HEARTBEAT_PATH}", base_url.trim_end_matches('/')),
+            token: None,
+            state: LinkState::Unknown,
+            last_error: None,
+        })
     }
 
     /// The outcome of the last heartbeat.
@@ -231,10 +283,11 @@ impl HeartbeatSender {
 
     /// Posts one heartbeat.
     pub async fn send(&self, body: &Heartbeat) -> Result<(), HeartbeatError> {
-        let resp = self
-            .client
-            .post(&self.url)
-            .bearer_auth(&self.token)
+        let mut req = self.client.post(&self.url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req
             .json(body)
             .send()
             .await
@@ -281,6 +334,11 @@ impl HeartbeatSender {
 impl Agent {
     /// The heartbeat this agent would send now.
     pub async fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat_with(&BTreeMap::new()).await
+    }
+
+    /// The heartbeat with the guests' measured dirty rates (bytes/s, by VM name).
+    pub async fn heartbeat_with(&self, dirty_bytes_per_s: &BTreeMap<String, u64>) -> Heartbeat {
         let facts = self.facts().await;
         let h = &self.inner.host;
         let vms: Vec<(VmSpec, VmRole)> = h
@@ -288,13 +346,30 @@ impl Agent {
             .iter()
             .filter_map(|n| Some((h.spec(n).ok()?, h.role(n).ok()?)))
             .collect();
-        heartbeat_body(&facts, &vms, &BTreeMap::new())
+        let mut body = heartbeat_body(&facts, &vms, dirty_bytes_per_s);
+        body.facts.link_bytes_per_s = host_link_bytes_per_s(self.inner.config.peers.values());
+        body
     }
+}
+
+/// The host's migration link rate as far as its configuration knows it: the fastest link to
+/// any peer (the host's egress carries at least that). `None` when no peer has a rate: the
+/// controller's planner then assumes its default and says so. Without this the planner of a
+/// shaped lab assumed 1 Gbit/s and predicted an evacuation several times too short.
+pub fn host_link_bytes_per_s<'a>(
+    peers: impl Iterator<Item = &'a crate::config::PeerConfig>,
+) -> Option<u64> {
+    peers.filter_map(|p| p.link_bytes_per_s()).max()
 }
 
 /// Sends a heartbeat every `interval` until the agent is gone. Holds the agent weakly so that
 /// the task does not keep it alive.
+/// Also starts the guests' dirty-rate sampler ([`super::dirty_rate`]), whose last
+/// measurements every heartbeat carries.
 pub(super) async fn run(agent: Weak<Inner>, mut sender: HeartbeatSender, interval: Duration) {
+    let rates = super::dirty_rate::DirtyRates::default();
+    let sampler = tokio::spawn(super::dirty_rate::sample(agent.clone(), rates.clone()));
+    let _stop_sampler = AbortOnDrop(sampler);
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -302,8 +377,19 @@ pub(super) async fn run(agent: Weak<Inner>, mut sender: HeartbeatSender, interva
         let Some(inner) = agent.upgrade() else {
             return;
         };
-        let body = Agent { inner }.heartbeat().await;
+        let body = Agent { inner }
+            .heartbeat_with(&super::dirty_rate::snapshot(&rates))
+            .await;
         sender.tick(&body).await;
+    }
+}
+
+/// Stops a task when the heartbeat loop ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -312,6 +398,22 @@ mod tests {
     use super::*;
     use crate::config::HostMigrationConfig;
     use tern_qmp::MigrationCapability;
+
+    #[test]
+    fn host_link_rate_is_the_fastest_configured_peer_link() {
+        use crate::config::PeerConfig;
+        let url = |u: &str| PeerConfig::Url(u.into());
+        let rated = |r: u64| PeerConfig::Detailed {
+            url: "http://127.0.0.1:1".into(),
+            link_bytes_per_s: Some(r),
+        };
+        assert_eq!(host_link_bytes_per_s([url("http://a")].iter()), None);
+        assert_eq!(host_link_bytes_per_s(std::iter::empty()), None);
+        assert_eq!(
+            host_link_bytes_per_s([rated(25_000_000), url("x"), rated(50_000_000)].iter()),
+            Some(50_000_000)
+        );
+    }
 
     pub(crate) fn facts() -> HostFacts {
         HostFacts {

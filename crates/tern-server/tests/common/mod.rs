@@ -204,15 +204,34 @@ async fn command(
     )
 }
 
+fn fake_router(state: Arc<FakeAgentState>) -> Router {
+    Router::new()
+        .route("/v1/migrations", post(start_migration).get(list_migrations))
+        .route("/v1/migrations/{id}", get(show_migration))
+        .route("/v1/migrations/{id}/abort", post(abort))
+        .route("/v1/migrations/{id}/{command}", post(command))
+        .with_state(state)
+}
+
 impl FakeAgent {
+    /// The fake agent served with mutual TLS (`files`: its host certificate and the CA):
+    /// only clients with a certificate of the CA get through the handshake.
+    #[allow(dead_code)]
+    pub async fn start_mtls(files: &tern_pki::TlsFiles) -> Self {
+        let state = Arc::new(FakeAgentState::default());
+        let app = fake_router(state.clone());
+        let tls = tern_pki::server_config(files).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = tern_pki::serve_mtls(listener, app, tls).await;
+        });
+        Self { url, state, task }
+    }
+
     pub async fn start() -> Self {
         let state = Arc::new(FakeAgentState::default());
-        let app = Router::new()
-            .route("/v1/migrations", post(start_migration).get(list_migrations))
-            .route("/v1/migrations/{id}", get(show_migration))
-            .route("/v1/migrations/{id}/abort", post(abort))
-            .route("/v1/migrations/{id}/{command}", post(command))
-            .with_state(state.clone());
+        let app = fake_router(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
