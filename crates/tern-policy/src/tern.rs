@@ -48,6 +48,13 @@ const START_DOWNTIME_MS: u64 = 50;
 const PREEMPT_IMPACT: f64 = 0.5;
 /// Headroom when raising the downtime limit within the SLA.
 const RAISE_HEADROOM: f64 = 1.15;
+/// Without post-copy recovery a link failure after the switch loses the guest, so tern switches
+/// only when the post-copy tail (what is left ÷ measured throughput) is at most this long and the
+/// link has looked healthy for the whole migration: the guest is exposed for seconds, not
+/// minutes. Nova, KubeVirt and oVirt switch without recovery with no bound at all; refusing
+/// outright left a multi-second stop-and-copy blackout (evacuate, maintenance) or an abort
+/// (balance, manual) where a few seconds of post-copy met the SLA.
+const UNRECOVERABLE_TAIL_MAX_MS: f64 = 20_000.0;
 
 /// Our policy. Create one per migration.
 #[derive(Debug, Clone, Default)]
@@ -67,6 +74,8 @@ struct State {
     /// When QEMU's auto-converge was first seen throttling the guest (ms since start).
     throttled_since: Option<u64>,
     eta: Option<Eta>,
+    /// A sample showed the link degraded (throughput below half the smoothed one) at some point.
+    link_trouble: bool,
 }
 
 /// Budget defaults by context, as multiples of the first pass (RAM / link) plus a constant.
@@ -74,8 +83,11 @@ fn default_budget_ms(context: MigrationContext, first_pass_ms: u64) -> u64 {
     match context {
         // Bounded: about one pass to send RAM, one for the post-copy tail, and slack.
         MigrationContext::Evacuate => first_pass_ms * 2 + 30_000,
-        MigrationContext::Maintenance | MigrationContext::Manual => first_pass_ms * 4 + 120_000,
-        MigrationContext::Balance => first_pass_ms * 3 + 60_000,
+        // Optional moves keep trying as long as an unthrottled guest does not notice (the cost is
+        // link time): an early abort loses moves that a calmer minute would have completed.
+        MigrationContext::Maintenance | MigrationContext::Manual | MigrationContext::Balance => {
+            first_pass_ms * 4 + 120_000
+        }
     }
 }
 
@@ -100,6 +112,7 @@ impl TernPolicy {
             stalled_at: None,
             throttled_since: None,
             eta: None,
+            link_trouble: false,
         })
     }
 }
@@ -134,16 +147,18 @@ impl MigrationPolicy for TernPolicy {
 
     fn plan(&self, input: &PlanInput) -> MigrationPlan {
         let mut verdict = post_copy_verdict(input);
-        // Safety gate: post-copy without recovery turns any network failure after the switch
-        // into the loss of the VM (what Nova, KubeVirt and oVirt accept). tern only enters
-        // post-copy when both QEMUs can pause and resume it.
+        // Post-copy without recovery turns any network failure after the switch into the loss
+        // of the VM (what Nova, KubeVirt and oVirt accept unconditionally). tern arms post-copy
+        // then, but switches only for a short tail over a healthy link
+        // (`UNRECOVERABLE_TAIL_MAX_MS`, `State::postcopy_ok`).
         if verdict.allowed && !input.features.postcopy_recovery {
-            verdict = crate::plan::PostCopyVerdict {
-                allowed: false,
-                reason: "post-copy recovery (migrate-pause/migrate-recover) is missing on one \
-                         end: a network failure after the switch would lose the guest"
-                    .to_string(),
-            };
+            verdict.reason = format!(
+                "{}; post-copy recovery (migrate-pause/migrate-recover) is missing on one end, so \
+                 a network failure after the switch would lose the guest: switching only for a \
+                 tail of at most {} over a link that stayed healthy",
+                verdict.reason,
+                secs(UNRECOVERABLE_TAIL_MAX_MS)
+            );
         }
         let mut plan = MigrationPlan::qemu_defaults(self.name(), input, verdict.clone());
         let f = input.features;
@@ -242,6 +257,7 @@ impl MigrationPolicy for TernPolicy {
         let st = self.state(plan);
         match obs {
             Observation::PassCompleted(s) => {
+                st.note_link(s);
                 st.model.observe_pass(s);
                 let status = st.stall.observe(s);
                 if s.phase == Phase::Postcopy {
@@ -257,6 +273,7 @@ impl MigrationPolicy for TernPolicy {
             }
             Observation::Tick { at_ms, latest } => {
                 if let Some(s) = latest {
+                    st.note_link(s);
                     st.model.observe_tick(s);
                     if s.phase == Phase::Postcopy {
                         st.finished_by = Some(Action::SwitchToPostcopy);
@@ -275,6 +292,27 @@ impl MigrationPolicy for TernPolicy {
 }
 
 impl State {
+    fn note_link(&mut self, s: &IterationSample) {
+        if s.phase == Phase::Precopy
+            && link_degraded(s.throughput_bytes_per_s, self.model.bandwidth())
+        {
+            self.link_trouble = true;
+        }
+    }
+
+    /// Whether a switch to post-copy is open now with `remaining` bytes left: the plan allows
+    /// it, and either recovery is armed or the tail is short over a link that stayed healthy.
+    fn postcopy_ok(&self, plan: &MigrationPlan, remaining: u64) -> bool {
+        if !plan.may_switch_to_postcopy() {
+            return false;
+        }
+        if plan.postcopy_recovery {
+            return true;
+        }
+        let bw = self.bandwidth().unwrap_or(ASSUMED_LINK_BYTES_PER_S as f64);
+        !self.link_trouble && remaining as f64 / bw * 1000.0 <= UNRECOVERABLE_TAIL_MAX_MS
+    }
+
     fn bandwidth(&self) -> Option<f64> {
         self.model.bandwidth().filter(|b| *b > 0.0)
     }
@@ -320,7 +358,7 @@ impl State {
         }
         let bw = self.bandwidth().unwrap_or(ASSUMED_LINK_BYTES_PER_S as f64);
         let remaining = s.remaining_bytes as f64;
-        if plan.may_switch_to_postcopy() {
+        if self.postcopy_ok(plan, s.remaining_bytes) {
             self.finished_by = Some(Action::SwitchToPostcopy);
             return vec![Decision::new(
                 Action::SwitchToPostcopy,
@@ -512,7 +550,7 @@ impl State {
         let rho_says_never = !now_pred.converges && rho_at_max_throttle >= 1.0;
         let throttle_helps = throttle_converges
             && !rho_says_never
-            && !(plan.may_switch_to_postcopy() && postcopy_cost_ms < throttle_cost_ms);
+            && !(self.postcopy_ok(plan, s.remaining_bytes) && postcopy_cost_ms < throttle_cost_ms);
         let needed = evidence_needed(plan);
         let probe = u64::from(input.probe.is_some());
         let confirmed = status.stalled
@@ -590,7 +628,7 @@ impl State {
                 // Post-copy total time from here is remaining / link whenever we switch, so an
                 // evacuation switches at once; a stop-and-copy blackout shrinks with the pass,
                 // so it waits for the minimum.
-                if at_min || plan.may_switch_to_postcopy() {
+                if at_min || self.postcopy_ok(plan, s.remaining_bytes) {
                     self.finish(plan, s, &format!("evacuate: {why}"), false)
                 } else {
                     vec![Decision::cont(format!(
@@ -606,7 +644,7 @@ impl State {
                 let waited = now.saturating_sub(self.stalled_at.unwrap_or(now));
                 // Waiting only helps a stop-and-copy (the blackout shrinks if the workload calms);
                 // post-copy's cost is the same later, so it goes at the local minimum.
-                let patience = if plan.may_switch_to_postcopy() {
+                let patience = if self.postcopy_ok(plan, s.remaining_bytes) {
                     0
                 } else {
                     patience
@@ -642,9 +680,8 @@ impl State {
                 let throttled_ms = self.throttled_since.map_or(0, |t| now.saturating_sub(t));
                 let patience = ((deadline.unwrap_or(0) as f64 * MAINTENANCE_PATIENCE_SHARE) as u64)
                     .min(MAINTENANCE_PATIENCE_MAX_MS);
-                if input.context == MigrationContext::Manual
-                    && !over_budget
-                    && !plan.may_switch_to_postcopy()
+                if !over_budget
+                    && !self.postcopy_ok(plan, s.remaining_bytes)
                     && (throttle_now == 0 || throttled_ms < patience)
                 {
                     return vec![Decision::cont(format!(
@@ -654,7 +691,7 @@ impl State {
                         secs(deadline.unwrap_or(0) as f64)
                     ))];
                 }
-                if plan.may_switch_to_postcopy() {
+                if self.postcopy_ok(plan, s.remaining_bytes) {
                     // As for evacuate: post-copy's remaining time is remaining ÷ link whenever
                     // the switch happens, and waiting for a local minimum only spends more
                     // passes (the lab saw a fourth pass spent waiting); switch once confirmed.
@@ -705,7 +742,7 @@ impl State {
                 secs(deadline.unwrap_or(0) as f64),
                 mib(s.remaining_bytes as f64)
             );
-            if plan.may_switch_to_postcopy()
+            if self.postcopy_ok(plan, s.remaining_bytes)
                 && !link_degraded(s.throughput_bytes_per_s, self.model.bandwidth())
             {
                 self.finished_by = Some(Action::SwitchToPostcopy);
@@ -787,7 +824,7 @@ impl State {
         let p = self
             .model
             .predict_from(next_bytes, bw, self.downtime_ms, throttle_now);
-        let postcopy = plan.may_switch_to_postcopy();
+        let postcopy = self.postcopy_ok(plan, p.steady_remaining_bytes);
         if !postcopy && !input.context.must_finish() {
             return Some(Eta {
                 at_ms: now,

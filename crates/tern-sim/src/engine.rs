@@ -11,7 +11,8 @@
 //! * completion check at each sync and whenever `downtime-limit` changes: `pending ≤ bandwidth ×
 //!   downtime-limit` ⇒ stop-and-copy, blackout = pending / link + device-state overhead (through
 //!   any outage that hits it);
-//! * `max-bandwidth` caps the link;
+//! * `max-bandwidth` and the hosts' migration bandwidth cap (the operator's, for every policy)
+//!   cap the link;
 //! * auto-converge (`ram.c::migration_trigger_throttle`): in a sync period ≥ 1 s, if bytes dirtied
 //!   exceed 50 % of bytes sent, twice, throttle by `cpu-throttle-initial`, then +`increment` up to
 //!   `max-cpu-throttle`; the write rate scales by `1 − throttle`;
@@ -197,9 +198,19 @@ impl<'a> Run<'a> {
         (self.sc.link_bytes_per_s as f64, None)
     }
 
+    /// The rate the migration gets at `t`: the link, capped by the policy's `max-bandwidth` and
+    /// by the hosts' migration bandwidth cap. The hosts' cap is the operator's and applies to
+    /// every policy alike: each manager has its knob for it (Nova `live_migration_bandwidth`,
+    /// KubeVirt `bandwidthPerMigration`, Proxmox `bwlimit: migration=`, oVirt
+    /// `migration_max_bandwidth`), so a baseline that does not set `max-bandwidth` itself still
+    /// runs under the cap the operator configured for it.
     fn bw_at(&self, t: f64) -> f64 {
         let (l, _) = self.link_at(t);
-        l.min(self.max_bw)
+        let host_cap = self
+            .sc
+            .host_bandwidth_cap()
+            .map_or(f64::INFINITY, |c| c as f64);
+        l.min(self.max_bw).min(host_cap)
     }
 
     fn next_link_change(&self, t: f64) -> f64 {
