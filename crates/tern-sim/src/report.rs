@@ -434,6 +434,7 @@ mod tests {
             paused: false,
             actions: 0,
             sla_violation: violation.then(|| "v".into()),
+            eta_error_from_25pct: None,
         }
     }
 
