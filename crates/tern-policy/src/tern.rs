@@ -856,13 +856,25 @@ impl State {
         };
         let patience = if !postcopy && input.context == MigrationContext::Maintenance {
             let budget = plan.deadline_ms.unwrap_or(0) as f64;
-            (budget * MAINTENANCE_PATIENCE_SHARE).min(MAINTENANCE_PATIENCE_MAX_MS as f64)
+            let waited = self.stalled_at.map_or(0, |t| now.saturating_sub(t)) as f64;
+            ((budget * MAINTENANCE_PATIENCE_SHARE).min(MAINTENANCE_PATIENCE_MAX_MS as f64) - waited)
+                .max(0.0)
         } else {
             0.0
         };
         let next_boundary = now as f64 + pass_left_ms;
+        // An evacuation without post-copy pre-copies on until its deadline presses
+        // (`deadline_presses`: finishing would take ×FINISH_SAFETY + slack of the time left),
+        // then stops the guest.
+        let stop_at = match plan.deadline_ms {
+            Some(d) if !postcopy && input.context == MigrationContext::Evacuate => {
+                let need = steady_ms + overhead;
+                (d as f64 - need * FINISH_SAFETY - FINISH_SLACK_MS as f64).max(next_boundary)
+            }
+            _ => next_boundary + extra as f64 * steady_ms + patience,
+        };
         finish(
-            next_boundary + extra as f64 * steady_ms + patience + steady_ms + overhead,
+            stop_at + steady_ms + overhead,
             if postcopy {
                 EtaMode::Postcopy
             } else {

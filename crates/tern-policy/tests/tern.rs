@@ -204,3 +204,26 @@ fn eta_counts_the_postcopy_tern_intends() {
     let err = (eta.finish_at_ms.unwrap() as f64 - expected as f64) / expected as f64;
     assert!(err.abs() <= 0.05, "ETA {eta:?} vs {expected} ms");
 }
+
+/// An evacuation without post-copy pre-copies on until its deadline presses, so its ETA is the
+/// stop near the deadline plus the steady set's blackout, not the next boundary.
+#[test]
+fn evacuate_without_postcopy_eta_is_the_stop_near_the_deadline() {
+    let mut inp = input(MigrationContext::Evacuate, "standard");
+    inp.destination.permit_post_copy = false;
+    inp.source.permit_throttle = false;
+    let mut p = policy_by_name("tern").unwrap();
+    let plan = p.plan(&inp);
+    let deadline = plan.deadline_ms.expect("evacuate has a budget");
+    let hot = 3 * LINK;
+    for (i, at) in [86_000u64, 91_400, 96_800].into_iter().enumerate() {
+        p.decide(&plan, &boundary(at, i as u64 + 2, 64 * MIB, hot, None));
+    }
+    let eta = p.eta().expect("an ETA");
+    assert_eq!(eta.mode, EtaMode::StopAndCopy);
+    let finish = eta.finish_at_ms.expect("a finish time");
+    assert!(
+        finish + 15_000 >= deadline && finish <= deadline,
+        "ETA {finish} ms, deadline {deadline} ms"
+    );
+}
