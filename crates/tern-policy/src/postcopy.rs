@@ -19,7 +19,8 @@
 //! * From `postcopy-paused`, recovery is QEMU's own protocol: `migrate-recover` with a fresh
 //!   listening URI on the destination, then `migrate` with `resume=true` on the source
 //!   ([`PostcopyAction::Recover`]). An attempt that fails is retried after a backoff
-//!   (0.5 s doubling to 2 s by default); an attempt stuck in `postcopy-recover-setup` /
+//!   (every 250 ms while the outage is younger than the stall timeout, so a short cut costs at
+//!   most the cut + 0.35 s; then 0.5 s doubling to 2 s by default); an attempt stuck in `postcopy-recover-setup` /
 //!   `postcopy-recover` (a connect into a dead network hangs in SYN retries) is paused after
 //!   [`PostcopyTimings::attempt_timeout_ms`] and retried.
 //! * After [`PostcopyTimings::recovery_window_ms`] in one outage the supervisor gives up
@@ -38,6 +39,12 @@ pub const DEFAULT_RECOVERY_ATTEMPT_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_RECOVERY_BACKOFF_MIN_MS: u64 = 500;
 /// Default longest retry delay.
 pub const DEFAULT_RECOVERY_BACKOFF_MAX_MS: u64 = 2_000;
+/// Default retry delay while an outage is younger than the stall timeout: a short cut (a flap,
+/// a switch reboot) must cost the guest at most the cut + 0.5 s of stall, so the supervisor
+/// retries at the engine's poll pace (250 ms) + one recovery handshake instead of backing off
+/// (0.5 → 1 → 2 s backoff turned a 1 s cut into a 1.6 s stall, a 0.6 s cut into 1.6 s). A
+/// refused connect costs nothing; the backoff starts once the outage outlasts the stall timeout.
+pub const DEFAULT_SHORT_OUTAGE_RETRY_MS: u64 = 250;
 
 /// The supervisor's time constants, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +59,13 @@ pub struct PostcopyTimings {
     pub backoff_min_ms: u64,
     /// Longest retry delay.
     pub backoff_max_ms: u64,
+    /// Retry delay while the outage is younger than `stall_timeout_ms` (no backoff yet).
+    #[serde(default = "default_short_outage_retry_ms")]
+    pub short_outage_retry_ms: u64,
+}
+
+fn default_short_outage_retry_ms() -> u64 {
+    DEFAULT_SHORT_OUTAGE_RETRY_MS
 }
 
 impl Default for PostcopyTimings {
@@ -62,6 +76,7 @@ impl Default for PostcopyTimings {
             attempt_timeout_ms: DEFAULT_RECOVERY_ATTEMPT_TIMEOUT_MS,
             backoff_min_ms: DEFAULT_RECOVERY_BACKOFF_MIN_MS,
             backoff_max_ms: DEFAULT_RECOVERY_BACKOFF_MAX_MS,
+            short_outage_retry_ms: DEFAULT_SHORT_OUTAGE_RETRY_MS,
         }
     }
 }
@@ -279,7 +294,7 @@ impl PostcopySupervisor {
             } => self.poll(*at_ms, *status, *transferred_bytes, *remaining_bytes),
             PostcopyObservation::RecoveryAttemptFailed { at_ms, .. } => {
                 if let SupervisionPhase::Recovering { since_ms, .. } = self.phase {
-                    let delay = self.schedule_retry();
+                    let delay = self.schedule_retry(since_ms, *at_ms);
                     self.phase = SupervisionPhase::Paused {
                         since_ms,
                         next_attempt_at_ms: at_ms.saturating_add(delay),
@@ -290,8 +305,13 @@ impl PostcopySupervisor {
         }
     }
 
-    /// Returns the delay before the next attempt and doubles the backoff (capped).
-    fn schedule_retry(&mut self) -> u64 {
+    /// Returns the delay before the next attempt: the short-outage pace while the outage (since
+    /// `since_ms`) is younger than the stall timeout, then the backoff, doubled each time
+    /// (capped).
+    fn schedule_retry(&mut self, since_ms: u64, at_ms: u64) -> u64 {
+        if at_ms.saturating_sub(since_ms) < self.timings.stall_timeout_ms {
+            return self.timings.short_outage_retry_ms.max(1);
+        }
         let delay = self.backoff_ms.max(self.timings.backoff_min_ms);
         self.backoff_ms = delay
             .saturating_mul(2)
@@ -389,7 +409,7 @@ impl PostcopySupervisor {
             }
             (SupervisionPhase::Recovering { since_ms, .. }, PostcopyStatus::Paused) => {
                 // The attempt failed (QEMU went back to postcopy-paused).
-                let delay = self.schedule_retry();
+                let delay = self.schedule_retry(since_ms, at);
                 self.phase = SupervisionPhase::Paused {
                     since_ms,
                     next_attempt_at_ms: at.saturating_add(delay),
@@ -407,7 +427,7 @@ impl PostcopySupervisor {
                 if running <= t.attempt_timeout_ms {
                     return Vec::new();
                 }
-                let delay = self.schedule_retry();
+                let delay = self.schedule_retry(since_ms, at);
                 self.phase = SupervisionPhase::Paused {
                     since_ms,
                     next_attempt_at_ms: at.saturating_add(delay),
@@ -524,10 +544,12 @@ mod tests {
         s.observe(&poll(0, PostcopyStatus::Active, 10, 10));
         let d = s.observe(&poll(1000, PostcopyStatus::Paused, 10, 10));
         assert_eq!(actions(d), vec![PostcopyAction::Recover { attempt: 1 }]);
-        // Attempt 1 fails at once; the retries come 500, 1000, 2000, 2000 ms later.
+        // Attempt 1 fails at once; while the outage is younger than the 2 s stall timeout the
+        // retries come every 250 ms (a short cut costs at most cut + 0.35 s), then 500, 1000,
+        // 2000, 2000 ms apart.
         let mut at = 1000;
         let mut starts = vec![];
-        for attempt in 1..=5u32 {
+        for attempt in 1..=12u32 {
             s.observe(&PostcopyObservation::RecoveryAttemptFailed {
                 at_ms: at,
                 reason: "connection refused".into(),
@@ -554,13 +576,18 @@ mod tests {
             .windows(2)
             .map(|w| w[1] - w[0])
             .collect();
-        assert_eq!(gaps, vec![500, 1000, 2000, 2000, 2000]);
+        assert_eq!(
+            gaps,
+            vec![
+                250, 250, 250, 250, 250, 250, 250, 250, 500, 1000, 2000, 2000
+            ]
+        );
         let d = s.observe(&poll(at + 300, PostcopyStatus::Active, 20, 5));
         assert_eq!(
             actions(d),
             vec![PostcopyAction::Recovered {
                 outage_ms: at + 300 - 1000,
-                attempts: 6
+                attempts: 13
             }]
         );
         assert_eq!(s.recoveries(), 1);
@@ -661,7 +688,7 @@ mod tests {
             prop_assert!(paused_at >= frozen_since.saturating_sub(poll_ms) + stall);
         }
 
-        /// Attempts never come closer than the minimum backoff after a failure, never later
+        /// Attempts never come closer than the short-outage pace after a failure, never later
         /// than the maximum plus one poll, and nothing is attempted past the window.
         #[test]
         fn attempts_back_off_and_stop_at_the_window(
@@ -682,7 +709,7 @@ mod tests {
                             prop_assert!(!stranded);
                             prop_assert!(at <= window + poll_ms, "attempt at {at} past window {window}");
                             if let Some(prev) = last_attempt {
-                                prop_assert!(at - prev >= t.backoff_min_ms);
+                                prop_assert!(at - prev >= t.backoff_min_ms.min(t.short_outage_retry_ms));
                             }
                             last_attempt = Some(at);
                             if fail_fast {

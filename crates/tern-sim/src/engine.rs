@@ -11,7 +11,8 @@
 //! * completion check at each sync and whenever `downtime-limit` changes: `pending ≤ bandwidth ×
 //!   downtime-limit` ⇒ stop-and-copy, blackout = pending / link + device-state overhead (through
 //!   any outage that hits it);
-//! * `max-bandwidth` caps the link;
+//! * `max-bandwidth` and the hosts' migration bandwidth cap (the operator's, for every policy)
+//!   cap the link;
 //! * auto-converge (`ram.c::migration_trigger_throttle`): in a sync period ≥ 1 s, if bytes dirtied
 //!   exceed 50 % of bytes sent, twice, throttle by `cpu-throttle-initial`, then +`increment` up to
 //!   `max-cpu-throttle`; the write rate scales by `1 − throttle`;
@@ -33,6 +34,23 @@ use tern_policy::{
 
 use crate::memory::{GuestMemory, PAGE_HEADER_BYTES, SyncFound, ZERO_PAGE_BYTES};
 use crate::scenario::{OutageKind, Scenario};
+
+/// Median relative ETA error over the estimates made from `share` of `total_ms` on (before the
+/// finish): |estimate − total| ÷ total.
+fn eta_error_from(etas: &[(u64, u64)], total_ms: u64, share: f64) -> Option<f64> {
+    let from = (total_ms as f64 * share) as u64;
+    let total = total_ms.max(1) as f64;
+    let mut errors: Vec<f64> = etas
+        .iter()
+        .filter(|(at, _)| *at >= from && *at < total_ms)
+        .map(|(_, finish)| (*finish as f64 - total).abs() / total)
+        .collect();
+    if errors.is_empty() {
+        return None;
+    }
+    errors.sort_by(f64::total_cmp);
+    Some(errors[errors.len() / 2])
+}
 
 /// Simulation settings (fields missing from a serialized config take their defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -119,6 +137,11 @@ pub struct SimOutcome {
     pub actions: u32,
     /// The first SLA or context requirement broken, if any.
     pub sla_violation: Option<String>,
+    /// The policy's ETA error for a completed run: the median over every estimate made from 25 %
+    /// of the run's total time on of |estimated finish − actual finish| ÷ total time. `None` when
+    /// the run did not complete or the policy gave no estimate in that window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_error_from_25pct: Option<f64>,
 }
 
 impl SimOutcome {
@@ -182,6 +205,8 @@ struct Run<'a> {
     out: SimOutcome,
     trace: Option<Vec<TraceEntry>>,
     finished: bool,
+    /// (when, estimated finish) of every ETA the policy gave, ms.
+    etas: Vec<(u64, u64)>,
 }
 
 const EPS: f64 = 1e-9;
@@ -197,9 +222,19 @@ impl<'a> Run<'a> {
         (self.sc.link_bytes_per_s as f64, None)
     }
 
+    /// The rate the migration gets at `t`: the link, capped by the policy's `max-bandwidth` and
+    /// by the hosts' migration bandwidth cap. The hosts' cap is the operator's and applies to
+    /// every policy alike: each manager has its knob for it (Nova `live_migration_bandwidth`,
+    /// KubeVirt `bandwidthPerMigration`, Proxmox `bwlimit: migration=`, oVirt
+    /// `migration_max_bandwidth`), so a baseline that does not set `max-bandwidth` itself still
+    /// runs under the cap the operator configured for it.
     fn bw_at(&self, t: f64) -> f64 {
         let (l, _) = self.link_at(t);
-        l.min(self.max_bw)
+        let host_cap = self
+            .sc
+            .host_bandwidth_cap()
+            .map_or(f64::INFINITY, |c| c as f64);
+        l.min(self.max_bw).min(host_cap)
     }
 
     fn next_link_change(&self, t: f64) -> f64 {
@@ -455,6 +490,9 @@ impl<'a> Run<'a> {
 
     fn apply(&mut self, policy: &mut dyn MigrationPolicy, obs: Observation) {
         let decisions = policy.decide(&self.plan, &obs);
+        if let Some(finish) = policy.eta().and_then(|e| e.finish_at_ms) {
+            self.etas.push(((self.t * 1000.0) as u64, finish));
+        }
         for d in decisions {
             if self.finished {
                 break;
@@ -633,10 +671,12 @@ pub fn simulate_with(
             paused: false,
             actions: 0,
             sla_violation: None,
+            eta_error_from_25pct: None,
         },
         plan,
         trace: trace.then(Vec::new),
         finished: false,
+        etas: vec![],
     };
     run.pass_left = run.pages_cost(run.mem.pass_pages());
     run.pass_bytes = run.pass_left;
@@ -756,6 +796,9 @@ pub fn simulate_with(
     run.out.bytes_sent = run.transferred as u64;
     run.out.passes = run.pass;
     run.out.sla_violation = judge(scenario, &run.out);
+    if run.out.completed() {
+        run.out.eta_error_from_25pct = eta_error_from(&run.etas, run.out.total_ms, 0.25);
+    }
     let trace = run.trace.take().unwrap_or_default();
     (run.out, trace)
 }

@@ -28,7 +28,8 @@ use std::str::FromStr;
 
 pub use engine::{SimConfig, SimOutcome, SimResult, TraceEntry, judge, simulate, simulate_with};
 pub use report::{
-    ComparisonRecord, aggregate, compare_impact, compare_outcomes, guest_impact_ms, table,
+    ComparisonRecord, Verdict, aggregate, compare_impact, compare_outcomes, degraded_ms,
+    guest_impact_ms, table, verdict,
 };
 pub use scenario::{DirtyPhase, Outage, OutageKind, Scenario, generate_scenarios};
 pub use trace::{LabPattern, LabPhysics, LabWorkload, RunTrace, replay, scenario_from_lab};

@@ -54,9 +54,11 @@ mod tests {
     #[test]
     fn recovery_follows_the_backoff_and_the_window() {
         let t = PostcopyTimings::default();
-        // Attempts at 1000, 1500, 2500, 4500, 6500 …: the link is back at 3000, so the
-        // attempt at 4500 succeeds, 100 ms later.
-        assert_eq!(recovery_after_link_down(1_000, 3_000, 100, t), Some(4_600));
+        // Attempts every 250 ms while the outage is younger than the 2 s stall timeout: the
+        // link is back at 3000, so the attempt at 3000 succeeds, 100 ms later.
+        assert_eq!(recovery_after_link_down(1_000, 3_000, 100, t), Some(3_100));
+        // Past the stall timeout the backoff starts: 3000, 3500, 4500, 6500 …
+        assert_eq!(recovery_after_link_down(1_000, 4_600, 100, t), Some(6_600));
         // Back before the first attempt: recovered at once.
         assert_eq!(recovery_after_link_down(1_000, 1_000, 100, t), Some(1_100));
         // Longer than the window: stranded.
@@ -65,5 +67,26 @@ mod tests {
             ..t
         };
         assert_eq!(recovery_after_link_down(0, 60_000, 100, short), None);
+    }
+
+    /// Issue 14: a link cut shorter than the stall timeout stalls the guest at most the cut +
+    /// 0.5 s (here: + one 250 ms retry + the 100 ms recovery handshake).
+    #[test]
+    fn a_short_cut_costs_at_most_the_cut_plus_half_a_second() {
+        let t = PostcopyTimings::default();
+        let mut worst_extra = 0;
+        for cut in (50..t.stall_timeout_ms).step_by(50) {
+            for down in [0, 1_000, 7_333] {
+                let resumed = recovery_after_link_down(down, down + cut, 100, t)
+                    .expect("a short cut never strands");
+                let stall = resumed - down;
+                assert!(
+                    stall <= cut + 500,
+                    "cut {cut} ms at {down}: stall {stall} ms"
+                );
+                worst_extra = worst_extra.max(stall - cut);
+            }
+        }
+        assert!(worst_extra <= 350, "worst extra stall {worst_extra} ms");
     }
 }

@@ -49,6 +49,9 @@ pub struct ComparisonRecord {
     pub tern_worse: Option<usize>,
     /// See `tern_better`.
     pub tern_same: Option<usize>,
+    /// For a baseline: scenarios where each won an axis ([`Verdict::TradeOff`]).
+    #[serde(default)]
+    pub tern_tradeoff: Option<usize>,
     /// For a baseline: scenarios where tern impaired the guest less / more (see [`guest_impact_ms`]).
     pub tern_less_impact: Option<usize>,
     /// See `tern_less_impact`.
@@ -102,33 +105,112 @@ fn class(o: &SimOutcome) -> u8 {
     }
 }
 
-/// Compares tern's outcome with a baseline's on the same scenario (`Less` = tern better): by outcome class, then (both
-/// completed) by total time with a 10 % tolerance, then by blackout with a 10 % + 20 ms tolerance.
-pub fn compare_outcomes(tern: &SimOutcome, other: &SimOutcome) -> Ordering {
+/// Noise band of total time: 10 % plus one poll tick (500 ms, the resolution at which every
+/// policy observes the migration; a policy that acts one tick later is not slower in any sense
+/// an operator could see).
+const TIME_NOISE_SHARE: f64 = 0.10;
+/// See [`TIME_NOISE_SHARE`], ms.
+const TIME_NOISE_MS: f64 = 500.0;
+/// Noise band of the blackout: 10 % plus 20 ms (QEMU's own switchover jitter is tens of ms).
+const BLACKOUT_NOISE_SHARE: f64 = 0.10;
+/// See [`BLACKOUT_NOISE_SHARE`], ms.
+const BLACKOUT_NOISE_MS: f64 = 20.0;
+/// Noise band of degraded running (post-copy time plus throttle-weighted time): 10 % plus one
+/// poll tick.
+const DEGRADED_NOISE_MS: f64 = 500.0;
+
+/// Guest degradation short of a blackout, ms: time in post-copy (the guest runs, faulting on
+/// missing pages) plus time throttled × the highest throttle.
+pub fn degraded_ms(o: &SimOutcome) -> f64 {
+    o.postcopy_ms as f64 + o.throttled_ms as f64 * f64::from(o.max_throttle_pct) / 100.0
+}
+
+/// `Less` when `a` is better than `b` beyond the noise band `share × max + abs`.
+fn beyond_noise(a: f64, b: f64, share: f64, abs: f64) -> Ordering {
+    let band = share * a.max(b) + abs;
+    if a + band < b {
+        Ordering::Less
+    } else if b + band < a {
+        Ordering::Greater
+    } else {
+        Ordering::Equal
+    }
+}
+
+/// How tern's outcome on one scenario stands against a baseline's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// tern is better: a better outcome class, or at least as good on every axis and better
+    /// beyond noise on one.
+    Better,
+    /// tern is worse: the mirror of `Better`.
+    Worse,
+    /// Within noise on every axis.
+    Same,
+    /// Same outcome class, tern better on one axis and worse on another (e.g. slower with a
+    /// smaller blackout): neither dominates; counted apart so it is visible, not hidden in `Same`.
+    TradeOff,
+}
+
+/// The yardstick: how tern's outcome compares with a baseline's on the same scenario.
+///
+/// 1. **Outcome class** first ([`class`]: completed within the SLA < aborted an optional move or
+///    still trying < completed but broke the SLA < failed a required move or lost the VM).
+/// 2. Same class, both completed: three axes, each with a noise band: **total time** (10 % +
+///    one 500 ms poll tick), **blackout** (10 % + 20 ms), **degraded running** (post-copy time +
+///    throttled time × throttle, 10 % + 500 ms). tern is worse when it is worse beyond noise on
+///    at least one axis and not better beyond noise on any (the baseline dominates); better in
+///    the mirror case; a [`Verdict::TradeOff`] when each wins an axis.
+/// 3. Same class, not both completed (both aborted, both lost): the same.
+pub fn verdict(tern: &SimOutcome, other: &SimOutcome) -> Verdict {
     let (a, b) = (class(tern), class(other));
     if a != b {
-        return a.cmp(&b);
+        return if a < b {
+            Verdict::Better
+        } else {
+            Verdict::Worse
+        };
     }
-    if tern.completed() && other.completed() {
-        let (ta, tb) = (tern.total_ms as f64, other.total_ms as f64);
-        if ta < tb * 0.9 {
-            return Ordering::Less;
-        }
-        if tb < ta * 0.9 {
-            return Ordering::Greater;
-        }
-        let (da, db) = (
+    if !(tern.completed() && other.completed()) {
+        return Verdict::Same;
+    }
+    let axes = [
+        beyond_noise(
+            tern.total_ms as f64,
+            other.total_ms as f64,
+            TIME_NOISE_SHARE,
+            TIME_NOISE_MS,
+        ),
+        beyond_noise(
             tern.downtime_ms.unwrap_or(0) as f64,
             other.downtime_ms.unwrap_or(0) as f64,
-        );
-        if da + 20.0 < db * 0.9 {
-            return Ordering::Less;
-        }
-        if db + 20.0 < da * 0.9 {
-            return Ordering::Greater;
-        }
+            BLACKOUT_NOISE_SHARE,
+            BLACKOUT_NOISE_MS,
+        ),
+        beyond_noise(
+            degraded_ms(tern),
+            degraded_ms(other),
+            TIME_NOISE_SHARE,
+            DEGRADED_NOISE_MS,
+        ),
+    ];
+    let better = axes.contains(&Ordering::Less);
+    let worse = axes.contains(&Ordering::Greater);
+    match (better, worse) {
+        (true, false) => Verdict::Better,
+        (false, true) => Verdict::Worse,
+        (true, true) => Verdict::TradeOff,
+        (false, false) => Verdict::Same,
     }
-    Ordering::Equal
+}
+
+/// [`verdict`] as an ordering (`Less` = tern better); a trade-off is `Equal`.
+pub fn compare_outcomes(tern: &SimOutcome, other: &SimOutcome) -> Ordering {
+    match verdict(tern, other) {
+        Verdict::Better => Ordering::Less,
+        Verdict::Worse => Ordering::Greater,
+        Verdict::Same | Verdict::TradeOff => Ordering::Equal,
+    }
 }
 
 /// Builds one record per (policy, context). `outcomes[p][s]` is policy `p` on scenario `s`;
@@ -167,15 +249,16 @@ pub fn aggregate(policies: &[String], outcomes: &[Vec<SimOutcome>]) -> Vec<Compa
                     .collect(),
             );
             let count = |f: &dyn Fn(&SimOutcome) -> bool| rows.iter().filter(|(_, o)| f(o)).count();
-            let (mut better, mut worse, mut same) = (None, None, None);
+            let (mut better, mut worse, mut same, mut tradeoff) = (None, None, None, None);
             let (mut less, mut more) = (None, None);
             if let Some(ti) = tern_idx.filter(|&ti| ti != pi) {
-                let (mut b, mut w, mut s, mut l, mut m) = (0, 0, 0, 0, 0);
+                let (mut b, mut w, mut s, mut t, mut l, mut m) = (0, 0, 0, 0, 0, 0);
                 for (si, o) in &rows {
-                    match compare_outcomes(&outcomes[ti][*si], o) {
-                        Ordering::Less => b += 1,
-                        Ordering::Greater => w += 1,
-                        Ordering::Equal => s += 1,
+                    match verdict(&outcomes[ti][*si], o) {
+                        Verdict::Better => b += 1,
+                        Verdict::Worse => w += 1,
+                        Verdict::Same => s += 1,
+                        Verdict::TradeOff => t += 1,
                     }
                     match compare_impact(&outcomes[ti][*si], o) {
                         Ordering::Less => l += 1,
@@ -183,7 +266,7 @@ pub fn aggregate(policies: &[String], outcomes: &[Vec<SimOutcome>]) -> Vec<Compa
                         Ordering::Equal => {}
                     }
                 }
-                (better, worse, same) = (Some(b), Some(w), Some(s));
+                (better, worse, same, tradeoff) = (Some(b), Some(w), Some(s), Some(t));
                 (less, more) = (Some(l), Some(m));
             }
             let round = |v: f64, d: i32| (v * 10f64.powi(d)).round() / 10f64.powi(d);
@@ -215,6 +298,7 @@ pub fn aggregate(policies: &[String], outcomes: &[Vec<SimOutcome>]) -> Vec<Compa
                 tern_better: better,
                 tern_worse: worse,
                 tern_same: same,
+                tern_tradeoff: tradeoff,
                 tern_less_impact: less,
                 tern_more_impact: more,
             });
@@ -242,7 +326,7 @@ const HEADER: [&str; 16] = [
     "pcopy",
     "thr_s",
     "pc_s",
-    "tern b/w/s",
+    "tern b/w/t/s",
     "impact -/+",
 ];
 
@@ -262,7 +346,7 @@ pub fn table(records: &[ComparisonRecord], scenarios: usize, seed: u64) -> Strin
         let h = HEADER;
         let _ = writeln!(
             s,
-            "{:<31} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6} {:>5} {:>5} {:>4} {:>5} {:>7} {:>7}  {:<12} {}",
+            "{:<31} {:>6} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6} {:>5} {:>5} {:>4} {:>5} {:>7} {:>7}  {:<15} {}",
             h[0],
             h[1],
             h[2],
@@ -282,7 +366,9 @@ pub fn table(records: &[ComparisonRecord], scenarios: usize, seed: u64) -> Strin
         );
         for r in rows {
             let vs = match (r.tern_better, r.tern_worse, r.tern_same) {
-                (Some(b), Some(w), Some(sm)) => format!("{b}/{w}/{sm}"),
+                (Some(b), Some(w), Some(sm)) => {
+                    format!("{b}/{w}/{}/{sm}", r.tern_tradeoff.unwrap_or(0))
+                }
                 _ => "-".into(),
             };
             let impact = match (r.tern_less_impact, r.tern_more_impact) {
@@ -291,7 +377,7 @@ pub fn table(records: &[ComparisonRecord], scenarios: usize, seed: u64) -> Strin
             };
             let _ = writeln!(
                 s,
-                "{:<31} {:>6.1} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6.2} {:>5} {:>5} {:>4} {:>5} {:>7.1} {:>7.1}  {:<12} {}",
+                "{:<31} {:>6.1} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6.2} {:>5} {:>5} {:>4} {:>5} {:>7.1} {:>7.1}  {:<15} {}",
                 r.policy,
                 r.completed_pct,
                 opt(r.median_total_s),
@@ -316,8 +402,10 @@ pub fn table(records: &[ComparisonRecord], scenarios: usize, seed: u64) -> Strin
         "\ncolumns: done% completed; med_s/p95_s total time of completed runs; med_dt/p95_dt blackout ms; viol SLA or \
          context violations; B/RAM median bytes sent / RAM; abrt aborted; tmout still in pre-copy after the horizon; \
          lost VM lost in post-copy; pcopy runs using post-copy; thr_s/pc_s mean s throttled / in post-copy; \
-         b/w/s: scenarios where tern's outcome is better/worse/same than this policy's (outcome class: ok < optional \
-         abort < SLA broken < failed; then total time ±10 %, then blackout); impact -/+: scenarios where tern impaired \
+         b/w/t/s: scenarios where tern's outcome is better/worse/a trade-off/the same as this policy's (outcome \
+         class: ok < optional abort < SLA broken < failed; same class: worse = the baseline is at least as good on \
+         total time (±10 % + 0.5 s), blackout (±10 % + 20 ms) and degraded running (post-copy + throttle, ±10 % + \
+         0.5 s) and better on one; trade-off = each wins an axis); impact -/+: scenarios where tern impaired \
          the guest less/more (blackout + post-copy time + throttled time × throttle)"
     );
     s
@@ -346,6 +434,7 @@ mod tests {
             paused: false,
             actions: 0,
             sla_violation: violation.then(|| "v".into()),
+            eta_error_from_25pct: None,
         }
     }
 

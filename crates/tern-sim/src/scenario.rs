@@ -109,6 +109,17 @@ impl Scenario {
             .map_or(0.0, |p| p.pages_per_s)
     }
 
+    /// The hosts' migration bandwidth cap (the lower of the two), bytes/s.
+    pub fn host_bandwidth_cap(&self) -> Option<u64> {
+        match (
+            self.source.bandwidth_cap_bytes_per_s,
+            self.destination.bandwidth_cap_bytes_per_s,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Guest pages.
     pub fn pages(&self) -> u64 {
         self.ram_bytes / self.page_size.max(1)
