@@ -10,8 +10,9 @@
 //! (`/run/tern/agent-tests.lock`) and never run concurrently, even across test binaries.
 //! Every agent is killed by PID and every lab taken down on every path (guards with `Drop`).
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+mod common;
+
+use common::GuestLock;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -21,20 +22,6 @@ use tern_lab::agents::{LabAgents, lab_agents_dir};
 use tern_lab::{Lab, LabGuard, LabSpec, LinkRate};
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
-
-/// Serialises guest-booting tests across processes (`flock`, released when dropped).
-struct GuestLock(#[allow(dead_code)] File);
-
-impl GuestLock {
-    fn take() -> Self {
-        std::fs::create_dir_all("/run/tern").expect("create /run/tern");
-        let f = File::create("/run/tern/agent-tests.lock").expect("lock file");
-        // SAFETY: flock on a valid, open file descriptor.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "flock failed");
-        GuestLock(f)
-    }
-}
 
 /// A lab with one agent per host. Dropping it kills the agents by PID (read from the
 /// discovery file, so restarted agents are covered), removes their files, and takes the lab

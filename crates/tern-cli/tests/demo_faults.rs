@@ -12,8 +12,9 @@
 //! `tests/agents.rs` (`/run/tern/agent-tests.lock`) and never run concurrently with them.
 //! The demo removes its agents and lab itself; a guard removes them if it crashed.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+mod common;
+
+use common::GuestLock;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
@@ -22,20 +23,6 @@ use tern_lab::Lab;
 use tern_lab::agents::LabAgents;
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
-
-/// Serialises guest-booting tests across processes (`flock`, released when dropped).
-struct GuestLock(#[allow(dead_code)] File);
-
-impl GuestLock {
-    fn take() -> Self {
-        std::fs::create_dir_all("/run/tern").expect("create /run/tern");
-        let f = File::create("/run/tern/agent-tests.lock").expect("lock file");
-        // SAFETY: flock on a valid, open file descriptor.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "flock failed");
-        GuestLock(f)
-    }
-}
 
 /// Kills a demo's agents by PID and takes its lab down if the demo process could not.
 struct DemoLabCleanup(&'static str);

@@ -14,8 +14,9 @@
 //! process is killed by PID and every lab taken down on every path (`LabCluster`'s `Drop`).
 //! Lab names start with `evac-`.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+mod common;
+
+use common::GuestLock;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -30,20 +31,6 @@ use tern_server::evacuation::EvacuationView;
 use tern_server::model::MigrationState;
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
-
-/// Serialises guest-booting tests across processes (`flock`, released when dropped).
-struct GuestLock(#[allow(dead_code)] File);
-
-impl GuestLock {
-    fn take() -> Self {
-        std::fs::create_dir_all("/run/tern").expect("create /run/tern");
-        let f = File::create("/run/tern/agent-tests.lock").expect("lock file");
-        // SAFETY: flock on a valid, open file descriptor.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "flock failed");
-        GuestLock(f)
-    }
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
