@@ -87,6 +87,8 @@ struct Inner {
     admission: AsyncMutex<()>,
     /// This agent's exclusive hold on its runtime directory (and database).
     _lock: files::RuntimeLock,
+    /// The newest controller-leader epoch seen (issue 12, [`crate::fencing`]).
+    fencing: Arc<crate::fencing::FencingLedger>,
 }
 
 /// One host's agent. Cheap to clone (shared state).
@@ -171,6 +173,9 @@ impl Agent {
         let db = config.runtime_dir.join("agent.db");
         files::private_file(&db)?;
         let store = Store::open(&db)?;
+        let fencing =
+            crate::fencing::FencingLedger::open(&config.runtime_dir.join("fencing-epoch"))
+                .map_err(|e| AgentError::Config(e.to_string()))?;
         let host = HostRuntime::new(
             HostIdentity {
                 name: config.host.clone(),
@@ -193,6 +198,7 @@ impl Agent {
                 capabilities: AsyncMutex::new(None),
                 admission: AsyncMutex::new(()),
                 _lock: lock,
+                fencing,
             }),
         };
         agent.readopt().await?;
@@ -205,6 +211,11 @@ impl Agent {
             ));
         }
         Ok(agent)
+    }
+
+    /// The newest controller-leader epoch this agent accepted (see [`crate::fencing`]).
+    pub fn fencing(&self) -> Arc<crate::fencing::FencingLedger> {
+        self.inner.fencing.clone()
     }
 
     /// The agent's configuration.

@@ -309,8 +309,14 @@ async fn require_route_role(
 /// [`tern_pki::serve_mtls_until`], or [`Identity::lab_without_tls`] in plain lab mode).
 pub fn router(agent: Agent) -> Router {
     let (routes, _) = api().split_for_parts();
+    let fencing = agent.fencing();
     routes
         .route("/openapi.json", get(|| async { Json(openapi()) }))
+        // Inner to the role check: only an authorised caller's epoch is recorded.
+        .route_layer(axum::middleware::from_fn_with_state(
+            fencing,
+            crate::fencing::enforce,
+        ))
         .route_layer(axum::middleware::from_fn(require_route_role))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)

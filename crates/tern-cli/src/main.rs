@@ -9,6 +9,7 @@ mod agent;
 mod client;
 mod demo;
 mod demo_agents;
+mod fleet_sim;
 mod guest;
 mod host;
 mod lab;
@@ -66,6 +67,8 @@ enum Command {
     Pki(pki::PkiArgs),
     /// Run the cluster controller (HTTP API over every agent; evacuations).
     Server(server_cmd::ServerArgs),
+    /// Run a controller against N simulated hosts and M VMs and measure it (issue 12).
+    FleetSim(fleet_sim::FleetSimArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -156,6 +159,7 @@ fn main() {
             Command::Migration(c) => migrate::run(c).await,
             Command::Pki(a) => pki::run(a),
             Command::Server(a) => server_cmd::run(a).await,
+            Command::FleetSim(a) => fleet_sim::run(a).await,
         }
     });
     if let Err(f) = result {

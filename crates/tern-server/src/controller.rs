@@ -100,6 +100,8 @@ pub struct Controller {
     pub store: Arc<dyn ControllerStore>,
     /// The agents.
     pub agents: Arc<dyn AgentApi>,
+    /// Whether this controller leads (always on SQLite; elected by a lease on PostgreSQL).
+    pub leadership: crate::leader::Leadership,
     /// Configuration.
     pub config: Arc<ServerConfig>,
     /// Metrics.

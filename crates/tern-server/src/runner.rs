@@ -74,6 +74,10 @@ impl Runner {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             t.tick().await;
+            // A standby (issue 12) only watches: the leader starts and settles work.
+            if !self.ctl.leadership.may_act() {
+                continue;
+            }
             if let Err(e) = self.tick().await {
                 tracing::warn!("runner: {e}");
             }

@@ -12,6 +12,7 @@ use crate::api::{ApiAuth, AppState, router};
 use crate::config::ServerConfig;
 use crate::controller::Controller;
 use crate::events::EventBus;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::runner::Runner;
 use crate::store::{ControllerStore, SqlStore, StoreError};
@@ -104,21 +105,29 @@ pub struct RunningServer {
     pub controller: Controller,
     server: tokio::task::JoinHandle<()>,
     runner: tokio::task::JoinHandle<()>,
+    lease: tokio::task::JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     store: SqlStore,
 }
 
 impl RunningServer {
     /// Opens the configured store and starts serving (agents reached over HTTP).
+    /// With a PostgreSQL database the agent calls carry the leader's fencing epoch.
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
-        let agents = Arc::new(HttpAgents::new(config.agents.clone()));
-        Self::start_with_agents(config, agents).await
+        Self::start_inner(config, None).await
     }
 
-    /// Same, with the given agent client.
+    /// Same, with the given agent client (not fenced: tests and simulations).
     pub async fn start_with_agents(
         config: ServerConfig,
         agents: Arc<dyn AgentApi>,
+    ) -> Result<Self, ServerError> {
+        Self::start_inner(config, Some(agents)).await
+    }
+
+    async fn start_inner(
+        config: ServerConfig,
+        agents: Option<Arc<dyn AgentApi>>,
     ) -> Result<Self, ServerError> {
         let tls = match &config.tls {
             Some(section) => {
@@ -159,8 +168,22 @@ impl RunningServer {
                 source,
             })?;
         let tick = Duration::from_millis(config.runner_tick_ms);
+        // Issue 12: on PostgreSQL several controllers elect one leader; on SQLite this one is.
+        let holder = config.lease_holder(addr);
+        let leadership = if config.is_shared_database() {
+            Leadership::elected(holder, config.ha.settings())
+        } else {
+            Leadership::single(holder)
+        };
+        let agents = agents.unwrap_or_else(|| {
+            Arc::new(HttpAgents::new(config.agents.clone()).with_fencing(leadership.clone()))
+        });
+        let shared_store = Arc::new(store.clone()) as Arc<dyn ControllerStore>;
+        leadership.attempt(shared_store.as_ref()).await;
+        let lease = tokio::spawn(leadership.clone().run(shared_store.clone()));
         let controller = Controller {
-            store: Arc::new(store.clone()) as Arc<dyn ControllerStore>,
+            store: shared_store,
+            leadership,
             agents,
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new()),
@@ -209,9 +232,15 @@ impl RunningServer {
             controller,
             server,
             runner,
+            lease,
             stop: Some(stop_tx),
             store,
         })
+    }
+
+    /// Rows per table of the store (for sizing reports such as `tern fleet-sim`).
+    pub async fn row_counts(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        self.store.row_counts().await
     }
 
     /// The API's base URL.
@@ -234,6 +263,8 @@ impl RunningServer {
     pub async fn stop(mut self) {
         self.runner.abort();
         let _ = (&mut self.runner).await;
+        self.lease.abort();
+        let _ = (&mut self.lease).await;
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
@@ -251,6 +282,7 @@ impl RunningServer {
 impl Drop for RunningServer {
     fn drop(&mut self) {
         self.runner.abort();
+        self.lease.abort();
         self.server.abort();
     }
 }

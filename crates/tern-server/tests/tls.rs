@@ -58,6 +58,7 @@ impl TlsHarness {
                 ca: None,
                 deny_list: None,
             }),
+            ha: Default::default(),
         };
         let server = RunningServer::start(config).await.unwrap();
         assert!(server.url().starts_with("https://"));

@@ -13,6 +13,7 @@
 //! role, 404 unknown thing, 409 conflicting state, 422 valid but impossible (with per-item
 //! reasons), 500 store failures.
 
+mod ha;
 mod handlers;
 
 use std::net::SocketAddr;
@@ -212,8 +213,9 @@ impl Modify for BearerAuth {
         handlers::cancel_evacuation,
         handlers::events,
         handlers::metrics,
+        ha::leader,
     ),
-    components(schemas(ErrorBody, crate::events::ControllerEvent)),
+    components(schemas(ErrorBody, crate::events::ControllerEvent, crate::leader::LeaderStatus, crate::lease::LeaseSettings)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -251,6 +253,7 @@ pub fn router(state: AppState) -> Router {
             post(handlers::cancel_evacuation),
         )
         .route("/v1/events", get(handlers::events))
+        .route("/v1/leader", get(ha::leader))
         .fallback(no_route)
         .method_not_allowed_fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -331,10 +334,13 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
             );
             let needed = required_role(&method, req.uri().path());
             match permit(&st.auth, &who, needed) {
-                Ok(()) => {
-                    req.extensions_mut().insert(who);
-                    (actor, next.run(req).await)
-                }
+                Ok(()) => match ha::refuse_on_standby(&st, &method, req.uri().path()) {
+                    Some(refused) => (actor, refused.into_response()),
+                    None => {
+                        req.extensions_mut().insert(who);
+                        (actor, next.run(req).await)
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(%method, path = %path, error = %e, "refused request");
                     (actor, e.into_response())

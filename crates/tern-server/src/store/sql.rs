@@ -8,7 +8,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::schema::STEPS;
-use super::{AuditEntry, ControllerStore, StoreError};
+use super::{AuditEntry, ControllerStore, LeaseRecord, StoreError};
 use crate::model::{
     EvacuationRecord, HostPatch, HostRecord, HostState, MigrationEvent, MigrationRecord, VmRecord,
     enum_str, parse_enum,
@@ -110,6 +110,30 @@ impl SqlStore {
     /// The database's location (path, or URL without password).
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// Rows per table (sizing reports; issue 12's fleet simulation).
+    pub async fn row_counts(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        let mut out = std::collections::BTreeMap::new();
+        for table in [
+            "hosts",
+            "vms",
+            "migrations",
+            "migration_events",
+            "evacuations",
+            "leases",
+            "audit",
+        ] {
+            let row = sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table}"))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(self.err("counting rows"))?;
+            let n: i64 = row
+                .try_get("n")
+                .map_err(|e| self.corrupt(format!("count of {table}: {e}")))?;
+            out.insert(table.to_string(), n);
+        }
+        Ok(out)
     }
 
     /// Closes the pool (the file is released).
@@ -672,5 +696,22 @@ impl ControllerStore for SqlStore {
         };
         tx.commit().await.map_err(self.err("commit lease"))?;
         Ok(Some(epoch as u64))
+    }
+
+    async fn lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        let row = sqlx::query("SELECT leader, epoch, expires_ms FROM leases WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.err("reading a lease"))?;
+        let g = |e: sqlx::Error| self.corrupt(format!("leases row: {e}"));
+        row.map(|r| {
+            Ok(LeaseRecord {
+                leader: r.try_get("leader").map_err(g)?,
+                epoch: r.try_get::<i64, _>("epoch").map_err(g)? as u64,
+                expires_ms: r.try_get::<i64, _>("expires_ms").map_err(g)? as u64,
+            })
+        })
+        .transpose()
     }
 }
