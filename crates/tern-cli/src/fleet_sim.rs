@@ -45,9 +45,9 @@ pub struct FleetSimArgs {
     /// VMs on the host evacuated with --dry-run.
     #[arg(long, default_value_t = 100)]
     evacuate_vms: u32,
-    /// Hosts whose drain is planned at once.
-    #[arg(long, default_value_t = 100)]
-    drain_hosts: u32,
+    /// Hosts whose drain is planned at once (default: 100, at most a tenth of the fleet).
+    #[arg(long)]
+    drain_hosts: Option<u32>,
     /// The agents' interval between heartbeats the fleet must sustain (s).
     #[arg(long, default_value_t = 5)]
     heartbeat_interval_s: u64,
@@ -336,15 +336,17 @@ fn rss_mib() -> f64 {
 }
 
 /// Runs the simulation.
-pub async fn run(a: FleetSimArgs) -> Result<(), Failure> {
-    if a.hosts < 3 || a.vms < a.evacuate_vms || a.drain_hosts >= a.hosts {
+pub async fn run(mut a: FleetSimArgs) -> Result<(), Failure> {
+    let drain = a.drain_hosts.unwrap_or((a.hosts / 10).clamp(1, 100));
+    a.drain_hosts = Some(drain);
+    if a.hosts < 3 || a.vms < a.evacuate_vms || drain + 2 > a.hosts {
         return Err(Failure::input(anyhow!(
             "--hosts {} --vms {} --evacuate-vms {} --drain-hosts {}: give at least 3 hosts, \
-             at least as many VMs as --evacuate-vms, and fewer drained hosts than hosts",
+             at least as many VMs as --evacuate-vms, and at most hosts − 2 drained hosts",
             a.hosts,
             a.vms,
             a.evacuate_vms,
-            a.drain_hosts
+            drain
         )));
     }
     let report = simulate(&a).await.map_err(Failure::failed)?;
@@ -440,7 +442,8 @@ async fn simulate(a: &FleetSimArgs) -> anyhow::Result<FleetReport> {
     let evacuate_dry_run_vms = dry["plan"]["migrations"].as_array().map_or(0, Vec::len);
 
     let t0 = Instant::now();
-    let drain: Vec<String> = names[1..=a.drain_hosts as usize].to_vec();
+    let drain_hosts = a.drain_hosts.unwrap_or(1);
+    let drain: Vec<String> = names[1..=drain_hosts as usize].to_vec();
     let drain_vms = plan_drain(&server, &drain).await?;
     let drain_plan_ms = t0.elapsed().as_secs_f64() * 1000.0;
 
@@ -463,7 +466,7 @@ async fn simulate(a: &FleetSimArgs) -> anyhow::Result<FleetReport> {
         evacuate_dry_run_ms,
         evacuate_dry_run_vms,
         drain_plan_ms,
-        drain_hosts: a.drain_hosts,
+        drain_hosts,
         drain_vms,
         evacuation,
         process_rss_mib,

@@ -11,6 +11,7 @@ mod demo;
 mod demo_agents;
 mod fleet_sim;
 mod guest;
+mod ha_cluster;
 mod host;
 mod lab;
 mod lab_agents;
