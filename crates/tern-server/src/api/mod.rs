@@ -326,6 +326,7 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
             }
         }
     };
+    let mut standby_refusal = false;
     let (actor, resp) = match identity {
         Ok(who) => {
             let actor = format!(
@@ -335,7 +336,10 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
             let needed = required_role(&method, req.uri().path());
             match permit(&st.auth, &who, needed) {
                 Ok(()) => match ha::refuse_on_standby(&st, &method, req.uri().path()) {
-                    Some(refused) => (actor, refused.into_response()),
+                    Some(refused) => {
+                        standby_refusal = true;
+                        (actor, refused.into_response())
+                    }
                     None => {
                         req.extensions_mut().insert(who);
                         (actor, next.run(req).await)
@@ -373,8 +377,17 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
             path,
             status,
         };
-        if let Err(e) = st.ctl.store.audit(&entry, crate::model::now_ms()).await {
-            tracing::error!("audit: {e}");
+        let store = st.ctl.store.clone();
+        let write = async move {
+            if let Err(e) = store.audit(&entry, crate::model::now_ms()).await {
+                tracing::error!("audit: {e}");
+            }
+        };
+        if standby_refusal {
+            // A standby may be the one cut from the database: its refusal must not wait.
+            tokio::spawn(write);
+        } else {
+            write.await;
         }
     }
     resp
