@@ -282,4 +282,25 @@ mod tests {
         let f = c.tls.unwrap().files().unwrap();
         assert_eq!(f.cert, PathBuf::from("/p/issued/host/controller/cert.pem"));
     }
+
+    #[test]
+    fn ha_lease_timing_is_checked_and_the_holder_names_id_and_url() {
+        let e = ServerConfig::from_toml(
+            "[ha]
+lease_ttl_ms = 1000
+",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("[ha]: lease_ttl_ms = 1000"), "{e}");
+        let c = ServerConfig::from_toml(
+            "database = \"postgres://tern@db/tern\"\n[ha]\nid = \"ctl-a\"\n",
+            "t",
+        )
+        .unwrap();
+        assert!(c.is_shared_database());
+        let bound: SocketAddr = "127.0.0.1:7440".parse().unwrap();
+        assert_eq!(c.lease_holder(bound), "ctl-a http://127.0.0.1:7440");
+        assert!(!ServerConfig::default().is_shared_database());
+    }
 }

@@ -108,6 +108,7 @@ pub struct RunningServer {
     lease: tokio::task::JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     store: SqlStore,
+    lease_store: Option<SqlStore>,
 }
 
 impl RunningServer {
@@ -179,8 +180,19 @@ impl RunningServer {
             Arc::new(HttpAgents::new(config.agents.clone()).with_fencing(leadership.clone()))
         });
         let shared_store = Arc::new(store.clone()) as Arc<dyn ControllerStore>;
-        leadership.attempt(shared_store.as_ref()).await;
-        let lease = tokio::spawn(leadership.clone().run(shared_store.clone()));
+        // The lease gets its own connection: under a flood of heartbeats the API's pool is
+        // saturated, and a renewal queued behind it would depose a healthy leader.
+        let lease_store = if config.is_shared_database() {
+            Some(SqlStore::connect_with(&config.database, 1).await?)
+        } else {
+            None
+        };
+        let lease_handle: Arc<dyn ControllerStore> = match &lease_store {
+            Some(s) => Arc::new(s.clone()),
+            None => shared_store.clone(),
+        };
+        leadership.attempt(lease_handle.as_ref()).await;
+        let lease = tokio::spawn(leadership.clone().run(lease_handle));
         let controller = Controller {
             store: shared_store,
             leadership,
@@ -235,6 +247,7 @@ impl RunningServer {
             lease,
             stop: Some(stop_tx),
             store,
+            lease_store,
         })
     }
 
@@ -276,6 +289,9 @@ impl RunningServer {
             let _ = (&mut self.server).await;
         }
         self.store.close().await;
+        if let Some(s) = &self.lease_store {
+            s.close().await;
+        }
     }
 }
 

@@ -95,6 +95,12 @@ impl SqlStore {
         Self::connect_inner(url, redact(url), max).await
     }
 
+    /// Same, with a pool of at most `max_connections` (the lease's own connection: its
+    /// renewals must not wait behind API requests when the controller is saturated).
+    pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::connect_inner(url, redact(url), max_connections.max(1)).await
+    }
+
     async fn connect_inner(url: &str, location: String, max: u32) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new()
