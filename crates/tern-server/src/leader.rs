@@ -198,7 +198,10 @@ impl Leadership {
             return Vec::new();
         };
         let asked = self.mono_ms();
-        let budget = Duration::from_millis(settings.renew_every_ms);
+        // An answer is useful until the acting window it would open has passed; waiting
+        // longer only delays the next attempt. Safety does not depend on this bound: the
+        // window counts from `asked`.
+        let budget = Duration::from_millis(settings.ttl_ms.saturating_sub(settings.margin_ms));
         let reply = match tokio::time::timeout(budget, self.ask(store, settings)).await {
             Ok(r) => r,
             Err(_) => LeaseReply::Failed {
