@@ -34,12 +34,18 @@ fn a_small_fleet_registers_heartbeats_plans_and_evacuates() {
     assert_eq!(r["row_counts"]["hosts"], 20);
     assert_eq!(r["row_counts"]["vms"], 200);
     assert!(r["heartbeats_per_s"].as_f64().unwrap() > 0.0, "{r}");
-    assert_eq!(r["host_page_latency"]["calls"], 1, "20 hosts fit one page: {r}");
+    assert_eq!(
+        r["host_page_latency"]["calls"], 1,
+        "20 hosts fit one page: {r}"
+    );
     assert_eq!(r["evacuate_dry_run_vms"], 50, "{r}");
     assert_eq!(r["drain_hosts"], 2, "{r}");
     assert!(r["drain_vms"].as_u64().unwrap() > 0, "{r}");
     let e = &r["evacuation"];
     assert_eq!(e["state"], "completed", "{r}");
-    assert_eq!(e["migrations_started"], e["vms"], "each VM started once: {r}");
+    assert_eq!(
+        e["migrations_started"], e["vms"],
+        "each VM started once: {r}"
+    );
     assert!(r["process_rss_mib"].as_f64().unwrap() > 1.0, "{r}");
 }
