@@ -91,6 +91,8 @@ struct Inner {
     admission: AsyncMutex<()>,
     /// This agent's exclusive hold on its runtime directory (and database).
     _lock: files::RuntimeLock,
+    /// The newest controller-leader epoch seen (issue 12, [`crate::fencing`]).
+    fencing: Arc<crate::fencing::FencingLedger>,
 }
 
 /// One host's agent. Cheap to clone (shared state).
@@ -217,6 +219,9 @@ impl Agent {
         files::private_file(&db)?;
         let store = Store::open(&db)?;
         let audit = crate::audit::StoreAudit::open(store.clone())?;
+        let fencing =
+            crate::fencing::FencingLedger::open(&config.runtime_dir.join("fencing-epoch"))
+                .map_err(|e| AgentError::Config(e.to_string()))?;
         let host = HostRuntime::new(
             HostIdentity {
                 name: config.host.clone(),
@@ -244,6 +249,7 @@ impl Agent {
                 capabilities: AsyncMutex::new(None),
                 admission: AsyncMutex::new(()),
                 _lock: lock,
+                fencing,
             }),
         };
         agent.readopt().await?;
@@ -256,6 +262,11 @@ impl Agent {
             ));
         }
         Ok(agent)
+    }
+
+    /// The newest controller-leader epoch this agent accepted (see [`crate::fencing`]).
+    pub fn fencing(&self) -> Arc<crate::fencing::FencingLedger> {
+        self.inner.fencing.clone()
     }
 
     /// The agent's configuration.

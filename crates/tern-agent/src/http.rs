@@ -315,8 +315,14 @@ pub fn router(agent: Agent) -> Router {
     // Outermost, so that requests refused by the role check or the body limit are recorded
     // too; the identity is already in the request (mTLS, or the lab layer outside this one).
     let audit = tern_pki::AuditLayer::new(std::sync::Arc::new(agent.audit().clone()));
+    let fencing = agent.fencing();
     routes
         .route("/openapi.json", get(|| async { Json(openapi()) }))
+        // Inner to the role check: only an authorised caller's epoch is recorded.
+        .route_layer(axum::middleware::from_fn_with_state(
+            fencing,
+            crate::fencing::enforce,
+        ))
         .route_layer(axum::middleware::from_fn(require_route_role))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)

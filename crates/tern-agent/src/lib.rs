@@ -22,6 +22,7 @@ pub mod bounds;
 pub mod config;
 pub mod daemon;
 pub mod edge;
+pub mod fencing;
 pub mod files;
 pub mod host;
 pub mod http;

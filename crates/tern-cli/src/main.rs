@@ -11,7 +11,9 @@ mod client;
 mod demo;
 mod demo_agents;
 mod demo_evacuate;
+mod fleet_sim;
 mod guest;
+mod ha_cluster;
 mod host;
 mod lab;
 mod lab_agents;
@@ -70,6 +72,8 @@ enum Command {
     Server(server_cmd::ServerArgs),
     /// Who did what: the agents' audit logs (every mutating request with its identity).
     Audit(audit::AuditArgs),
+    /// Run a controller against N simulated hosts and M VMs and measure it (issue 12).
+    FleetSim(fleet_sim::FleetSimArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -166,6 +170,7 @@ fn main() {
             Command::Pki(a) => pki::run(a),
             Command::Server(a) => server_cmd::run(a).await,
             Command::Audit(a) => audit::run(a).await,
+            Command::FleetSim(a) => fleet_sim::run(a).await,
         }
     });
     if let Err(f) = result {

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::MigrationContext;
 
+/// The header carrying the leader's lease epoch to agents (the fencing token, issue 12);
+/// the agent's `fencing` module refuses an epoch older than the newest it has seen.
+pub const FENCING_HEADER: &str = "x-tern-fencing-epoch";
+
 /// Why an agent call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AgentCallError {
@@ -144,6 +148,7 @@ pub trait AgentApi: Send + Sync {
 pub struct HttpAgents {
     urls: BTreeMap<String, String>,
     http: reqwest::Client,
+    fencing: Option<crate::leader::Leadership>,
 }
 
 #[derive(Deserialize)]
@@ -181,7 +186,11 @@ impl HttpAgents {
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| format!("agent TLS client: {e}"))?;
-        Ok(Self { urls, http })
+        Ok(Self {
+            urls,
+            http,
+            fencing: None,
+        })
     }
 
     /// Agents at the configured URLs (plain HTTP: loopback lab agents).
@@ -192,7 +201,35 @@ impl HttpAgents {
             .timeout(Duration::from_secs(5))
             .build()
             .unwrap_or_default();
-        Self { urls, http }
+        Self {
+            urls,
+            http,
+            fencing: None,
+        }
+    }
+
+    /// Mutating calls carry the leader's lease epoch ([`FENCING_HEADER`]) and are not sent
+    /// at all when this controller is not (or no longer surely) the leader (issue 12).
+    pub fn with_fencing(mut self, leadership: crate::leader::Leadership) -> Self {
+        self.fencing = Some(leadership);
+        self
+    }
+
+    fn fenced(
+        &self,
+        host: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, AgentCallError> {
+        use crate::leader::Fencing;
+        match self.fencing.as_ref().map(|l| l.fencing()) {
+            None | Some(Fencing::Unfenced) => Ok(req),
+            Some(Fencing::Epoch(epoch)) => Ok(req.header(FENCING_HEADER, epoch.to_string())),
+            Some(Fencing::NotLeader(leader)) => Err(AgentCallError::Unreachable {
+                host: host.to_string(),
+                url: self.urls.get(host).cloned().unwrap_or_default(),
+                message: format!("not sent: this controller is not the leader any more ({leader})"),
+            }),
+        }
     }
 
     fn url(&self, host: &str, path: &str) -> Result<String, AgentCallError> {
@@ -243,11 +280,8 @@ impl AgentApi for HttpAgents {
         req: &AgentStartRequest,
     ) -> Result<AgentMigration, AgentCallError> {
         let url = self.url(source, "/v1/migrations")?;
-        self.send(
-            source,
-            self.http.post(url).header("Idempotency-Key", key).json(req),
-        )
-        .await
+        let req = self.http.post(url).header("Idempotency-Key", key).json(req);
+        self.send(source, self.fenced(source, req)?).await
     }
 
     async fn migration(&self, host: &str, id: &str) -> Result<AgentMigration, AgentCallError> {
@@ -262,7 +296,7 @@ impl AgentApi for HttpAgents {
 
     async fn abort(&self, host: &str, id: &str) -> Result<(), AgentCallError> {
         let url = self.url(host, &format!("/v1/migrations/{id}/abort"))?;
-        self.send::<serde_json::Value>(host, self.http.post(url))
+        self.send::<serde_json::Value>(host, self.fenced(host, self.http.post(url))?)
             .await
             .map(|_| ())
     }

@@ -54,6 +54,64 @@ pub struct ServerConfig {
     /// the loopback-only bearer-token lab mode.
     #[serde(default)]
     pub tls: Option<TlsSection>,
+    /// Several controllers on one PostgreSQL (issue 12): this controller's id and lease
+    /// timing. Used only with a `postgres://` database.
+    #[serde(default)]
+    pub ha: HaSection,
+}
+
+/// `[ha]` of `server.toml`: leader election among controllers sharing one PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaSection {
+    /// This controller's name in the lease (default: the machine's host name and the port).
+    pub id: Option<String>,
+    /// The URL clients should use for this controller, named by standbys when they refuse a
+    /// write (default: from `listen`).
+    pub advertise_url: Option<String>,
+    /// How long a lease stays valid after it was written (ms).
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_ms: u64,
+    /// How often the leader renews and standbys try to take over (ms).
+    #[serde(default = "default_lease_renew")]
+    pub lease_renew_ms: u64,
+    /// How long before its lease could expire the leader stops acting (ms): more than the
+    /// clock skew between controllers.
+    #[serde(default = "default_lease_margin")]
+    pub lease_margin_ms: u64,
+}
+
+fn default_lease_ttl() -> u64 {
+    crate::lease::LeaseSettings::default().ttl_ms
+}
+fn default_lease_renew() -> u64 {
+    crate::lease::LeaseSettings::default().renew_every_ms
+}
+fn default_lease_margin() -> u64 {
+    crate::lease::LeaseSettings::default().margin_ms
+}
+
+impl Default for HaSection {
+    fn default() -> Self {
+        Self {
+            id: None,
+            advertise_url: None,
+            lease_ttl_ms: default_lease_ttl(),
+            lease_renew_ms: default_lease_renew(),
+            lease_margin_ms: default_lease_margin(),
+        }
+    }
+}
+
+impl HaSection {
+    /// The lease timing.
+    pub fn settings(&self) -> crate::lease::LeaseSettings {
+        crate::lease::LeaseSettings {
+            ttl_ms: self.lease_ttl_ms,
+            renew_every_ms: self.lease_renew_ms,
+            margin_ms: self.lease_margin_ms,
+        }
+    }
 }
 
 /// `[tls]` of `server.toml`: either a PKI directory made by `tern pki` (and the name of the
@@ -151,6 +209,7 @@ impl Default for ServerConfig {
             runner_tick_ms: default_tick(),
             agents: BTreeMap::new(),
             tls: None,
+            ha: HaSection::default(),
         }
     }
 }
@@ -178,6 +237,12 @@ impl ServerConfig {
                 });
             }
         }
+        c.ha.settings()
+            .validate()
+            .map_err(|message| ConfigError::Invalid {
+                origin: origin.into(),
+                message: format!("[ha]: {message}"),
+            })?;
         if let Some(t) = &c.tls {
             t.files().map_err(|message| ConfigError::Invalid {
                 origin: origin.into(),
@@ -185,6 +250,29 @@ impl ServerConfig {
             })?;
         }
         Ok(c)
+    }
+
+    /// Whether several controllers may share the database (PostgreSQL): then one leads at
+    /// a time, elected by a lease.
+    pub fn is_shared_database(&self) -> bool {
+        self.database.starts_with("postgres://") || self.database.starts_with("postgresql://")
+    }
+
+    /// This controller's name in the lease: `[ha] id` (or host name:port) and its URL.
+    pub fn lease_holder(&self, bound: SocketAddr) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let url = self
+            .ha
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{bound}"));
+        let id = self.ha.id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "controller".into());
+            format!("{host}:{}", bound.port())
+        });
+        format!("{id} {url}")
     }
 
     /// Loads `path`.
@@ -215,5 +303,26 @@ mod tests {
         let c = ServerConfig::from_toml("[tls]\npki_dir = \"/p\"\n", "t").unwrap();
         let f = c.tls.unwrap().files().unwrap();
         assert_eq!(f.cert, PathBuf::from("/p/issued/host/controller/cert.pem"));
+    }
+
+    #[test]
+    fn ha_lease_timing_is_checked_and_the_holder_names_id_and_url() {
+        let e = ServerConfig::from_toml(
+            "[ha]
+lease_ttl_ms = 1000
+",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("[ha]: lease_ttl_ms = 1000"), "{e}");
+        let c = ServerConfig::from_toml(
+            "database = \"postgres://tern@db/tern\"\n[ha]\nid = \"ctl-a\"\n",
+            "t",
+        )
+        .unwrap();
+        assert!(c.is_shared_database());
+        let bound: SocketAddr = "127.0.0.1:7440".parse().unwrap();
+        assert_eq!(c.lease_holder(bound), "ctl-a http://127.0.0.1:7440");
+        assert!(!ServerConfig::default().is_shared_database());
     }
 }

@@ -103,6 +103,8 @@ pub struct Controller {
     pub store: Arc<dyn ControllerStore>,
     /// The agents.
     pub agents: Arc<dyn AgentApi>,
+    /// Whether this controller leads (always on SQLite; elected by a lease on PostgreSQL).
+    pub leadership: crate::leader::Leadership,
     /// Configuration.
     pub config: Arc<ServerConfig>,
     /// Metrics.
@@ -158,15 +160,27 @@ impl Controller {
             let h = self.effective(h, now);
             fleet.hosts.insert(h.name.clone(), h);
         }
-        let vms = self.store.vms(None).await?;
-        for m in self.store.migrations(None).await? {
-            if m.state.is_terminal() {
-                continue;
-            }
-            let mem = vms
-                .iter()
-                .find(|v| v.name == m.vm)
-                .map_or(0, |v| v.memory_mib);
+        // Only unfinished migrations promise anything: the VM table (100,000 rows at fleet
+        // scale) is read only when there are some, and looked up by name once.
+        let unfinished: Vec<MigrationRecord> = self
+            .store
+            .migrations(None)
+            .await?
+            .into_iter()
+            .filter(|m| !m.state.is_terminal())
+            .collect();
+        if unfinished.is_empty() {
+            return Ok(fleet);
+        }
+        let memory: std::collections::HashMap<String, u64> = self
+            .store
+            .vms(None)
+            .await?
+            .into_iter()
+            .map(|v| (v.name, v.memory_mib))
+            .collect();
+        for m in unfinished {
+            let mem = memory.get(&m.vm).copied().unwrap_or(0);
             if matches!(m.state, MigrationState::Planned) && m.evacuation_id.is_some() {
                 // Planned evacuation steps promise memory but take no inbound slot yet.
                 *fleet.reserved_mib.entry(m.destination.clone()).or_default() += mem;

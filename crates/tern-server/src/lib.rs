@@ -11,6 +11,8 @@
 //! - [`controller`] and [`evacuation`]: the operations behind the API;
 //! - [`runner`]: the executor, durable through the store (restart-safe, never starts an
 //!   attempt twice);
+//! - [`lease`] (pure) and [`leader`]: leader election among controllers on one PostgreSQL,
+//!   fencing epochs for agent calls, standbys refusing writes (issue 12);
 //! - [`agent_client`]: the one module that talks to agents;
 //! - [`api`]: axum routes, auth, audit, OpenAPI; [`metrics`], [`events`]: Prometheus and
 //!   server-sent events; [`config`], [`server`]: `server.toml` and start-up;
@@ -25,6 +27,8 @@ pub mod config;
 pub mod controller;
 pub mod evacuation;
 pub mod events;
+pub mod leader;
+pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod operator;

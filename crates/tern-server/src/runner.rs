@@ -74,6 +74,10 @@ impl Runner {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             t.tick().await;
+            // A standby (issue 12) only watches: the leader starts and settles work.
+            if !self.ctl.leadership.may_act() {
+                continue;
+            }
             if let Err(e) = self.tick().await {
                 tracing::warn!("runner: {e}");
             }
@@ -83,9 +87,16 @@ impl Runner {
     /// One pass: watch what runs, drive evacuations, start due standalone migrations.
     pub async fn tick(&self) -> Result<(), ControllerError> {
         let _work = self.ctl.work.lock().await;
-        let fleet = self.ctl.fleet().await?;
         let all = self.ctl.store.migrations(None).await?;
         let evacuations = self.ctl.store.evacuations().await?;
+        // Idle: nothing to start or watch. Loading the fleet (every host's facts) each tick
+        // would keep a core busy at 10,000 hosts for nothing (issue 12's fleet simulation).
+        if all.iter().all(|m| m.state.is_terminal())
+            && evacuations.iter().all(|e| e.state.is_terminal())
+        {
+            return Ok(());
+        }
+        let fleet = self.ctl.fleet().await?;
         let deadline_of = |m: &MigrationRecord| {
             m.evacuation_id.as_ref().and_then(|id| {
                 evacuations

@@ -12,6 +12,7 @@ use crate::api::{ApiAuth, AppState, LabTokens, router};
 use crate::config::ServerConfig;
 use crate::controller::Controller;
 use crate::events::EventBus;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::runner::Runner;
 use crate::store::{ControllerStore, SqlStore, StoreError};
@@ -121,28 +122,37 @@ pub struct RunningServer {
     pub controller: Controller,
     server: tokio::task::JoinHandle<()>,
     runner: tokio::task::JoinHandle<()>,
+    lease: tokio::task::JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     store: SqlStore,
+    lease_store: Option<SqlStore>,
 }
 
 impl RunningServer {
     /// Opens the configured store and starts serving (agents reached over HTTP).
+    /// With a PostgreSQL database the agent calls carry the leader's fencing epoch.
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
+        // Check the agent client's TLS files before anything starts (a missing
+        // `[tls] agent_client_user` with https agents is refused here, with the fix).
         let client = match &config.tls {
             Some(t) => t.agent_client_files().map_err(ServerError::Tls)?,
             None => None,
         };
-        let agents = Arc::new(
-            HttpAgents::with_tls(config.agents.clone(), client.as_ref())
-                .map_err(ServerError::Tls)?,
-        );
-        Self::start_with_agents(config, agents).await
+        HttpAgents::with_tls(config.agents.clone(), client.as_ref()).map_err(ServerError::Tls)?;
+        Self::start_inner(config, None).await
     }
 
-    /// Same, with the given agent client.
+    /// Same, with the given agent client (not fenced: tests and simulations).
     pub async fn start_with_agents(
         config: ServerConfig,
         agents: Arc<dyn AgentApi>,
+    ) -> Result<Self, ServerError> {
+        Self::start_inner(config, Some(agents)).await
+    }
+
+    async fn start_inner(
+        config: ServerConfig,
+        agents: Option<Arc<dyn AgentApi>>,
     ) -> Result<Self, ServerError> {
         let tls = match &config.tls {
             Some(section) => {
@@ -184,8 +194,44 @@ impl RunningServer {
                 source,
             })?;
         let tick = Duration::from_millis(config.runner_tick_ms);
+        // Issue 12: on PostgreSQL several controllers elect one leader; on SQLite this one is.
+        let holder = config.lease_holder(addr);
+        let leadership = if config.is_shared_database() {
+            Leadership::elected(holder, config.ha.settings())
+        } else {
+            Leadership::single(holder)
+        };
+        let agents = match agents {
+            Some(a) => a,
+            None => {
+                let client = match &config.tls {
+                    Some(t) => t.agent_client_files().map_err(ServerError::Tls)?,
+                    None => None,
+                };
+                Arc::new(
+                    HttpAgents::with_tls(config.agents.clone(), client.as_ref())
+                        .map_err(ServerError::Tls)?
+                        .with_fencing(leadership.clone()),
+                )
+            }
+        };
+        let shared_store = Arc::new(store.clone()) as Arc<dyn ControllerStore>;
+        // The lease gets its own connection: under a flood of heartbeats the API's pool is
+        // saturated, and a renewal queued behind it would depose a healthy leader.
+        let lease_store = if config.is_shared_database() {
+            Some(SqlStore::connect_with(&config.database, 1).await?)
+        } else {
+            None
+        };
+        let lease_handle: Arc<dyn ControllerStore> = match &lease_store {
+            Some(s) => Arc::new(s.clone()),
+            None => shared_store.clone(),
+        };
+        leadership.attempt(lease_handle.as_ref()).await;
+        let lease = tokio::spawn(leadership.clone().run(lease_handle));
         let controller = Controller {
-            store: Arc::new(store.clone()) as Arc<dyn ControllerStore>,
+            store: shared_store,
+            leadership,
             agents,
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new()),
@@ -238,9 +284,16 @@ impl RunningServer {
             controller,
             server,
             runner,
+            lease,
             stop: Some(stop_tx),
             store,
+            lease_store,
         })
+    }
+
+    /// Rows per table of the store (for sizing reports such as `tern fleet-sim`).
+    pub async fn row_counts(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        self.store.row_counts().await
     }
 
     /// The API's base URL.
@@ -263,6 +316,8 @@ impl RunningServer {
     pub async fn stop(mut self) {
         self.runner.abort();
         let _ = (&mut self.runner).await;
+        self.lease.abort();
+        let _ = (&mut self.lease).await;
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
@@ -274,12 +329,16 @@ impl RunningServer {
             let _ = (&mut self.server).await;
         }
         self.store.close().await;
+        if let Some(s) = &self.lease_store {
+            s.close().await;
+        }
     }
 }
 
 impl Drop for RunningServer {
     fn drop(&mut self) {
         self.runner.abort();
+        self.lease.abort();
         self.server.abort();
     }
 }

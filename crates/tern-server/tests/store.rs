@@ -248,6 +248,10 @@ async fn suite(s: &SqlStore) {
         s.acquire_lease("leader", "a", 2100, 500).await.unwrap(),
         None
     );
+    // Who holds it, for a standby's refusal naming the leader.
+    let l = s.lease("leader").await.unwrap().unwrap();
+    assert_eq!((l.leader.as_str(), l.epoch, l.expires_ms), ("b", 2, 2500));
+    assert!(s.lease("other").await.unwrap().is_none());
 }
 
 #[tokio::test]

@@ -59,6 +59,7 @@ impl TlsHarness {
                 deny_list: None,
                 agent_client_user: None,
             }),
+            ha: Default::default(),
         };
         let server = RunningServer::start(config).await.unwrap();
         assert!(server.url().starts_with("https://"));
@@ -484,6 +485,7 @@ async fn the_controller_calls_https_agents_with_its_operator_certificate() {
         runner_tick_ms: 50,
         agents: agents.clone(),
         tls: Some(section(user)),
+        ha: Default::default(),
     };
     // https:// agents without a client certificate: refused at start, naming the fix.
     let e = RunningServer::start(config(None))

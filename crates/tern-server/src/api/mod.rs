@@ -13,6 +13,7 @@
 //! role, 404 unknown thing, 409 conflicting state, 422 valid but impossible (with per-item
 //! reasons), 500 store failures.
 
+mod ha;
 mod handlers;
 
 use std::net::SocketAddr;
@@ -290,8 +291,9 @@ impl Modify for BearerAuth {
         handlers::cancel_evacuation,
         handlers::events,
         handlers::metrics,
+        ha::leader,
     ),
-    components(schemas(ErrorBody, crate::events::ControllerEvent)),
+    components(schemas(ErrorBody, crate::events::ControllerEvent, crate::leader::LeaderStatus, crate::lease::LeaseSettings)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -339,6 +341,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/events", get(handlers::events))
         .merge(crate::web::routes())
+        .route("/v1/leader", get(ha::leader))
         .fallback(no_route)
         .method_not_allowed_fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -408,6 +411,7 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
         return crate::web::login(&st, req.uri()).await;
     }
     let identity = identity.map_err(|resp| crate::web::unauthenticated(req.uri().path(), resp));
+    let mut standby_refusal = false;
     let (actor, resp) = match identity {
         Ok(who) => {
             let actor = format!(
@@ -416,10 +420,16 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
             );
             let needed = required_role(&method, req.uri().path());
             match permit(&st.auth, &who, needed) {
-                Ok(()) => {
-                    req.extensions_mut().insert(who);
-                    (actor, next.run(req).await)
-                }
+                Ok(()) => match ha::refuse_on_standby(&st, &method, req.uri().path()) {
+                    Some(refused) => {
+                        standby_refusal = true;
+                        (actor, refused.into_response())
+                    }
+                    None => {
+                        req.extensions_mut().insert(who);
+                        (actor, next.run(req).await)
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(%method, path = %path, error = %e, "refused request");
                     (actor, e.into_response())
@@ -452,8 +462,17 @@ async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Resp
             path,
             status,
         };
-        if let Err(e) = st.ctl.store.audit(&entry, crate::model::now_ms()).await {
-            tracing::error!("audit: {e}");
+        let store = st.ctl.store.clone();
+        let write = async move {
+            if let Err(e) = store.audit(&entry, crate::model::now_ms()).await {
+                tracing::error!("audit: {e}");
+            }
+        };
+        if standby_refusal {
+            // A standby may be the one cut from the database: its refusal must not wait.
+            tokio::spawn(write);
+        } else {
+            write.await;
         }
     }
     resp

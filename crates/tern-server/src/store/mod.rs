@@ -131,4 +131,17 @@ pub trait ControllerStore: Send + Sync {
         now_ms: u64,
         ttl_ms: u64,
     ) -> Result<Option<u64>, StoreError>;
+    /// Lease `name` as stored (holder, epoch, expiry), whoever holds it.
+    async fn lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError>;
+}
+
+/// A lease row: who holds it, at which epoch, until when (wall ms of the holder's clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRecord {
+    /// The holder (controller id and URL).
+    pub leader: String,
+    /// The epoch (the fencing token; +1 at every change of holder).
+    pub epoch: u64,
+    /// When it expires unless renewed.
+    pub expires_ms: u64,
 }

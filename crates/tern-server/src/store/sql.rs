@@ -8,7 +8,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::schema::STEPS;
-use super::{AuditEntry, ControllerStore, StoreError};
+use super::{AuditEntry, ControllerStore, LeaseRecord, StoreError};
 use crate::model::{
     EvacuationRecord, HostPatch, HostRecord, HostState, MigrationEvent, MigrationRecord, VmRecord,
     enum_str, parse_enum,
@@ -43,6 +43,10 @@ fn redact(url: &str) -> String {
         _ => url.to_string(),
     }
 }
+
+/// VMs per multi-row insert of a heartbeat (7 parameters each: far below SQLite's 32,766 and
+/// PostgreSQL's 65,535 bound parameters).
+const VMS_PER_INSERT: usize = 500;
 
 fn opt_u64(v: Option<i64>) -> Option<u64> {
     v.map(|x| x.max(0) as u64)
@@ -91,6 +95,12 @@ impl SqlStore {
         Self::connect_inner(url, redact(url), max).await
     }
 
+    /// Same, with a pool of at most `max_connections` (the lease's own connection: its
+    /// renewals must not wait behind API requests when the controller is saturated).
+    pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::connect_inner(url, redact(url), max_connections.max(1)).await
+    }
+
     async fn connect_inner(url: &str, location: String, max: u32) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let pool = AnyPoolOptions::new()
@@ -110,6 +120,30 @@ impl SqlStore {
     /// The database's location (path, or URL without password).
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// Rows per table (sizing reports; issue 12's fleet simulation).
+    pub async fn row_counts(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        let mut out = std::collections::BTreeMap::new();
+        for table in [
+            "hosts",
+            "vms",
+            "migrations",
+            "migration_events",
+            "evacuations",
+            "leases",
+            "audit",
+        ] {
+            let row = sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table}"))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(self.err("counting rows"))?;
+            let n: i64 = row
+                .try_get("n")
+                .map_err(|e| self.corrupt(format!("count of {table}: {e}")))?;
+            out.insert(table.to_string(), n);
+        }
+        Ok(out)
     }
 
     /// Closes the pool (the file is released).
@@ -268,23 +302,48 @@ impl ControllerStore for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(self.err("replacing VMs"))?;
-        for vm in &hb.vms {
-            sqlx::query(
+        // One multi-row statement per chunk (not one per VM): a heartbeat is 3 round trips
+        // whatever the number of VMs, which is what lets a controller hold 10,000 hosts.
+        for chunk in hb.vms.chunks(VMS_PER_INSERT) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|k| {
+                    let b = k * 7;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                        b + 1,
+                        b + 2,
+                        b + 3,
+                        b + 4,
+                        b + 5,
+                        b + 6,
+                        b + 7
+                    )
+                })
+                .collect();
+            let q = format!(
                 "INSERT INTO vms (name, host, memory_mib, sla_class, post_copy_allowed, \
-                 dirty_bytes_per_s, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                 ON CONFLICT (name) DO UPDATE SET host = $2, memory_mib = $3, sla_class = $4, \
-                 post_copy_allowed = $5, dirty_bytes_per_s = $6, updated_ms = $7",
-            )
-            .bind(&vm.name)
-            .bind(&hb.host)
-            .bind(i(vm.memory_mib))
-            .bind(&vm.sla_class)
-            .bind(i64::from(vm.post_copy_allowed))
-            .bind(vm.dirty_bytes_per_s.map(i))
-            .bind(i(now_ms))
-            .execute(&mut *tx)
-            .await
-            .map_err(self.err("recording a VM"))?;
+                 dirty_bytes_per_s, updated_ms) VALUES {} \
+                 ON CONFLICT (name) DO UPDATE SET host = excluded.host, \
+                 memory_mib = excluded.memory_mib, sla_class = excluded.sla_class, \
+                 post_copy_allowed = excluded.post_copy_allowed, \
+                 dirty_bytes_per_s = excluded.dirty_bytes_per_s, updated_ms = excluded.updated_ms",
+                rows.join(", ")
+            );
+            let mut query = sqlx::query(&q);
+            for vm in chunk {
+                query = query
+                    .bind(&vm.name)
+                    .bind(&hb.host)
+                    .bind(i(vm.memory_mib))
+                    .bind(&vm.sla_class)
+                    .bind(i64::from(vm.post_copy_allowed))
+                    .bind(vm.dirty_bytes_per_s.map(i))
+                    .bind(i(now_ms));
+            }
+            query
+                .execute(&mut *tx)
+                .await
+                .map_err(self.err("recording VMs"))?;
         }
         tx.commit().await.map_err(self.err("commit heartbeat"))
     }
@@ -672,5 +731,22 @@ impl ControllerStore for SqlStore {
         };
         tx.commit().await.map_err(self.err("commit lease"))?;
         Ok(Some(epoch as u64))
+    }
+
+    async fn lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        let row = sqlx::query("SELECT leader, epoch, expires_ms FROM leases WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.err("reading a lease"))?;
+        let g = |e: sqlx::Error| self.corrupt(format!("leases row: {e}"));
+        row.map(|r| {
+            Ok(LeaseRecord {
+                leader: r.try_get("leader").map_err(g)?,
+                epoch: r.try_get::<i64, _>("epoch").map_err(g)? as u64,
+                expires_ms: r.try_get::<i64, _>("expires_ms").map_err(g)? as u64,
+            })
+        })
+        .transpose()
     }
 }

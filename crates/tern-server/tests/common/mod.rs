@@ -278,6 +278,7 @@ impl Harness {
             runner_tick_ms: 50,
             agents,
             tls: None,
+            ha: Default::default(),
         };
         let server = RunningServer::start(config.clone()).await.unwrap();
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
